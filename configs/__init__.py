@@ -1,0 +1,1 @@
+"""The bundled run configs (YAML deltas onto the defaults in mixtail.trainer.config)."""

@@ -1,0 +1,204 @@
+"""Readers for the file lists of the large long-tailed benchmarks: ImageNet-LT and iNaturalist 2018.
+
+Both return `datasets.ImageFiles` (absolute paths joined onto the image root, int64 labels, class names),
+the input of loaders that decode themselves (DALI). Nothing here opens an image.
+
+- `read_file_list`: one `relative/path label` per line, as ImageNet-LT ships them
+  (`train/n01440764/n01440764_190.JPEG 0`) and as iNaturalist18_val.txt is written. Blank lines and
+  lines starting with `#` are skipped; the label is the last whitespace-separated field, so a path
+  may contain spaces.
+- `read_inat_json`: the COCO-style annotation files of iNaturalist 2018 (train2018.json,
+  val2018.json): `images` {id, file_name, ...}, `annotations` {image_id, category_id, ...},
+  `categories` {id, name, ...}. Category ids are ints in the official files and strings in some
+  excerpts (val-lep.json), and an annotation may spell the id differently from its category
+  ("594" vs 594). The label space is the `categories` list; see `category_labels` for the rule.
+
+Malformed input raises ValueError naming the file and the line (lists) or the record (JSON).
+
+    python -m mixtail.pipelines.file_lists ../shared/data/lists/ImageNet_LT_val.txt --root /data/imagenet
+    python -m mixtail.pipelines.file_lists ../shared/data/lists/val-lep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixtail.pipelines.datasets import ImageFiles
+
+
+def _join(root: str | Path, rel: str) -> str:
+    """An absolute path for `rel` under `root` (root "" means the working directory)."""
+    return os.path.abspath(os.path.join(os.fspath(root) or ".", rel))
+
+
+def read_file_list(list_path: str | Path, root: str | Path = "", num_classes: int | None = None) -> ImageFiles:
+    """Read a `path label` list (ImageNet-LT, iNaturalist18_val.txt) into ImageFiles.
+
+    Labels must be integers in [0, num_classes) (num_classes defaults to the largest label + 1).
+    Class k is named after the folder that holds its images when all of them share one parent folder
+    name (the WordNet id for ImageNet, the category id for iNaturalist), and "k" otherwise.
+    """
+    list_path = Path(list_path)
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file list {list_path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{list_path}: not UTF-8 text ({err})") from None
+    files: list[str] = []
+    labels: list[int] = []
+    parents: dict[int, set[str]] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{list_path}:{lineno}: expected 'path label', got {line!r}")
+        rel, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise ValueError(f"{list_path}:{lineno}: the label {label_text!r} is not an integer "
+                             f"(expected 'path label', got {line!r})") from None
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            bound = "" if num_classes is None else f" < {num_classes}"
+            raise ValueError(f"{list_path}:{lineno}: label {label} is out of range (need 0 <= label{bound})")
+        files.append(_join(root, rel))
+        labels.append(label)
+        parents.setdefault(label, set()).add(Path(rel).parent.name)
+    if not files:
+        raise ValueError(f"{list_path}: the list has no entries (expected 'path label' lines)")
+    n_classes = max(labels) + 1 if num_classes is None else num_classes
+    classes = []
+    for k in range(n_classes):
+        names = parents.get(k, set())
+        classes.append(next(iter(names)) if len(names) == 1 and "" not in names else str(k))
+    return ImageFiles(files, np.asarray(labels, dtype=np.int64), classes)
+
+
+def _category_key(value: Any, where: str) -> tuple[int, int | str]:
+    """A sortable key for a category id: integers (or strings holding one) before other strings."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{where}: a category id must be an integer or a string, got {value!r}")
+    if isinstance(value, int):
+        return (0, value)
+    try:
+        return (0, int(value.strip()))
+    except ValueError:
+        return (1, value)
+
+
+def category_labels(categories: list[dict], where: str) -> tuple[dict[tuple[int, int | str], int], list[str]]:
+    """Contiguous labels for a COCO-style `categories` list, and the class names in label order.
+
+    The rule: an id that is an integer, or a string holding one ("594"), counts as that integer;
+    label = the rank of the id among all category ids sorted ascending (integer ids first, then any
+    other strings in lexicographic order). It depends only on the set of ids, never on file order,
+    so train and val files that list the same categories get the same labels. For the official
+    iNaturalist 2018 files (ids 0..8141) the label equals the id, as in iNaturalist18_val.txt.
+    """
+    keys: dict[tuple[int, int | str], str] = {}
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise ValueError(f"{where}: categories[{i}] has no 'id' (got {cat!r:.120})")
+        key = _category_key(cat["id"], f"{where}: categories[{i}]")
+        if key in keys:
+            raise ValueError(f"{where}: categories[{i}] repeats the category id {cat['id']!r}")
+        keys[key] = str(cat.get("name", cat["id"]))
+    order = sorted(keys)
+    return {k: label for label, k in enumerate(order)}, [keys[k] for k in order]
+
+
+def read_inat_json(json_path: str | Path, root: str | Path = "") -> ImageFiles:
+    """Read an iNaturalist 2018 COCO-style annotation file into ImageFiles (in `images` order).
+
+    Every image needs exactly one annotation whose category is listed in `categories`; labels follow
+    `category_labels`. file_name is joined onto root (for the official files, the folder that holds
+    train_val2018/).
+    """
+    json_path = Path(json_path)
+    where = str(json_path)
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {json_path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: the top level must be an object with images/annotations/categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(doc.get(key), list):
+            raise ValueError(f"{where}: missing or non-list key '{key}' (COCO-style iNaturalist files have "
+                             f"images, annotations and categories; got keys {sorted(doc)})")
+    label_of, classes = category_labels(doc["categories"], where)
+    if not label_of:
+        raise ValueError(f"{where}: 'categories' is empty")
+
+    image_label: dict[Any, int] = {}
+    for i, ann in enumerate(doc["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+            raise ValueError(f"{where}: annotations[{i}] needs 'image_id' and 'category_id' (got {ann!r:.120})")
+        key = _category_key(ann["category_id"], f"{where}: annotations[{i}]")
+        if key not in label_of:
+            raise ValueError(f"{where}: annotations[{i}]: category_id {ann['category_id']!r} is not among the "
+                             f"{len(label_of)} categories")
+        image_id = ann["image_id"]
+        if image_id in image_label:
+            raise ValueError(f"{where}: annotations[{i}]: image {image_id!r} has a second annotation "
+                             f"(one label per image is expected)")
+        image_label[image_id] = label_of[key]
+
+    files: list[str] = []
+    labels: list[int] = []
+    for i, img in enumerate(doc["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise ValueError(f"{where}: images[{i}] needs 'id' and a string 'file_name' (got {img!r:.120})")
+        if img["id"] not in image_label:
+            raise ValueError(f"{where}: images[{i}] (id {img['id']!r}, {img['file_name']}) has no annotation "
+                             f"(test2018.json is unlabelled and cannot be used for training or evaluation)")
+        files.append(_join(root, img["file_name"]))
+        labels.append(image_label[img["id"]])
+    if not files:
+        raise ValueError(f"{where}: 'images' is empty")
+    return ImageFiles(files, np.asarray(labels, dtype=np.int64), classes)
+
+
+def read_listed_dataset(kind: str, list_path: str, root: str, key: str) -> ImageFiles:
+    """The dataset named by a DataConfig list key (`key` is its name, for errors).
+
+    imagenet_lt reads a `path label` list; inat2018 reads a COCO-style .json, or a `path label` list
+    (iNaturalist18_val.txt style) for any other extension.
+    """
+    if not list_path:
+        raise FileNotFoundError(f"{key} is empty: give the {kind} "
+                                f"{'annotation .json or ' if kind == 'inat2018' else ''}file list")
+    if kind == "inat2018" and list_path.lower().endswith(".json"):
+        return read_inat_json(list_path, root)
+    if kind in ("imagenet_lt", "inat2018"):
+        return read_file_list(list_path, root)
+    raise ValueError(f"data.dataset={kind!r} is not a listed dataset (imagenet_lt | inat2018)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a `path label` list or an iNaturalist .json")
+    p.add_argument("--root", default="", help="image root the paths are relative to")
+    args = p.parse_args(argv)
+    kind = "inat2018" if args.path.lower().endswith(".json") else "imagenet_lt"
+    ds = read_listed_dataset(kind, args.path, args.root, "path")
+    counts = np.bincount(ds.labels, minlength=len(ds.classes))
+    print(f"{len(ds)} images, {len(ds.classes)} classes, {int((counts > 0).sum())} with images, "
+          f"counts {counts.max()}..{counts[counts > 0].min()}; first: {ds.files[0]} -> {ds.labels[0]} "
+          f"({ds.classes[ds.labels[0]]})")
+
+
+if __name__ == "__main__":
+    main()

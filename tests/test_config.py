@@ -1,0 +1,298 @@
+"""Tests of trainer/config.py: strict YAML loading, dotted overrides, validation, dump round-trips, and
+every bundled config in configs/.
+
+    python -m pytest tests/test_config.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixtail.trainer.config import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig,
+                                    MixConfig, OptimConfig, RunConfig, config_from_dict, config_path,
+                                    dump_config, load_config, normalization)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def load_error(path: Path, overrides: list[str] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict YAML files
+# --------------------------------------------------------------------------------------------------
+
+WRONG_TYPES = [
+    ("optim:\n  lr: '0.1'\n", "optim.lr"),  # a string for a float
+    ("optim:\n  lr: true\n", "optim.lr"),  # a bool for a float
+    ("train:\n  epochs: 200.0\n", "train.epochs"),  # a float for an int
+    ("train:\n  epochs: true\n", "train.epochs"),  # a bool for an int
+    ("train:\n  seed: '0'\n", "train.seed"),  # a string for an int
+    ("train:\n  compile: 1\n", "train.compile"),  # an int for a bool
+    ("train:\n  compile: 'yes'\n", "train.compile"),  # a string for a bool
+    ("data:\n  root: 5\n", "data.root"),  # an int for a string
+    ("mix:\n  mix_op: paste\n", "mix.mix_op"),  # not one of the Literal choices
+    ("data:\n  dataset: CIFAR100\n", "data.dataset"),  # Literal choices are case-sensitive
+    ("mix:\n  ratio_range: [0.2, 0.5, 0.8]\n", "mix.ratio_range"),  # a fixed tuple of the wrong length
+    ("mix:\n  ratio_range: [0.2]\n", "mix.ratio_range"),
+    ("mix:\n  ratio_range: 0.5\n", "mix.ratio_range"),  # a scalar for a tuple
+    ("mix:\n  ratio_range: [0.2, 'x']\n", "mix.ratio_range[1]"),  # a bad tuple item names its index
+    ("optim:\n  milestones: [100, 150.5]\n", "optim.milestones[1]"),  # variadic tuple[int, ...]
+    ("data:\n  mean: [0.5, 0.5]\n", "data.mean"),  # Optional fixed tuple of the wrong length
+    ("mix:\n  stop_epoch: 1.5\n", "mix.stop_epoch"),  # Optional int given a float
+    ("train:\n  max_steps_per_epoch: false\n", "train.max_steps_per_epoch"),  # Optional int given a bool
+    ("optim: 0.1\n", "optim"),  # a scalar where a section belongs
+    ("optim:\n  - lr\n", "optim"),  # a list where a section belongs
+]
+
+
+@pytest.mark.parametrize("text,key", WRONG_TYPES, ids=[k + "-" + str(i) for i, (_, k) in enumerate(WRONG_TYPES)])
+def test_wrong_type_names_dotted_key_and_file(tmp_path, text, key):
+    path = write_yaml(tmp_path, text)
+    msg = load_error(path)
+    assert f"'{key}'" in msg, msg
+    assert str(path) in msg, msg
+
+
+@pytest.mark.parametrize("text,key", [
+    ("optim:\n  lrr: 0.1\n", "optim.lrr"),
+    ("optimizer:\n  lr: 0.1\n", "optimizer"),
+    ("data:\n  dataset: demo\n  image_sz: 32\n", "data.image_sz"),
+])
+def test_unknown_key_names_dotted_key_and_file(tmp_path, text, key):
+    path = write_yaml(tmp_path, text)
+    msg = load_error(path)
+    assert f"unknown key '{key}'" in msg, msg
+    assert str(path) in msg, msg
+
+
+def test_duplicate_key_in_section_is_an_error(tmp_path):
+    # PyYAML would silently keep the last value; FFCV's example YAML repeats a key exactly like this.
+    path = write_yaml(tmp_path, "optim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.2\n")
+    msg = load_error(path)
+    assert "duplicate key 'lr'" in msg, msg
+    assert "line 4" in msg and "line 2" in msg, msg
+    assert str(path) in msg, msg
+
+
+def test_duplicate_section_is_an_error(tmp_path):
+    path = write_yaml(tmp_path, "optim:\n  lr: 0.1\ntrain:\n  epochs: 3\noptim:\n  momentum: 0.8\n")
+    msg = load_error(path)
+    assert "duplicate key 'optim'" in msg, msg
+    assert str(path) in msg, msg
+
+
+@pytest.mark.parametrize("text,what", [
+    ("- 1\n- 2\n", "top level must be a mapping"),
+    ("optim: {lr: 0.1\n", "not valid YAML"),
+])
+def test_malformed_file_names_file(tmp_path, text, what):
+    path = write_yaml(tmp_path, text)
+    msg = load_error(path)
+    assert what in msg and str(path) in msg, msg
+
+
+def test_missing_file_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_empty_file_and_no_file_give_defaults(tmp_path):
+    assert load_config(write_yaml(tmp_path, "# nothing\n")) == RunConfig()
+    assert load_config(None) == RunConfig()
+
+
+def test_valid_values_are_converted_to_field_types(tmp_path):
+    path = write_yaml(tmp_path, "optim:\n  lr: 1\n  milestones: [3, 5]\n  lr_factors: [1, 0.5]\n"
+                                "mix:\n  ratio_range: [0, 1]\n  stop_epoch: 7\n"
+                                "data:\n  mean: [0.5, 0.5, 0.5]\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float  # an int is a valid float, stored as float
+    assert cfg.optim.milestones == (3, 5) and cfg.optim.lr_factors == (1.0, 0.5)
+    assert type(cfg.optim.lr_factors[0]) is float
+    assert cfg.mix.ratio_range == (0.0, 1.0) and all(type(v) is float for v in cfg.mix.ratio_range)
+    assert cfg.mix.stop_epoch == 7
+    assert cfg.data.mean == (0.5, 0.5, 0.5)
+    # Untouched keys keep the dataclass defaults (YAML holds deltas only).
+    assert cfg.optim.momentum == OptimConfig().momentum and cfg.train == RunConfig().train
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("optim:\n  weight_decay: 5e-4\n", 5e-4),
+    ("optim:\n  weight_decay: 1E-3\n", 1e-3),
+    ("optim:\n  weight_decay: 2.0e-4\n", 2e-4),
+])
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path, text, expected):
+    # YAML 1.1 (PyYAML's default) reads `5e-4` as a *string*; the SPEC and every user write weight decay
+    # this way, so the strict loader must read it as the float it is (YAML 1.2 does).
+    cfg = load_config(write_yaml(tmp_path, text))
+    assert cfg.optim.weight_decay == expected
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().optim.lr = 0.5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------------
+# Dotted overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def test_overrides_apply_on_top_of_yaml(tmp_path):
+    path = write_yaml(tmp_path, "optim:\n  lr: 0.2\nmix:\n  stop_epoch: 10\n")
+    cfg = load_config(path, ["--optim.lr=0.05", "--mix.ratio_range=[0,1]", "--mix.stop_epoch=null",
+                             "--train.out_dir=runs/x", "--optim.weight_decay=5e-4", "--data.mean=[0.5,0.4,0.3]"])
+    assert cfg.optim.lr == 0.05
+    assert cfg.mix.ratio_range == (0.0, 1.0) and all(type(v) is float for v in cfg.mix.ratio_range)
+    assert cfg.mix.stop_epoch is None
+    assert cfg.train.out_dir == "runs/x"
+    assert cfg.optim.weight_decay == 5e-4
+    assert cfg.data.mean == (0.5, 0.4, 0.3)
+
+
+def test_later_override_wins():
+    cfg = load_config(None, ["--optim.lr=0.3", "--optim.lr=0.4"])
+    assert cfg.optim.lr == 0.4
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--optim.lr=abc", "optim.lr"),
+    ("--optim.lr='0.1'", "optim.lr"),
+    ("--train.epochs=1.5", "train.epochs"),
+    ("--train.epochs=true", "train.epochs"),
+    ("--train.compile=1", "train.compile"),
+    ("--mix.mix_op=paste", "mix.mix_op"),
+    ("--mix.ratio_range=[0.1]", "mix.ratio_range"),
+    ("--mix.ratio_range=[0.1,0.2,0.3]", "mix.ratio_range"),
+    ("--mix.stop_epoch=2.5", "mix.stop_epoch"),
+])
+def test_override_wrong_type_names_key_and_override(override, key):
+    msg = load_error(None, [override])
+    assert f"'{key}'" in msg, msg
+    assert f"override '{override}'" in msg, msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--optim.lrr=0.1", "optim.lrr"),
+    ("--nope.lr=0.1", "nope"),
+    ("--data.image_sz=32", "data.image_sz"),
+])
+def test_override_unknown_key(override, key):
+    msg = load_error(None, [override])
+    assert f"unknown key '{key}'" in msg, msg
+    assert override in msg, msg
+
+
+@pytest.mark.parametrize("override,what", [
+    ("--optim.lr", "expected --section.key=value"),
+    ("--optim.lr.x=1", "is a value, not a section"),
+    ("--optim.lr=[1", "not valid YAML"),
+])
+def test_malformed_override(override, what):
+    msg = load_error(None, [override])
+    assert what in msg and override in msg, msg
+
+
+# --------------------------------------------------------------------------------------------------
+# validate()
+# --------------------------------------------------------------------------------------------------
+
+INVALID_VALUES = [
+    ("mix:\n  ratio_range: [0.8, 0.2]\n", "--mix.ratio_range=[0.8,0.2]", "mix.ratio_range"),
+    ("mix:\n  ratio_range: [-0.1, 0.5]\n", "--mix.ratio_range=[-0.1,0.5]", "mix.ratio_range"),
+    ("mix:\n  ratio_range: [0.2, 1.5]\n", "--mix.ratio_range=[0.2,1.5]", "mix.ratio_range"),
+    ("optim:\n  milestones: [100]\n", "--optim.milestones=[100]", "optim.lr_factors"),
+    ("optim:\n  milestones: [180, 160]\n", "--optim.milestones=[180,160]", "optim.milestones"),
+    ("optim:\n  lr: 0\n", "--optim.lr=0", "optim.lr"),
+    ("data:\n  batch_size: 0\n", "--data.batch_size=0", "data.batch_size"),
+    ("data:\n  num_views: 3\n", "--data.num_views=3", "data.num_views"),
+    ("data:\n  imbalance_ratio: 0.5\n", "--data.imbalance_ratio=0.5", "data.imbalance_ratio"),
+    ("data:\n  std: [0.2, 0.0, 0.2]\n", "--data.std=[0.2,0.0,0.2]", "data.std"),
+    ("mix:\n  mix_prob: 1.5\n", "--mix.mix_prob=1.5", "mix.mix_prob"),
+    ("mix:\n  alpha: 0\n", "--mix.alpha=0", "mix.alpha"),
+    ("mix:\n  start_epoch: 5\n  stop_epoch: 3\n", "--mix.stop_epoch=-1", "mix.stop_epoch"),
+    ("aug:\n  scale: [0.0, 1.0]\n", "--aug.scale=[0.0,1.0]", "aug.scale"),
+    ("aug:\n  hue: 0.6\n", "--aug.hue=0.6", "aug.hue"),
+    ("loss:\n  tau: 0\n", "--loss.tau=0", "loss.tau"),
+    ("train:\n  epochs: 0\n", "--train.epochs=0", "train.epochs"),
+]
+
+
+@pytest.mark.parametrize("text,override,key", INVALID_VALUES, ids=[k for _, _, k in INVALID_VALUES])
+def test_validate_rejects_bad_values_from_file_and_override(tmp_path, text, override, key):
+    assert f"'{key}'" in load_error(write_yaml(tmp_path, text))
+    assert f"'{key}'" in load_error(None, [override])
+
+
+def test_validate_accepts_edge_values():
+    cfg = load_config(None, ["--mix.ratio_range=[0,1]", "--mix.mix_prob=0", "--optim.milestones=[]",
+                             "--optim.lr_factors=[]", "--mix.start_epoch=3", "--mix.stop_epoch=3"])
+    assert cfg.mix.ratio_range == (0.0, 1.0) and cfg.optim.milestones == ()
+
+
+# --------------------------------------------------------------------------------------------------
+# Dump round-trip and the bundled configs
+# --------------------------------------------------------------------------------------------------
+
+
+def roundtrip(cfg: RunConfig) -> RunConfig:
+    return config_from_dict(yaml.safe_load(dump_config(cfg)), "round-trip")
+
+
+def test_dump_roundtrip_defaults_and_non_defaults():
+    assert roundtrip(RunConfig()) == RunConfig()
+    cfg = load_config(None, ["--data.mean=[0.1,0.2,0.3]", "--data.std=[0.3,0.2,0.1]", "--mix.stop_epoch=9",
+                             "--mix.ratio_range=[0.0,1.0]", "--optim.lr=0.0123456789", "--optim.weight_decay=1e-5",
+                             "--aug.ratio=[0.5,2.0]", "--train.max_steps_per_epoch=3", "--data.dataset=folder",
+                             "--optim.milestones=[1,2,3]", "--optim.lr_factors=[0.1,0.01,0.001]"])
+    back = roundtrip(cfg)
+    assert back == cfg
+    assert type(back.mix.ratio_range) is tuple and type(back.data.mean) is tuple
+
+
+def test_config_from_dict_is_strict():
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'"):
+        config_from_dict({"optim": {"lrr": 1.0}}, "a dict")
+    with pytest.raises(ConfigError, match="mix.ratio_range"):
+        config_from_dict({"mix": {"ratio_range": [0.9, 0.1]}}, "a dict")
+
+
+def test_configs_folder_is_not_empty():
+    assert (REPO_ROOT / "configs" / "demo.yaml") in BUNDLED_CONFIGS
+
+
+@pytest.mark.parametrize("path", BUNDLED_CONFIGS, ids=[p.stem for p in BUNDLED_CONFIGS])
+def test_bundled_config_loads_and_roundtrips(path):
+    cfg = load_config(path)
+    assert roundtrip(cfg) == cfg
+    # The bare name resolves to the packaged copy of the same file.
+    assert config_path(path.stem).name == path.name
+    assert load_config(path.stem) == cfg
+
+
+def test_normalization_defaults_by_image_size():
+    assert normalization(DataConfig(image_size=32)) == (CIFAR_MEAN, CIFAR_STD)
+    assert normalization(DataConfig(image_size=224)) == (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = normalization(DataConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    assert mean == (0.5, 0.5, 0.5) and std == (0.25, 0.25, 0.25)
+
+
+def test_mix_defaults_follow_spec():
+    m = MixConfig()
+    assert m.ratio_range == (0.2, 0.8) and m.alpha == 1.0 and m.mix_op == "resize"
+    assert m.aug_order == "before_mix" and m.mix_prob == 1.0 and DataConfig().fg_sampling == "class"

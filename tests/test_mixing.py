@@ -1,0 +1,287 @@
+"""Tests of pipelines/mixing.py: resize-and-paste (and the CutMix-style crop) against a numpy rebuild,
+the λ / box sampler, and the two-view composition for every aug_order.
+
+    python -m pytest tests/test_mixing.py -q
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+import numpy_reference as ref
+from mixtail.pipelines.mixing import (box_mask, mix_views, mixing_active, paste, sample_batch_params,
+                                      sample_mix_params)
+from mixtail.trainer.config import AugConfig, MixConfig
+
+
+def tol(size: int) -> float:
+    """See tests/test_augment.py: float32 grid coordinates carry ~size·6e-8 px of error."""
+    return 1e-5 * max(1.0, size / 32)
+
+
+def random_floats(n: int, size: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).random((n, 3, size, size), dtype=np.float32))
+
+
+def random_uint8(n: int, size: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+
+
+def inside_mask(box: np.ndarray, size: int) -> np.ndarray:
+    """(n, 1, H, W) bool written with slices, independent of mixing.box_mask."""
+    m = np.zeros((len(box), 1, size, size), bool)
+    for k, (top, left, bh, bw) in enumerate(box):
+        m[k, :, top:top + bh, left:left + bw] = True
+    return m
+
+
+# --------------------------------------------------------------------------------------------------
+# paste
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [32, 31, 17, 224])
+@pytest.mark.parametrize("ratio_range", [(0.2, 0.8), (0.0, 1.0)])
+def test_paste_resize_matches_numpy(size, ratio_range):
+    n = 24 if size < 100 else 4
+    fg, bg = random_floats(n, size, 1), random_floats(n, size, 2)
+    mp = sample_mix_params(np.random.default_rng(size), n, size, size,
+                           MixConfig(ratio_range=ratio_range), mixing_on=True)
+    box = mp.box.copy()
+    box[0] = [0, 0, size, size]  # a full box
+    box[1] = [size - size // 3, 0, size // 3, size // 3]  # bottom-left corner
+    box[2] = [3, 4, 0, 0]  # an empty box
+    box[3] = [1, size - 1, 1, 1]  # a single pixel
+    out = paste(fg, bg, torch.from_numpy(box), "resize")
+    assert out.dtype == torch.float32 and out.shape == bg.shape
+    inside = torch.from_numpy(inside_mask(box, size)).expand_as(bg)
+    # Outside the box: the background, bit for bit.
+    assert torch.equal(out[~inside], bg[~inside])
+    # Inside: the whole foreground resized (bilinear, align_corners=False) to the box.
+    expected = ref.paste(fg.numpy(), bg.numpy(), box, "resize")
+    np.testing.assert_allclose(out.numpy(), expected, atol=tol(size), rtol=0)
+    # ... and the numpy rebuild agrees with PyTorch's interpolate, per sample.
+    for k, (top, left, bh, bw) in enumerate(box):
+        if bh and bw:
+            r = F.interpolate(fg[k:k + 1].double(), size=(int(bh), int(bw)), mode="bilinear", align_corners=False)
+            np.testing.assert_allclose(out[k, :, top:top + bh, left:left + bw].numpy(), r[0].numpy(),
+                                       atol=tol(size), rtol=0)
+    # The full box is the foreground itself.
+    np.testing.assert_allclose(out[0].numpy(), fg[0].numpy(), atol=tol(size), rtol=0)
+    assert torch.equal(out[2], bg[2])
+
+
+@pytest.mark.parametrize("size", [32, 31, 17])
+def test_paste_crop_copies_foreground_pixels(size):
+    n = 16
+    fg, bg = random_floats(n, size, 3), random_floats(n, size, 4)
+    mp = sample_mix_params(np.random.default_rng(0), n, size, size, MixConfig(), mixing_on=True)
+    out = paste(fg, bg, torch.from_numpy(mp.box), "crop")
+    inside = torch.from_numpy(inside_mask(mp.box, size)).expand_as(bg)
+    assert inside.any() and (~inside).any()
+    assert torch.equal(out[inside], fg[inside])
+    assert torch.equal(out[~inside], bg[~inside])
+
+
+def test_box_mask_and_bad_op():
+    box = np.array([[0, 0, 3, 2], [5, 6, 2, 2], [1, 1, 0, 4]])
+    m = box_mask(torch.from_numpy(box), 8, 8)
+    assert m.dtype == torch.bool and m.shape == (3, 1, 8, 8)
+    assert np.array_equal(m.numpy(), inside_mask(box, 8))
+    with pytest.raises(ValueError, match="mix_op"):
+        paste(random_floats(1, 8, 0), random_floats(1, 8, 1), torch.from_numpy(box[:1]), "blend")
+
+
+# --------------------------------------------------------------------------------------------------
+# λ and the box
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [32, 31, 17, 224])
+@pytest.mark.parametrize("ratio_range", [(0.2, 0.8), (0.0, 1.0), (0.5, 0.5)])
+def test_mix_params_lambda_and_box(size, ratio_range):
+    n = 5000
+    cfg = MixConfig(ratio_range=ratio_range)
+    mp = sample_mix_params(np.random.default_rng(1), n, size, size, cfg, mixing_on=True)
+    assert mp.mixed.all() and mp.box.dtype == np.int64 and mp.lam.dtype == np.float32
+    top, left, bh, bw = mp.box.T
+    # λ is the exact pasted area after rounding.
+    assert np.array_equal(mp.lam, (bh * bw / (size * size)).astype(np.float32))
+    # Boxes are square on a square canvas and lie fully inside the image.
+    assert np.array_equal(bh, bw)
+    assert (top >= 0).all() and (left >= 0).all() and (top + bh <= size).all() and (left + bw <= size).all()
+    # The side is round-half-up(√λ'·H) with λ' in ratio_range, so it lies between the rounded ends.
+    lo, hi = ratio_range
+    assert bh.min() >= ref.round_half_up(np.sqrt(lo) * size) and bh.max() <= ref.round_half_up(np.sqrt(hi) * size)
+    # λ' = lo + (hi − lo)·Beta(α, α), drawn first from the batch generator (the fixed draw order every
+    # backend reproduces): rebuild λ' and the side from the same seed.
+    lam_raw = lo + (hi - lo) * np.random.default_rng(1).beta(1.0, 1.0, n)
+    assert ((lam_raw >= lo) & (lam_raw <= hi)).all()
+    assert np.array_equal(bh, [ref.round_half_up(np.sqrt(v) * size) for v in lam_raw])
+
+
+def test_box_side_rounds_half_up():
+    # √0.390625 = 0.625 exactly; 0.625·20 = 12.5 -> 13 (banker's rounding would give 12); 0.625·4 = 2.5 -> 3.
+    for size, side in [(20, 13), (4, 3), (12, 8)]:
+        mp = sample_mix_params(np.random.default_rng(0), 50, size, size, MixConfig(ratio_range=(0.390625, 0.390625)),
+                               mixing_on=True)
+        assert (mp.box[:, 2] == side).all() and (mp.box[:, 3] == side).all(), size
+        assert np.array_equal(mp.lam, np.full(50, side * side / (size * size), np.float32))
+
+
+def test_box_position_uniform():
+    # Side 16 on 32: top and left uniform on 0..16 (every position reachable, the far edge included).
+    n = 17 * 400
+    mp = sample_mix_params(np.random.default_rng(3), n, 32, 32, MixConfig(ratio_range=(0.25, 0.25)), mixing_on=True)
+    assert (mp.box[:, 2] == 16).all()
+    for axis in (0, 1):
+        counts = np.bincount(mp.box[:, axis], minlength=17)
+        assert len(counts) == 17 and stats.chisquare(counts).pvalue > 1e-6
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
+def test_box_side_distribution_is_normalized_beta(alpha):
+    # side = round-half-up(√λ'·H) with λ' = lo + (hi − lo)·u, u ~ Beta(α, α), so side s has probability
+    # F((((s + ½)/H)² − lo)/(hi − lo)) − F((((s − ½)/H)² − lo)/(hi − lo)), F the Beta(α, α) cdf.
+    lo, hi, size, n = 0.2, 0.8, 32, 20000
+    mp = sample_mix_params(np.random.default_rng(5), n, size, size, MixConfig(alpha=alpha, ratio_range=(lo, hi)),
+                           mixing_on=True)
+    sides = np.arange(size + 1)
+
+    def probs(a: float) -> np.ndarray:
+        u = lambda s: np.clip((((s / size) ** 2) - lo) / (hi - lo), 0, 1)  # noqa: E731
+        return stats.beta(a, a).cdf(u(sides + 0.5)) - stats.beta(a, a).cdf(u(np.maximum(sides - 0.5, 0)))
+
+    counts = np.bincount(mp.box[:, 2], minlength=size + 1)
+    support = probs(alpha) > 0
+    assert counts[~support].sum() == 0 and abs(probs(alpha).sum() - 1) < 1e-12
+    assert stats.chisquare(counts[support], n * probs(alpha)[support]).pvalue > 1e-6
+    for wrong in {0.5, 1.0, 2.0} - {alpha}:
+        assert stats.chisquare(counts[support], n * probs(wrong)[support]).pvalue < 1e-6, wrong
+
+
+def test_ratio_range_edges_give_empty_and_full_boxes():
+    size, n = 31, 8
+    fg, bg = random_floats(n, size, 6), random_floats(n, size, 7)
+    empty = sample_mix_params(np.random.default_rng(0), n, size, size, MixConfig(ratio_range=(0.0, 0.0)), True)
+    assert empty.mixed.all() and (empty.box[:, 2:] == 0).all() and (empty.lam == 0).all()
+    for op in ("resize", "crop"):
+        assert torch.equal(paste(fg, bg, torch.from_numpy(empty.box), op), bg)
+    full = sample_mix_params(np.random.default_rng(0), n, size, size, MixConfig(ratio_range=(1.0, 1.0)), True)
+    assert np.array_equal(full.box, np.tile([0, 0, size, size], (n, 1))) and (full.lam == 1).all()
+    assert torch.equal(paste(fg, bg, torch.from_numpy(full.box), "crop"), fg)
+    np.testing.assert_allclose(paste(fg, bg, torch.from_numpy(full.box), "resize").numpy(), fg.numpy(),
+                               atol=tol(size), rtol=0)
+
+
+@pytest.mark.parametrize("cfg,mixing_on", [(MixConfig(mix_prob=0.0), True), (MixConfig(), False)])
+def test_unmixed_pairs_are_the_background(cfg, mixing_on):
+    size, n = 17, 10
+    mp = sample_mix_params(np.random.default_rng(0), n, size, size, cfg, mixing_on)
+    assert not mp.mixed.any() and (mp.lam == 1).all() and (mp.box == 0).all()
+    fg, bg = random_floats(n, size, 8), random_floats(n, size, 9)
+    assert torch.equal(paste(fg, bg, torch.from_numpy(mp.box), "resize"), bg)
+
+
+def test_mix_prob_rate():
+    n = 20000
+    mp = sample_mix_params(np.random.default_rng(0), n, 32, 32, MixConfig(mix_prob=0.3), True)
+    assert abs(mp.mixed.mean() - 0.3) < 6 * np.sqrt(0.3 * 0.7 / n)
+    assert (mp.lam[~mp.mixed] == 1).all() and (mp.box[~mp.mixed] == 0).all()
+    assert (mp.lam[mp.mixed] < 1).all()
+
+
+def test_mixing_window():
+    cfg = MixConfig(start_epoch=2, stop_epoch=5)
+    assert [mixing_active(cfg, e) for e in range(7)] == [False, False, True, True, True, False, False]
+    assert all(mixing_active(MixConfig(), e) for e in (0, 10, 1000))
+    assert not mixing_active(MixConfig(start_epoch=3, stop_epoch=3), 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Views
+# --------------------------------------------------------------------------------------------------
+
+AUG = AugConfig(crop="pad", color_prob=1.0, grayscale_prob=0.3)
+
+
+@pytest.mark.parametrize("size,aug", [(32, AUG), (31, AUG), (31, AugConfig(crop="resized", grayscale_prob=0.3))])
+@pytest.mark.parametrize("mix_op", ["resize", "crop"])
+def test_before_mix_views_share_box_and_differ_in_augmentation(size, aug, mix_op):
+    n = 8
+    fg, bg = random_uint8(n, size, 10), random_uint8(n, size, 11)
+    params = sample_batch_params(np.random.default_rng(0), n, size, aug, MixConfig(mix_op=mix_op), True, num_views=2)
+    assert len(params.fg_aug) == len(params.bg_aug) == 2
+    views = mix_views(fg, bg, params, size)
+    assert len(views) == 2 and all(v.shape == (n, 3, size, size) and v.dtype == torch.float32 for v in views)
+    inside = inside_mask(params.mix.box, size)
+    for v in range(2):
+        # Each component augmented on its own, then pasted with the pair's single box (SPEC, Eq. 3).
+        expected = ref.paste(ref.augment(fg.numpy(), params.fg_aug[v], size),
+                             ref.augment(bg.numpy(), params.bg_aug[v], size), params.mix.box, mix_op)
+        np.testing.assert_allclose(views[v].numpy(), expected, atol=tol(size), rtol=0)
+    # The two views differ both inside (foreground) and outside (background) the box.
+    diff = (views[0] - views[1]).abs().numpy()
+    assert diff[np.broadcast_to(inside, diff.shape)].mean() > 0.05
+    assert diff[np.broadcast_to(~inside, diff.shape)].mean() > 0.05
+
+
+def test_aug_order_none_gives_identical_views():
+    size, n = 32, 8
+    fg, bg = random_uint8(n, size, 12), random_uint8(n, size, 13)
+    params = sample_batch_params(np.random.default_rng(0), n, size, AUG, MixConfig(aug_order="none"), True)
+    views = mix_views(fg, bg, params, size)
+    assert torch.equal(views[0], views[1])
+    expected = ref.paste(fg.numpy() / 255.0, bg.numpy() / 255.0, params.mix.box, "resize")
+    np.testing.assert_allclose(views[0].numpy(), expected, atol=tol(size), rtol=0)
+
+
+@pytest.mark.parametrize("size", [32, 31])
+def test_after_mix_augments_the_mixed_image(size):
+    n = 8
+    fg, bg = random_uint8(n, size, 14), random_uint8(n, size, 15)
+    params = sample_batch_params(np.random.default_rng(2), n, size, AUG, MixConfig(aug_order="after_mix"), True)
+    views = mix_views(fg, bg, params, size)
+    mixed = ref.paste(fg.numpy() / 255.0, bg.numpy() / 255.0, params.mix.box, "resize")
+    for v in range(2):
+        np.testing.assert_allclose(views[v].numpy(), ref.augment(mixed, params.bg_aug[v], size),
+                                   atol=tol(size), rtol=0)
+    assert (views[0] - views[1]).abs().mean() > 0.05
+
+
+def test_batch_params_reproducible_and_one_view():
+    a = sample_batch_params(np.random.default_rng(7), 16, 32, AUG, MixConfig(), True)
+    b = sample_batch_params(np.random.default_rng(7), 16, 32, AUG, MixConfig(), True)
+    assert np.array_equal(a.mix.box, b.mix.box) and np.array_equal(a.mix.lam, b.mix.lam)
+    for x, y in zip(a.fg_aug + a.bg_aug, b.fg_aug + b.bg_aug):
+        assert np.array_equal(x.crop, y.crop) and np.array_equal(x.hue, y.hue)
+    assert not np.array_equal(a.fg_aug[0].crop, a.fg_aug[1].crop)
+    one = sample_batch_params(np.random.default_rng(7), 16, 32, AUG, MixConfig(), True, num_views=1)
+    assert np.array_equal(one.mix.box, a.mix.box)  # λ and box are drawn first, whatever the views
+    assert len(mix_views(random_uint8(16, 32, 0), random_uint8(16, 32, 1), one, 32)) == 1
+
+
+def test_mix_views_needs_canvas_size():
+    params = sample_batch_params(np.random.default_rng(0), 2, 32, AUG, MixConfig(), True)
+    with pytest.raises(ValueError, match="canvas"):
+        mix_views(random_uint8(2, 32, 0), random_uint8(2, 32, 1), params, 24)
+
+
+def test_unmixed_views_are_augmented_backgrounds():
+    size, n = 32, 6
+    fg, bg = random_uint8(n, size, 16), random_uint8(n, size, 17)
+    params = sample_batch_params(np.random.default_rng(1), n, size, AUG, MixConfig(), mixing_on=False)
+    views = mix_views(fg, bg, params, size)
+    for v in range(2):
+        np.testing.assert_allclose(views[v].numpy(), ref.augment(bg.numpy(), params.bg_aug[v], size),
+                                   atol=tol(size), rtol=0)
+    # Same parameters for a mixed batch only change the pixels inside the boxes.
+    mixed = mix_views(fg, bg, replace(params, mix=sample_mix_params(np.random.default_rng(1), n, size, size,
+                                                                    MixConfig(), True)), size)
+    assert not torch.equal(mixed[0], views[0])

@@ -1,0 +1,267 @@
+"""Tests of pipelines/torch_loader.py (and the Batch/normalization helpers of pipelines/base.py): epoch
+lengths on every rank, reproducible epochs, mid-epoch resume, unmixed samples, test-split coverage,
+layout, normalization and soft targets.
+
+    python -m pytest tests/test_torch_loader.py -q
+
+Most tests use a tiny synthetic dataset whose every image spells its own index in its pixels, so a
+batch can be traced back to the samples it holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mixtail.pipelines.base import Batch, build_loader, normalize_views
+from mixtail.pipelines.datasets import ImageArrays
+from mixtail.pipelines.mixing import sample_batch_params
+from mixtail.pipelines.sampling import batch_generator, foreground_weights, sample_order
+from mixtail.pipelines.torch_loader import TorchLoader
+from mixtail.trainer.config import AugConfig, DataConfig, MixConfig, load_config
+
+SIZE = 16
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CPU = torch.device("cpu")
+
+
+def indexed_dataset(n: int, num_classes: int = 5, seed: int = 0) -> ImageArrays:
+    """Image i is constant: channel 0 = i mod 256, channel 1 = i div 256, channel 2 = its label·40.
+    Labels are long-tailed and shuffled."""
+    rng = np.random.default_rng(seed)
+    weights = 0.5 ** np.arange(num_classes)
+    labels = rng.choice(num_classes, n, p=weights / weights.sum())
+    labels[:num_classes] = np.arange(num_classes)  # every class present
+    images = np.zeros((n, SIZE, SIZE, 3), np.uint8)
+    images[..., 0] = (np.arange(n) % 256)[:, None, None]
+    images[..., 1] = (np.arange(n) // 256)[:, None, None]
+    images[..., 2] = (labels * 40)[:, None, None]
+    return ImageArrays(images, labels.astype(np.int64), [f"c{k}" for k in range(num_classes)])
+
+
+def loader(ds: ImageArrays, *, train=True, batch_size=16, mix=MixConfig(), aug=AugConfig(), rank=0, world_size=1,
+           num_views=2, seed=0) -> TorchLoader:
+    return TorchLoader(ds, train=train, batch_size=batch_size, aug=aug, mix=mix, num_views=num_views,
+                       fg_sampling="class", fg_gamma=1.0, mean=MEAN, std=STD, rank=rank, world_size=world_size,
+                       device=CPU, seed=seed)
+
+
+def pixels(images: torch.Tensor, y: int = 0, x: int = 0) -> np.ndarray:
+    """Undo the normalization at pixel (y, x): (rows, 3) uint8 values."""
+    m = torch.tensor(MEAN)[None, :]
+    s = torch.tensor(STD)[None, :]
+    return torch.round((images[:, :, y, x] * s + m) * 255).to(torch.int64).numpy()
+
+
+def decode_index(images: torch.Tensor, y: int = 0, x: int = 0) -> np.ndarray:
+    p = pixels(images, y, x)
+    return p[:, 0] + 256 * p[:, 1]
+
+
+def same_batches(a: list[Batch], b: list[Batch]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x.images, y.images) and torch.equal(x.y_f, y.y_f)
+                                    and torch.equal(x.y_b, y.y_b) and torch.equal(x.lam, y.lam)
+                                    for x, y in zip(a, b))
+
+
+def epoch(ld: TorchLoader, e: int, start_batch: int = 0) -> list[Batch]:
+    ld.set_epoch(e, start_batch)
+    return list(ld)
+
+
+DS = indexed_dataset(203)
+
+
+# --------------------------------------------------------------------------------------------------
+# Train split
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_train_epoch_length_same_on_every_rank(world_size):
+    bs = 16
+    expected = (len(DS) // world_size) // bs
+    for rank in range(world_size):
+        ld = loader(DS, batch_size=bs, rank=rank, world_size=world_size)
+        assert len(ld) == expected
+        batches = epoch(ld, 1)
+        assert len(batches) == expected
+        for b in batches:
+            assert b.images.shape == (2 * bs, 3, SIZE, SIZE) and b.images.dtype == torch.float32
+            assert b.y_f.shape == b.y_b.shape == b.lam.shape == (bs,)
+            assert b.y_f.dtype == b.y_b.dtype == torch.int64 and b.lam.dtype == torch.float32
+            assert b.num_views == 2
+
+
+def test_set_epoch_reproducible_and_epochs_differ():
+    ld = loader(DS)
+    first = epoch(ld, 3)
+    assert same_batches(first, epoch(ld, 3))
+    assert same_batches(first, epoch(loader(DS), 3)), "a fresh loader must give the same epoch"
+    assert not torch.equal(first[0].images, epoch(ld, 4)[0].images)
+    assert not torch.equal(first[0].images, epoch(loader(DS, seed=1), 3)[0].images)
+
+
+@pytest.mark.parametrize("start", [1, 5, 11])
+def test_start_batch_resumes_mid_epoch(start):
+    full = epoch(loader(DS), 2)
+    assert len(full) == 12
+    resumed_loader = loader(DS)  # a restarted process: a new loader told where to resume
+    assert same_batches(epoch(resumed_loader, 2, start_batch=start), full[start:])
+    # After the resumed epoch the next one starts from batch 0 again.
+    assert same_batches(epoch(resumed_loader, 2), full)
+    resumed_loader.set_epoch(2, start)
+    assert same_batches(list(resumed_loader), full[start:])
+    assert same_batches(list(resumed_loader), full)
+
+
+def test_unmixed_samples_are_their_background():
+    ld = loader(DS, mix=MixConfig(mix_prob=0.0, aug_order="none"), world_size=2, rank=1)
+    order = sample_order(None, epoch=0, seed=0, rank=1, world_size=2, num_samples=len(DS))
+    seen = []
+    for b in epoch(ld, 0):
+        assert torch.equal(b.y_f, b.y_b) and (b.lam == 1).all()
+        bs = len(b.y_f)
+        # Views are identical (aug none) and hold exactly the background images, normalized.
+        assert torch.equal(b.images[:bs], b.images[bs:])
+        idx = decode_index(b.images[:bs])
+        assert np.array_equal(b.y_b.numpy(), DS.labels[idx])
+        assert np.array_equal(pixels(b.images[:bs], 5, 9)[:, 2], DS.labels[idx] * 40)  # every pixel, not one
+        seen.append(idx)
+    seen = np.concatenate(seen)
+    assert np.array_equal(seen, order[: len(seen)]), "the background stream is sample_order's permutation"
+
+
+def test_mixing_window_in_epochs():
+    ld = loader(DS, mix=MixConfig(start_epoch=1, stop_epoch=2))
+    for b in epoch(ld, 0) + epoch(ld, 2):
+        assert torch.equal(b.y_f, b.y_b) and (b.lam == 1).all()
+    lam = torch.cat([b.lam for b in epoch(ld, 1)])
+    assert (lam < 1).all() and (lam >= 0.1).all()  # ratio_range [0.2, 0.8] after rounding at 16 px
+
+
+def test_mixed_batches_hold_the_foreground_and_background_streams():
+    # aug none + CutMix-style crop: inside the box the pixels are the foreground's own, so both
+    # sample indices can be read back and checked against the documented streams and labels.
+    mix = MixConfig(aug_order="none", mix_op="crop", mix_prob=0.7)
+    ld = loader(DS, mix=mix, rank=0, world_size=2, seed=4)
+    kw = dict(epoch=6, seed=4, rank=0, world_size=2, num_samples=len(DS))
+    bg_order = sample_order(None, **kw)
+    fg_order = sample_order(foreground_weights(DS.labels, 5, "class", 1.0), **kw)
+    n_mixed = 0
+    for bi, b in enumerate(epoch(ld, 6)):
+        bs = len(b.y_f)
+        params = sample_batch_params(batch_generator(4, 6, 0, bi), bs, SIZE, AugConfig(), mix, True, 2)
+        box, mixed = params.mix.box, params.mix.mixed
+        assert np.array_equal(b.lam.numpy(), params.mix.lam)
+        bg_idx = bg_order[bi * bs:(bi + 1) * bs]
+        fg_idx = fg_order[bi * bs:(bi + 1) * bs]
+        assert np.array_equal(b.y_b.numpy(), DS.labels[bg_idx])
+        assert np.array_equal(b.y_f.numpy(), np.where(mixed, DS.labels[fg_idx], DS.labels[bg_idx]))
+        for i in range(bs):
+            top, left, bh, bw = box[i]
+            if bh > 0:
+                inside = decode_index(b.images[i:i + 1], top, left)[0]
+                assert inside == fg_idx[i]
+                n_mixed += 1
+            # Row 0 of an image is outside the box unless the box starts there; pick an outside pixel.
+            outside = [(y, x) for y, x in [(0, 0), (SIZE - 1, SIZE - 1), (0, SIZE - 1), (SIZE - 1, 0)]
+                       if not (top <= y < top + bh and left <= x < left + bw)]
+            assert decode_index(b.images[i:i + 1], *outside[0])[0] == bg_idx[i]
+    assert n_mixed > 0
+
+
+def test_soft_targets():
+    ld = loader(DS)
+    b = epoch(ld, 0)[0]
+    t = b.soft_targets(5)
+    bs = len(b.y_f)
+    assert t.shape == (2 * bs, 5) and t.dtype == torch.float32
+    torch.testing.assert_close(t.sum(1), torch.ones(2 * bs), atol=1e-6, rtol=0)
+    lam = b.lam.numpy().astype(np.float64)
+    expected = np.zeros((bs, 5))
+    expected[np.arange(bs), b.y_f.numpy()] += lam
+    expected[np.arange(bs), b.y_b.numpy()] += 1 - lam
+    np.testing.assert_allclose(t[:bs].numpy(), expected, atol=1e-6, rtol=0)
+    assert torch.equal(t[:bs], t[bs:]), "view v of pair b is row v·B + b: both views share the target"
+
+
+def test_train_images_channels_last_and_normalized():
+    b = epoch(loader(DS, mix=MixConfig(aug_order="none", mix_prob=0.0)), 0)[0]
+    assert b.images.is_contiguous(memory_format=torch.channels_last)
+    raw = torch.from_numpy(DS.images[decode_index(b.images[: len(b.y_f)])]).permute(0, 3, 1, 2).float() / 255
+    expected = (raw - torch.tensor(MEAN)[None, :, None, None]) / torch.tensor(STD)[None, :, None, None]
+    torch.testing.assert_close(b.images[: len(b.y_f)], expected, atol=1e-5, rtol=0)
+
+
+def test_train_needs_one_full_batch():
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        loader(indexed_dataset(40), batch_size=16, world_size=3)
+    with pytest.raises(ValueError, match="square RGB"):
+        TorchLoader(ImageArrays(np.zeros((4, 8, 6, 3), np.uint8), np.zeros(4, np.int64), ["a"]), train=True,
+                    batch_size=2, aug=AugConfig(), mix=MixConfig(), num_views=2, fg_sampling="class", fg_gamma=1.0,
+                    mean=MEAN, std=STD, rank=0, world_size=1, device=CPU, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Test split
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size,batch_size", [(1, 7), (2, 7), (3, 5), (3, 100)])
+def test_test_split_covers_every_sample_once(world_size, batch_size):
+    ds = indexed_dataset(50)
+    seen = []
+    for rank in range(world_size):
+        ld = loader(ds, train=False, batch_size=batch_size, rank=rank, world_size=world_size)
+        batches = epoch(ld, 0)
+        assert len(batches) == len(ld) == math.ceil(len(range(rank, 50, world_size)) / batch_size)
+        for b in batches:
+            assert b.num_views == 1 and torch.equal(b.y_f, b.y_b) and (b.lam == 1).all()
+            assert b.images.is_contiguous(memory_format=torch.channels_last)
+            idx = decode_index(b.images)
+            assert np.array_equal(b.y_f.numpy(), ds.labels[idx])
+            raw = torch.from_numpy(ds.images[idx]).permute(0, 3, 1, 2).float() / 255
+            expected = (raw - torch.tensor(MEAN)[None, :, None, None]) / torch.tensor(STD)[None, :, None, None]
+            torch.testing.assert_close(b.images, expected, atol=1e-6, rtol=0)
+            seen.append(idx)
+    seen = np.concatenate(seen)
+    assert np.array_equal(np.sort(seen), np.arange(50)), "each test sample exactly once over the ranks"
+
+
+def test_normalize_views_layout():
+    views = [torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)]
+    x = normalize_views(views, (0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
+    assert x.shape == (8, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x[4:, 1], (views[1][:, 1] - 0.25) / 0.25, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x[:4, 2], views[0][:, 2] / 2.0, atol=1e-6, rtol=0)
+    assert normalize_views(views, (0, 0, 0), (1, 1, 1), channels_last=False).is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# From a config (the demo set)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_build_loader_from_demo_config():
+    cfg = load_config("demo")
+    world = 2
+    train = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=1, world_size=world, device=CPU, seed=0)
+    counts = [int(300 * (1 / cfg.data.imbalance_ratio) ** (k / 9)) for k in range(10)]
+    assert train.class_counts.tolist() == counts and train.num_classes == 10
+    assert train.batch_size == cfg.data.batch_size // world
+    assert len(train) == (sum(counts) // world) // (cfg.data.batch_size // world)
+    train.set_epoch(0)
+    b = next(iter(train))
+    assert b.images.shape == (2 * train.batch_size, 3, 32, 32)
+    assert b.images.is_contiguous(memory_format=torch.channels_last)
+    test = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", rank=0, world_size=1, device=CPU, seed=0)
+    assert len(test) == math.ceil(1000 / cfg.data.eval_batch_size)
+    with pytest.raises(ValueError, match="does not divide"):
+        build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=0, world_size=3, device=CPU, seed=0)
+    with pytest.raises(ValueError, match="not a known backend"):
+        build_loader(DataConfig(backend="nope"), cfg.aug, cfg.mix,  # type: ignore[arg-type]
+                     split="train", rank=0, world_size=1, device=CPU, seed=0)

@@ -1,0 +1,406 @@
+"""Typed run configuration, loaded strictly from YAML.
+
+Every knob of a run lives in one frozen dataclass per concern, nested in `RunConfig`. Defaults live only
+here (they are the paper's CIFAR-LT recipe); YAML files in `configs/` hold deltas. Loading is strict:
+duplicate keys, unknown keys and wrongly typed values are errors that name the key and the file, and
+dotted command-line overrides (`--optim.lr=0.05`) go through the same checks.
+
+    from mixtail.trainer.config import load_config
+    cfg = load_config("configs/cifar100_lt_r100.yaml", ["--optim.lr=0.05"])
+    print(dump_config(cfg))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the key and where it came from."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataclasses
+# --------------------------------------------------------------------------------------------------
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: Literal["demo", "cifar10", "cifar100", "folder", "imagenet_lt", "inat2018"] = "cifar100"
+    root: str = ""  # torchvision root (cifar*), tree with <test_dir>/ and train/ (folder), image root (lists)
+    download: bool = False  # cifar*: let torchvision download into `root` (needs internet)
+    test_dir: str = "test"  # folder: name of the held-out split next to train/
+    train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
+    test_list: str = ""
+    imbalance_ratio: float = 100.0  # ρ = n_max / n_min of the long-tailed subset; 1 keeps every image
+    backend: Literal["torch", "dali"] = "torch"
+    batch_size: int = 128  # global mixed pairs per step; each rank gets batch_size / world_size
+    eval_batch_size: int = 512  # per rank
+    image_size: int = 32  # side of the square training and test images
+    fg_sampling: Literal["class", "instance"] = "class"  # SPEC: q(k) ∝ n_k^-γ per class, or n_y^-γ per image
+    fg_gamma: float = 1.0
+    num_views: int = 2
+    num_threads: int = 4  # CPU threads for the DALI backend
+    mean: tuple[float, float, float] | None = None  # None: CIFAR stats for 32 px data, ImageNet stats otherwise
+    std: tuple[float, float, float] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugConfig:
+    """Per-component augmentation (SPEC: each component is augmented before mixing)."""
+
+    crop: Literal["pad", "resized"] = "pad"  # pad: CIFAR pad-and-crop; resized: RandomResizedCrop
+    pad_px: int = 4
+    scale: tuple[float, float] = (0.08, 1.0)  # resized crop: area range
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)  # resized crop: aspect range
+    flip: bool = True
+    color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns those off (hue is separate)
+    hue: float = 0.1
+    color_prob: float = 0.8
+    grayscale_prob: float = 0.2
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixConfig:
+    """ResizeMix with a normalized ratio, and the Table 5 ablation switches."""
+
+    alpha: float = 1.0  # λ ~ Beta(α, α) before normalization
+    ratio_range: tuple[float, float] = (0.2, 0.8)
+    mix_op: Literal["resize", "crop"] = "resize"
+    aug_order: Literal["before_mix", "after_mix", "none"] = "before_mix"
+    mix_prob: float = 1.0
+    start_epoch: int = 0  # mixing is on for start_epoch <= epoch < stop_epoch
+    stop_epoch: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    arch: str = "resnet32"  # resnet{8,14,20,32,44,56,110} for 32 px, or a torchvision model name
+    head_dim: int = 128
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    eta: float = 0.1  # L = L_CE + η·L_SMC
+    tau: float = 0.1
+    weighting: Literal["weighted", "average", "assign_larger"] = "weighted"
+    impl: Literal["auto", "reference", "triton"] = "auto"  # triton on a CPU needs TRITON_INTERPRET=1
+    logit_adjust: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 0.1  # for the global batch data.batch_size
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+    warmup_epochs: float = 5.0  # linear warmup, per step
+    milestones: tuple[int, ...] = (160, 180)  # epochs where the lr factor changes
+    lr_factors: tuple[float, ...] = (0.01, 0.0001)  # lr = base·factor from each milestone on
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 200
+    eval_every_epochs: int = 10
+    seed: int = 0
+    out_dir: str = "runs/cifar100_lt_r100"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the GPU has it
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
+    max_steps_per_epoch: int | None = None  # truncate epochs (smoke tests)
+    log_every_steps: int = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict YAML
+# --------------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key '{key}' (line {key_node.start_mark.line + 1}, "
+                    f"first on line {seen[key]})"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot: `5e-4` would load as the *string* '5e-4' and fail
+# the float check. YAML 1.2 (and everyone writing a weight decay) reads it as a number.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in the field's own type (tuples, floats)."""
+
+    def fail(expected: str):
+        raise ConfigError(f"{source}: key '{key}': expected {expected}, got {type(value).__name__} {value!r}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out
+            value = {}
+        if not isinstance(value, dict):
+            fail(f"a mapping (section {tp.__name__})")
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = " | ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{source}: key '{key}': expected one of {choices}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail(" | ".join(_type_name(a) for a in args))
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        fail(" or ".join(_type_name(a) for a in args if a is not type(None)))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            fail(f"a list ({_type_name(tp)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(f"a list of {len(args)} items")
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"config field '{key}' has an unsupported annotation {tp!r}")
+
+
+def _build(cls, values: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key '{path}' (known keys here: {known})")
+        kwargs[key] = _coerce(value, hints[key], path, source)
+    return cls(**kwargs)
+
+
+def _apply_override(cfg: RunConfig, text: str) -> RunConfig:
+    source = f"command-line override '{text}'"
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"{source}: expected --section.key=value")
+    dotted, raw = body.split("=", 1)
+    parts = dotted.split(".")
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""  # noqa: S506
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: value is not valid YAML: {err}") from None
+
+    def set_in(node, path: list[str], done: str):
+        hints = typing.get_type_hints(type(node))
+        key = path[0]
+        full = f"{done}.{key}" if done else key
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{source}: unknown key '{full}' (known keys here: {known})")
+        if len(path) == 1:
+            return dataclasses.replace(node, **{key: _coerce(value, hints[key], full, source)})
+        child = getattr(node, key)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"{source}: key '{full}' is a value, not a section")
+        return dataclasses.replace(node, **{key: set_in(child, path[1:], full)})
+
+    return set_in(cfg, parts, "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A YAML path as given, or a bare name (`demo`, `cifar10_lt_r100`) from the bundled configs/."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    bundled = resources.files("mixtail.configs").joinpath(f"{path.stem}.yaml")
+    if path.suffix in ("", ".yaml") and path.parent == Path(".") and bundled.is_file():
+        return Path(str(bundled))
+    raise ConfigError(f"config file {name_or_path} does not exist (and is not a bundled config name)")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML file of deltas onto the defaults, apply dotted overrides, and validate."""
+    if path is None:
+        cfg = RunConfig()
+    else:
+        path = config_path(path)
+        cfg = _build(RunConfig, _read_yaml(path), "", str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] = ()) -> RunConfig:
+    """Apply `--section.key=value` overrides (values parsed as YAML, checked like file values), then validate."""
+    for text in overrides:
+        cfg = _apply_override(cfg, text)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict, source: str) -> RunConfig:
+    cfg = _build(RunConfig, values, "", source)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return {
+        f.name: (config_to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+                 else plain(getattr(cfg, f.name)))
+        for f in dataclasses.fields(cfg)
+    }
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks the types cannot express; each error names the key."""
+
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"key '{key}': {msg}")
+
+    d, m, o, t, a = cfg.data, cfg.mix, cfg.optim, cfg.train, cfg.aug
+    need(d.batch_size > 0, "data.batch_size", f"must be positive, got {d.batch_size}")
+    need(d.eval_batch_size > 0, "data.eval_batch_size", f"must be positive, got {d.eval_batch_size}")
+    need(d.image_size >= 8, "data.image_size", f"must be at least 8, got {d.image_size}")
+    need(d.imbalance_ratio >= 1, "data.imbalance_ratio", f"must be >= 1, got {d.imbalance_ratio}")
+    need(d.num_views in (1, 2), "data.num_views", f"must be 1 or 2, got {d.num_views}")
+    need(d.fg_gamma >= 0, "data.fg_gamma", f"must be >= 0, got {d.fg_gamma}")
+    need(d.num_threads > 0, "data.num_threads", f"must be positive, got {d.num_threads}")
+    for key in ("std",):
+        v = getattr(d, key)
+        need(v is None or min(v) > 0, f"data.{key}", f"must be positive, got {v}")
+    lo, hi = m.ratio_range
+    need(0.0 <= lo <= hi <= 1.0, "mix.ratio_range", f"needs 0 <= low <= high <= 1, got {list(m.ratio_range)}")
+    need(m.alpha > 0, "mix.alpha", f"must be positive, got {m.alpha}")
+    need(0.0 <= m.mix_prob <= 1.0, "mix.mix_prob", f"must be in [0, 1], got {m.mix_prob}")
+    need(m.stop_epoch is None or m.stop_epoch >= m.start_epoch, "mix.stop_epoch",
+         f"must be >= mix.start_epoch ({m.start_epoch}), got {m.stop_epoch}")
+    need(a.pad_px >= 0, "aug.pad_px", f"must be >= 0, got {a.pad_px}")
+    need(0 < a.scale[0] <= a.scale[1] <= 1, "aug.scale", f"needs 0 < low <= high <= 1, got {list(a.scale)}")
+    need(0 < a.ratio[0] <= a.ratio[1], "aug.ratio", f"needs 0 < low <= high, got {list(a.ratio)}")
+    need(0 <= a.hue <= 0.5, "aug.hue", f"must be in [0, 0.5], got {a.hue}")
+    for key in ("color_prob", "grayscale_prob"):
+        need(0 <= getattr(a, key) <= 1, f"aug.{key}", f"must be in [0, 1], got {getattr(a, key)}")
+    need(cfg.model.head_dim > 0, "model.head_dim", f"must be positive, got {cfg.model.head_dim}")
+    need(cfg.loss.tau > 0, "loss.tau", f"must be positive, got {cfg.loss.tau}")
+    need(cfg.loss.eta >= 0, "loss.eta", f"must be >= 0, got {cfg.loss.eta}")
+    need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    need(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    need(len(o.milestones) == len(o.lr_factors), "optim.lr_factors",
+         f"needs one factor per milestone: {len(o.milestones)} milestones, {len(o.lr_factors)} factors")
+    need(list(o.milestones) == sorted(o.milestones), "optim.milestones",
+         f"must be increasing, got {list(o.milestones)}")
+    need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
+    need(t.eval_every_epochs > 0, "train.eval_every_epochs", f"must be positive, got {t.eval_every_epochs}")
+    need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
+    need(t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch",
+         "must be positive or null")
+    need(t.log_every_steps > 0, "train.log_every_steps", "must be positive")
+
+
+def normalization(data: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std for this data: explicit values, else CIFAR stats at 32 px and ImageNet stats above."""
+    small = data.image_size <= 64
+    mean = data.mean or (CIFAR_MEAN if small else IMAGENET_MEAN)
+    std = data.std or (CIFAR_STD if small else IMAGENET_STD)
+    return mean, std
