@@ -1,0 +1,234 @@
+"""Shared benchmark plumbing: honest timing, environment capture, an aligned table and the JSON record.
+
+    from mixtail.benchmarks.common import time_fn, summarize, environment, format_table, write_json
+    stats = summarize(time_fn(step, device=torch.device("cuda"), reps=20))   # {"median_ms", "p20_ms", ...}
+    print(format_table(rows))
+    write_json("kernel", rows, config={"D": 128})   # -> benchmarks/results/kernel_<gpu-or-cpu>_<yyyymmdd>.json
+
+Timing on CUDA brackets each repeat with CUDA events and flushes the L2 cache before it (writing a buffer
+larger than any current L2), so a repeat never reads what the previous one left in cache; on the CPU it
+uses perf_counter. Nothing here knows what is being benchmarked.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_L2_FLUSH_BYTES = 256 * 2**20  # H100: 50 MB of L2; B200: 126 MB
+_flush_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _flush_l2(device: torch.device) -> None:
+    if device not in _flush_buffers:
+        _flush_buffers[device] = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    _flush_buffers[device].zero_()
+
+
+def time_fn(fn: Callable[[], Any], *, device: torch.device, reps: int = 10, warmup: int = 2,
+            flush_l2: bool = True) -> list[float]:
+    """Run `fn` warmup + reps times; return the wall time of each timed repeat in milliseconds.
+
+    CUDA: one pair of events per repeat, read after a single synchronize at the end, so host overhead
+    between repeats is not counted but everything `fn` launches is.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        if flush_l2:
+            _flush_l2(device)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def summarize(times_ms: Sequence[float]) -> dict[str, float]:
+    """Median and the 20th/80th percentiles (the spread without the outliers) of repeat times."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    return {"median_ms": float(np.median(t)), "p20_ms": float(np.percentile(t, 20)),
+            "p80_ms": float(np.percentile(t, 80)), "reps": int(t.size)}
+
+
+def reps_for(seconds_per_rep: float, *, budget_s: float = 2.0, lo: int = 3, hi: int = 50) -> int:
+    """How many repeats fit a time budget, clamped to [lo, hi]."""
+    return int(min(hi, max(lo, budget_s / max(seconds_per_rep, 1e-6))))
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Start a peak-memory window; returns the bytes allocated now (the baseline: inputs and caches)."""
+    if device.type != "cuda":
+        return 0
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def peak_memory_since(device: torch.device, baseline: int) -> int | None:
+    """Peak bytes allocated above `baseline` since `reset_peak_memory`; None where it is not tracked (CPU)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - baseline
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------------
+
+def _version(*dists: str, prefix: str | None = None) -> str | None:
+    """Installed version of the first distribution found, or of one whose name starts with `prefix`."""
+    for name in dists:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if prefix is not None:
+        for dist in importlib.metadata.distributions():
+            name = dist.metadata["Name"] or ""
+            if name.lower().startswith(prefix):
+                return f"{name} {dist.version}"
+    return None
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO_ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git() -> dict[str, Any]:
+    # --no-optional-locks: reading the status must not rewrite the index of someone's working tree.
+    sha = _run(["git", "--no-optional-locks", "rev-parse", "HEAD"])
+    status = _run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"])
+    return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
+
+
+def gpu_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def device_slug() -> str:
+    """'nvidia-h100-80gb-hbm3' for the current GPU, 'cpu' without one: the file-name part of a result."""
+    name = gpu_name()
+    if name is None:
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to reproduce or compare a number: hardware, driver, versions, commit, time."""
+    env: dict[str, Any] = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "triton": _version("triton", "pytorch-triton"),
+        "dali": _version(prefix="nvidia-dali"),
+        "ffcv": _version("ffcv"),
+        "numpy": np.__version__,
+        "gpu": gpu_name(),
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "gpu_memory_gb": None,
+        "driver": None,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        **_git(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        env["driver"] = smi.splitlines()[0] if smi else None
+    env.update(extra or {})
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows of dicts as an aligned text table; numbers right-aligned, text left-aligned."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def write_json(bench: str, rows: Sequence[dict[str, Any]], *, config: dict[str, Any] | None = None,
+               env: dict[str, Any] | None = None, out_dir: str | Path | None = None) -> Path:
+    """Write {bench, config, environment, rows} to <out_dir>/<bench>_<gpu-or-cpu>_<yyyymmdd>.json."""
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    env = env if env is not None else environment()
+    path = out / f"{bench}_{device_slug()}_{_dt.datetime.now(_dt.timezone.utc):%Y%m%d}.json"
+    record = {"bench": bench, "config": config or {}, "environment": env, "rows": list(rows)}
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+__all__ = ["time_fn", "summarize", "reps_for", "synchronize", "reset_peak_memory", "peak_memory_since",
+           "free_memory_bytes", "environment", "device_slug", "gpu_name", "format_table", "write_json",
+           "RESULTS_DIR"]
