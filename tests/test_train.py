@@ -1,0 +1,184 @@
+"""The trainer end to end on the CPU: outputs of a run, exact resume after a crash or a kill, eval, DDP.
+
+    python -m pytest tests/test_train.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtail.trainer import train as train_module
+from mixtail.trainer.config import load_config
+from mixtail.trainer.train import lr_at, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run_cli(*args, timeout=600, env=None):
+    return subprocess.run([sys.executable, "-m", "mixtail", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _smoke(tmp_path, *overrides):
+    return load_config("smoke_cpu", [f"--train.out_dir={tmp_path}", *overrides])
+
+
+def _weights(run_dir):
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"parameter {k} differs"
+
+
+def test_lr_schedule_warmup_and_milestones():
+    cfg = load_config(None)  # the paper's CIFAR recipe: warmup 5 epochs, x0.01 at 160, x0.0001 at 180
+    o, spe = cfg.optim, 10
+    assert lr_at(o, 0, spe) == pytest.approx(0.1 / 50)
+    assert lr_at(o, 49, spe) == pytest.approx(0.1)
+    assert lr_at(o, 50, spe) == pytest.approx(0.1)
+    assert lr_at(o, 1599, spe) == pytest.approx(0.1)
+    assert lr_at(o, 1600, spe) == pytest.approx(0.1 * 0.01)
+    assert lr_at(o, 1800, spe) == pytest.approx(0.1 * 0.0001)
+
+
+def test_cli_run_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    res = _run_cli("train", "smoke_cpu", f"--train.out_dir={out}")
+    assert res.returncode == 0, res.stderr
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "per_class_accuracy.png", "final_eval.json"):
+        assert (out / name).is_file(), name
+    table = res.stdout.splitlines()
+    assert any("All" in line and "Many" in line and "Few" in line for line in table), res.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "loss" in r] == [1, 2]
+    assert [r["epoch"] for r in records if "eval" in r] == [1, 2]
+    assert load_config(out / "config.yaml") == load_config("smoke_cpu", [f"--train.out_dir={out}"])
+    # `mixtail eval` rebuilds the model and prints the same numbers.
+    res = _run_cli("eval", str(out / "checkpoint.pt"))
+    assert res.returncode == 0, res.stderr
+    final = json.loads((out / "final_eval.json").read_text())
+    assert f"{final['all']:.2f}" in res.stdout
+
+
+def test_cli_rejects_bad_override_naming_the_key(tmp_path):
+    res = _run_cli("train", "smoke_cpu", "--optim.lr=fast", f"--train.out_dir={tmp_path}")
+    assert res.returncode == 2
+    assert "optim.lr" in res.stderr and "fast" in res.stderr
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after(batches: int, monkeypatch):
+    """Make the training loader raise after `batches` batches in total, like a process dying mid-epoch."""
+    real_build = train_module.build_loader
+    seen = {"n": 0}
+
+    class CrashingLoader:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __iter__(self):
+            for batch in self.inner:
+                if seen["n"] == batches:
+                    raise _Crash("simulated crash")
+                seen["n"] += 1
+                yield batch
+
+    def build(*args, split, **kwargs):
+        loader = real_build(*args, split=split, **kwargs)
+        return CrashingLoader(loader) if split == "train" else loader
+
+    monkeypatch.setattr(train_module, "build_loader", build)
+
+
+# 3 steps per epoch, a checkpoint every 2 steps and at every epoch end. Crashing when the 6th batch is
+# asked for loses step 5 (last checkpoint: step 4, mid-epoch); when the 4th is asked for, nothing is lost
+# (last checkpoint: the end of epoch 1).
+@pytest.mark.parametrize("crash_at,checkpoint_step", [(5, 4), (3, 3)])
+def test_resume_after_crash_reaches_the_same_weights(tmp_path, monkeypatch, crash_at, checkpoint_step):
+    overrides = ["--train.epochs=3", "--train.checkpoint_every_steps=2"]
+    straight = _smoke(tmp_path / "straight", *overrides)
+    train(straight)
+    cfg = _smoke(tmp_path / "crashed", *overrides)
+    with monkeypatch.context() as m:
+        _crash_after(crash_at, m)
+        with pytest.raises(_Crash):
+            train(cfg)
+    state = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == checkpoint_step
+    train(cfg, resume=True)
+    _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "crashed"))
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = lines(tmp_path / "straight"), lines(tmp_path / "crashed")
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("train_time_s", "img_per_s")}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(_smoke(tmp_path))
+    with pytest.raises(Exception, match="optim.lr"):
+        train(_smoke(tmp_path, "--optim.lr=0.5"), resume=True)
+
+
+@pytest.mark.slow
+def test_checkpoint_survives_sigkill(tmp_path):
+    """Kill -9 a real training process right after a checkpoint lands; the resumed run ends where an
+    uninterrupted run ends."""
+    overrides = ["--train.epochs=4", "--train.max_steps_per_epoch=6", "--train.checkpoint_every_steps=1"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mixtail", "train", "smoke_cpu", f"--train.out_dir={killed}",
+                             *overrides], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, weights_only=False)["step"]
+    assert 3 <= step < 24
+    res = _run_cli("train", "smoke_cpu", f"--train.out_dir={killed}", *overrides, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert f"step {step}" in res.stdout
+    straight = tmp_path / "straight"
+    res = _run_cli("train", "smoke_cpu", f"--train.out_dir={straight}", *overrides)
+    assert res.returncode == 0, res.stderr
+    _assert_same_weights(_weights(straight), _weights(killed))
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path):
+    """torchrun with 2 CPU processes: both ranks train in lockstep and rank 0 writes the run."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mixtail",
+           "train", "smoke_cpu", f"--train.out_dir={out}"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world size 2" in res.stdout
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "eval" in r] == [1, 2]
+    final = json.loads((out / "final_eval.json").read_text())
+    assert final["num_test_images"] == 1000  # the test set, sharded over both ranks and summed

@@ -1,0 +1,112 @@
+"""The network: backbone + linear classifier + 2-layer MLP contrastive head (SPEC "Network").
+
+- `resnet{8,14,20,32,44,56,110}`: the CIFAR ResNets of He et al. (3 stages of (depth−2)/6 BasicBlocks,
+  16/32/64 channels, parameter-free "option A" shortcuts), as used by LDAM, CMO and SMC for 32 px data.
+- any torchvision classification model with an `fc` layer (`resnet50`, `resnext50_32x4d`, ...),
+  randomly initialized, its `fc` removed.
+
+    model = build_model(ModelConfig(arch="resnet32"), num_classes=100)
+    logits, z = model(images)    # z: (B, 128), L2-normalized
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        # Option A: subsample and zero-pad channels, no parameters (He et al. 2016, CIFAR experiments).
+        self.pad = planes - in_planes if (stride != 1 or in_planes != planes) else None
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.pad is not None:
+            shortcut = x[:, :, :: self.stride, :: self.stride]
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32×32 inputs; forward returns the pooled 64-d feature."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        if (depth - 2) % 6 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = 64
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)  # resnet50 and friends are torchvision's ImageNet models
+
+
+def build_backbone(arch: str) -> tuple[nn.Module, int]:
+    """(backbone, feature dim) for an arch name."""
+    match = re.fullmatch(r"resnet(\d+)", arch)
+    if match and int(match.group(1)) in CIFAR_DEPTHS:
+        net = CifarResNet(int(match.group(1)))
+        return net, net.out_dim
+    import torchvision
+
+    try:
+        net = torchvision.models.get_model(arch, weights=None)
+    except ValueError:
+        raise ValueError(f"model.arch={arch!r} is neither a CIFAR ResNet (resnet8, 14, 20, 32, 44, 56, 110) "
+                         f"nor a torchvision model name") from None
+    if not isinstance(getattr(net, "fc", None), nn.Linear):
+        raise ValueError(f"model.arch={arch!r}: only torchvision models with an `fc` classifier are supported")
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+class SMCNet(nn.Module):
+    """Backbone → (classifier logits, L2-normalized contrastive embedding)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, head_dim: int = 128):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        # SPEC: Linear(d, d) -> ReLU -> Linear(d, 128); the hidden size follows the input feature size.
+        self.head = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True),
+                                  nn.Linear(feature_dim, head_dim))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.backbone(x)
+        return self.classifier(feat), F.normalize(self.head(feat).float(), dim=1)
+
+
+def build_model(cfg, num_classes: int) -> SMCNet:
+    backbone, dim = build_backbone(cfg.arch)
+    return SMCNet(backbone, dim, num_classes, cfg.head_dim)
