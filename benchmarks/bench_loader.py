@@ -1,0 +1,214 @@
+"""Loader throughput: mixed two-view SMC samples per second at steady state, per backend, on real photos.
+
+Each backend loads the same job: weighted foreground + uniform background sampling, per-component
+RandomResizedCrop/flip/colour before mixing (SPEC Eq. 3), resize-and-paste into a λ-sized box, two views,
+normalization, at `--size` px (224 by default), batches of `--batch-size` pairs. A "sample" is one mixed
+pair with both views, what one row of the trainer's batch needs.
+
+- dali: decodes the JPEGs every time (pipelines/dali_loader.py; `mixed` nvJPEG decode and GPU ops on
+  --device cuda, everything on the CPU otherwise).
+- torch: the photos are decoded once, up front, at --size px into memory (datasets.decode_images), as the
+  torch backend keeps CIFAR-scale data; its rate excludes decoding. The table says so.
+- ffcv: not built yet (pipelines/ffcv_loader.py); asking for it fails with a clear message.
+
+The photos (../shared/data/photos, 334 ImageNet JPEGs, one per class) get fake long-tailed labels: class k
+holds n_k = n_max·(1/ρ)^(k/(C−1)) consecutive photos (sorted by name), as CIFAR-LT is built.
+
+Before timing, the DALI graph is checked against the torch reference (mixing.mix_views) on random images
+with drawn parameters, on the benchmark's device and size. Then per backend: `--warmup` batches, then
+`--windows` timed windows of `--window-batches` batches each (device synchronized around each window);
+the table gives the median and p20/p80 over windows. Results go to
+<out>/loader_<gpu-or-cpu>_<yyyymmdd>.json with the environment.
+
+    python -m mixtail.benchmarks.bench_loader --backend dali torch --device cuda --photos ../shared/data/photos
+    mixtail bench loader --backend dali --device cpu --num-photos 32 --size 64 --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixtail.benchmarks.common import environment, format_table, synchronize, write_json
+from mixtail.pipelines.datasets import ImageArrays, ImageFiles, decode_images, long_tailed_counts
+from mixtail.trainer.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, MixConfig
+
+BACKENDS = ("dali", "torch", "ffcv")
+_MODULES = {"dali": "mixtail.pipelines.dali_loader", "torch": "mixtail.pipelines.torch_loader",
+            "ffcv": "mixtail.pipelines.ffcv_loader"}
+DEFAULT_PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "photos"
+VERIFY_TOL_GREY = 0.02  # grey levels; tests/test_dali_loader.py explains the value
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def photo_dataset(photos: Path, num_photos: int, num_classes: int, imbalance_ratio: float) -> ImageFiles:
+    """The photos with fake long-tailed labels (see the module docstring)."""
+    files = sorted(str(p) for p in Path(photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise SystemExit(f"no JPEG/PNG photos in {photos} (give --photos; the repo's are ../shared/data/photos)")
+    if num_photos:
+        files = files[:num_photos]
+    num_classes = min(num_classes, len(files))
+    n_max = len(files)
+    while n_max > 1 and long_tailed_counts(n_max, num_classes, imbalance_ratio).sum() > len(files):
+        n_max -= 1
+    counts = np.maximum(long_tailed_counts(n_max, num_classes, imbalance_ratio), 1)
+    labels = np.repeat(np.arange(num_classes), counts)[:len(files)]
+    return ImageFiles(files[:len(labels)], labels.astype(np.int64), [f"c{k}" for k in range(num_classes)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a missing parent package (nvidia)
+        return False
+
+
+def available_backends() -> list[str]:
+    """Backends whose module exists here (and, for DALI, whose library is installed)."""
+    return [b for b in BACKENDS if _importable(_MODULES[b]) and (b != "dali" or _importable("nvidia.dali"))]
+
+
+def make_loader(backend: str, ds: ImageFiles, args, device: torch.device):
+    common = dict(train=True, batch_size=args.batch_size, aug=AugConfig(crop="resized"), mix=MixConfig(),
+                  num_views=2, fg_sampling="class", fg_gamma=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0,
+                  world_size=1, device=device, seed=0)
+    if backend == "dali":
+        from mixtail.pipelines.dali_loader import DaliLoader
+
+        return DaliLoader(ds, image_size=args.size, num_threads=args.threads, **common), "JPEG decode every batch"
+    if backend == "torch":
+        from mixtail.pipelines.torch_loader import TorchLoader
+
+        t0 = time.perf_counter()
+        arrays = ImageArrays(decode_images(ds.files, args.size, desc="decoding photos"), ds.labels, ds.classes)
+        note = f"decoded once in memory at {args.size} px ({time.perf_counter() - t0:.1f} s, excluded)"
+        return TorchLoader(arrays, **common), note
+    raise SystemExit(f"backend {backend!r} is not built yet: pipelines/ffcv_loader.py does not exist "
+                     f"(available: {', '.join(available_backends())})")
+
+
+def _endless(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def time_loader(loader, device: torch.device, warmup: int, windows: int, window_batches: int) -> list[float]:
+    """Pairs per second in each timed window (warmup excluded)."""
+    batches = _endless(loader)
+    for _ in range(warmup):
+        next(batches)
+    synchronize(device)  # every stream, DALI's included
+    rates = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(window_batches):
+            n += next(batches).y_f.numel()
+        synchronize(device)  # every stream, DALI's included
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def verify_dali(size: int, device: torch.device) -> float:
+    """Max |DALI − torch reference| in grey levels on random images with drawn parameters (raises if off)."""
+    from mixtail.pipelines.base import normalize_views
+    from mixtail.pipelines.dali_loader import mix_batch
+    from mixtail.pipelines.mixing import mix_views, sample_batch_params
+    from mixtail.pipelines.sampling import batch_generator
+
+    n = 8
+    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.8)
+    params = sample_batch_params(batch_generator(0, 0, 0, 0), n, size, aug, mix, True)
+    rng = np.random.default_rng(0)
+    fg, bg = (rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for _ in range(2))
+    views, _ = mix_batch(fg, bg, params, aug=aug, mix=mix, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                         device_id=(device.index or 0) if device.type == "cuda" else None)
+    ref = mix_views(torch.from_numpy(fg).permute(0, 3, 1, 2), torch.from_numpy(bg).permute(0, 3, 1, 2), params, size)
+    err = 0.0
+    for v, r in zip(views, ref):
+        r = normalize_views([r], IMAGENET_MEAN, IMAGENET_STD).permute(0, 2, 3, 1).numpy()
+        err = max(err, float(np.abs(v - r).max()) * 255 * min(IMAGENET_STD))
+    if err > VERIFY_TOL_GREY:
+        raise SystemExit(f"DALI mixing on {device} differs from the torch reference by {err:.4f} grey levels "
+                         f"(tolerance {VERIFY_TOL_GREY}); not timing a wrong pipeline")
+    return err
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="mixtail bench loader", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", nargs="+", default=["dali", "torch"], choices=BACKENDS)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of JPEGs (default ../shared/data/photos)")
+    p.add_argument("--num-photos", type=int, default=0, help="use the first N photos (0: all)")
+    p.add_argument("--classes", type=int, default=50, help="fake long-tailed classes over the photos")
+    p.add_argument("--imbalance-ratio", type=float, default=10.0)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256, help="mixed pairs per batch")
+    p.add_argument("--warmup", type=int, default=5, help="batches before timing")
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--window-batches", type=int, default=10)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 4, help="DALI CPU threads")
+    p.add_argument("--out", default=None, help="folder for the JSON result (default: benchmarks/results)")
+    args = p.parse_args(argv)
+
+    missing = [b for b in args.backend if b not in available_backends()]
+    if missing:
+        modules = ", ".join(_MODULES[b] for b in missing)
+        raise SystemExit(f"backend(s) {', '.join(missing)} not available here: {modules} does not exist or its "
+                         f"library is not installed (available: {', '.join(available_backends())})")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA device")
+    ds = photo_dataset(Path(args.photos), args.num_photos, args.classes, args.imbalance_ratio)
+    if len(ds) < args.batch_size:
+        raise SystemExit(f"{len(ds)} photos do not fill one batch of {args.batch_size} pairs; lower --batch-size")
+    print(f"{len(ds)} photos, {len(ds.classes)} fake LT classes ({np.bincount(ds.labels).max()}.."
+          f"{np.bincount(ds.labels).min()}), {args.size} px, batch {args.batch_size} pairs x 2 views, {device}")
+
+    verify_err = verify_dali(args.size, device) if "dali" in args.backend else None
+    if verify_err is not None:
+        print(f"dali graph vs torch reference on {device}: max error {verify_err:.4f} grey levels")
+    rows = []
+    for backend in args.backend:
+        loader, note = make_loader(backend, ds, args, device)
+        rates = time_loader(loader, device, args.warmup, args.windows, args.window_batches)
+        rows.append({"backend": backend, "device": str(device), "pairs_per_s": float(np.median(rates)),
+                     "p20": float(np.percentile(rates, 20)), "p80": float(np.percentile(rates, 80)),
+                     "windows_pairs_per_s": rates, "note": note})
+        if hasattr(loader, "close"):
+            loader.close()
+        del loader
+    print(format_table([{"backend": r["backend"], "device": r["device"], "pairs/s (median)": round(r["pairs_per_s"]),
+                         "p20": round(r["p20"]), "p80": round(r["p80"]), "views/s": round(2 * r["pairs_per_s"]),
+                         "data": r["note"]} for r in rows]))
+    config = {**vars(args), "num_photos_used": len(ds), "dali_verify_max_err_grey": verify_err,
+              "metric": "mixed two-view pairs per second (median over windows)"}
+    path = write_json("loader", rows, config=config, env=environment({"device": str(device)}), out_dir=args.out)
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

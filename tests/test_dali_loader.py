@@ -1,0 +1,532 @@
+"""The DALI backend (pipelines/dali_loader.py) against the torch reference, on the CPU (device_id=None).
+
+What is checked:
+- the DALI graph reproduces mixing.mix_views for fixed boxes and augmentations (every crop mode, aug order
+  and mix op), within float-rounding tolerances stated below;
+- λ and the labels equal the pasted areas and the sampled images (read back from the pixels);
+- foreground classes follow q(k) (chi-square; a wrong weighting is rejected);
+- image-folder, ImageNet-LT list and iNaturalist JSON sources (fixtures, and real photos);
+- two ranks see disjoint backgrounds and equal epoch lengths, equal to the torch loader's;
+- resume (set_epoch with start_batch) and abandoned epochs;
+- `mixtail train --data.backend=dali` and the loader benchmark, tiny, on the CPU.
+GPU variants (marked gpu) run the same comparisons with device_id=0 where CUDA is present.
+
+    python -m pytest tests/test_dali_loader.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (pip install 'mixtail[dali]')")
+
+from mixtail.pipelines.augment import AugParams  # noqa: E402
+from mixtail.pipelines.base import normalize_views  # noqa: E402
+from mixtail.pipelines.dali_loader import DaliLoader, mix_batch  # noqa: E402
+from mixtail.pipelines.datasets import ImageArrays, ImageFiles  # noqa: E402
+from mixtail.pipelines.mixing import BatchParams, MixParams, mix_views, sample_batch_params  # noqa: E402
+from mixtail.pipelines.sampling import (batch_generator, foreground_class_probs, foreground_weights,  # noqa: E402
+                                        sample_order)
+from mixtail.pipelines.torch_loader import TorchLoader  # noqa: E402
+from mixtail.trainer.config import AugConfig, MixConfig, load_config  # noqa: E402
+
+pytestmark = pytest.mark.dali
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+# The real photos; PHOTOS_DIR overrides (benchmarks/gpu_check.sh passes its copy on a GPU machine).
+PHOTOS = Path(os.environ.get("PHOTOS_DIR", REPO.parent / "shared" / "data" / "photos"))
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU variant of a CPU test)")
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# Tolerances in grey levels (0..255), converted to normalized units below. Both backends compute the same
+# bilinear interpolation at the same source coordinates in float32; they differ only by rounding: of the
+# coordinates (DALI derives them from a float32 ROI, up to S²/h = 200 px away for the box resize at 32 px)
+# and of the weights and the colour matrix. Measured: < 0.003 grey levels. A wrong pixel offset, flip,
+# box size or an antialiased resize moves pixels by whole grey levels (tens on these noise images).
+TOL_INSIDE = 0.02  # inside the box: the foreground's shrink plus its own crop and colour
+TOL_OUTSIDE = 0.01  # outside the box: the background's crop/flip/colour, no box resize involved
+TOL_EXACT = 0.001  # outside the box with no augmentation: a pure copy, only normalization rounding
+
+
+def _grey(tol: float) -> float:
+    return tol / (255.0 * min(STD))
+
+
+def _loader(dataset, *, train=True, batch_size=8, aug=None, mix=None, rank=0, world_size=1, seed=0,
+            image_size=None, device="cpu", mean=MEAN, std=STD, fg_sampling="class", num_threads=2, **kw):
+    size = image_size or (dataset.images.shape[1] if isinstance(dataset, ImageArrays) else 32)
+    return DaliLoader(dataset, train=train, batch_size=batch_size, aug=aug or AugConfig(), mix=mix or MixConfig(),
+                      num_views=2, fg_sampling=fg_sampling, fg_gamma=1.0, mean=mean, std=std, rank=rank,
+                      world_size=world_size, device=device, seed=seed, image_size=size, num_threads=num_threads, **kw)
+
+
+def _torch_loader(dataset, *, train=True, batch_size=8, aug=None, mix=None, rank=0, world_size=1, seed=0):
+    return TorchLoader(dataset, train=train, batch_size=batch_size, aug=aug or AugConfig(), mix=mix or MixConfig(),
+                       num_views=2, fg_sampling="class", fg_gamma=1.0, mean=MEAN, std=STD, rank=rank,
+                       world_size=world_size, device="cpu", seed=seed)
+
+
+def _noise(n: int, size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _reference(fg: np.ndarray, bg: np.ndarray, params: BatchParams) -> list[np.ndarray]:
+    """mixing.mix_views + normalize, as (n, S, S, 3) float arrays (the torch loader's math)."""
+    views = mix_views(torch.from_numpy(fg).permute(0, 3, 1, 2), torch.from_numpy(bg).permute(0, 3, 1, 2),
+                      params, fg.shape[1])
+    return [normalize_views([v], MEAN, STD).permute(0, 2, 3, 1).numpy() for v in views]
+
+
+def _box_masks(params: BatchParams, size: int) -> np.ndarray:
+    m = np.zeros((len(params.mix.lam), size, size), bool)
+    for i, (t, l, h, w) in enumerate(params.mix.box):
+        m[i, t:t + h, l:l + w] = True
+    return m
+
+
+def _assert_matches_reference(views, ref, params, size, exact_outside=False):
+    inside = _box_masks(params, size)[..., None]
+    for v, (d, r) in enumerate(zip(views, ref)):
+        err = np.abs(d - r)
+        out_tol = _grey(TOL_EXACT if exact_outside else TOL_OUTSIDE)
+        assert err[~np.broadcast_to(inside, err.shape)].max(initial=0) <= out_tol, f"view {v} outside the box"
+        assert err[np.broadcast_to(inside, err.shape)].max(initial=0) <= _grey(TOL_INSIDE), f"view {v} inside the box"
+
+
+# --------------------------------------------------------------------------------------------------
+# The graph against the torch reference, fixed parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def _fixed_params(n: int, size: int, aug_order: str, mix_op: str, crop: str) -> BatchParams:
+    """Hand-picked boxes (corner, interior, full canvas, unmixed) and augmentations (windows touching every
+    border, flips, strong colour and grayscale)."""
+    s = size
+    box = np.array([[0, 0, 16, 16], [5, 7, 20, 11], [0, 0, s, s], [0, 0, 0, 0], [s - 9, s - 13, 9, 13],
+                    [3, 1, 27, 29]][:n], dtype=np.int64)
+    mixed = box[:, 2] > 0
+    lam = np.where(mixed, box[:, 2] * box[:, 3] / (s * s), 1.0).astype(np.float32)
+    if crop == "pad":
+        windows = np.array([[-4, 3, s, s], [0, 0, s, s], [4, -4, s, s], [2, 2, s, s], [-1, 0, s, s], [0, 4, s, s]])
+    else:
+        windows = np.array([[0, 0, 20, 24], [0, 0, s, s], [s - 10, s - 31, 10, 31], [7, 3, 5, 5], [1, 2, 30, 29],
+                            [s - 16, 0, 16, 9]])
+
+    def aug(shift: int) -> AugParams:
+        k = (np.arange(n) + shift) % 6
+        return AugParams(crop=windows[k].astype(np.float32), flip=(k % 2 == 1),
+                         brightness=np.float32([1.0, 1.3, 0.7, 1.0, 1.2, 0.9])[k],
+                         contrast=np.float32([1.0, 0.6, 1.4, 1.1, 1.0, 0.8])[k],
+                         saturation=np.float32([1.0, 0.0, 1.5, 0.7, 1.3, 1.0])[k],
+                         hue=np.float32([0.0, 0.1, -0.1, 0.05, 0.0, -0.03])[k],
+                         grayscale=(k == 3))
+
+    fg = [aug(0), aug(1)]
+    bg = [aug(2), aug(3)]
+    return BatchParams(MixParams(lam, box, mixed), fg, bg, mix_op, aug_order)
+
+
+@pytest.mark.parametrize("crop", ["pad", "resized"])
+@pytest.mark.parametrize("aug_order", ["before_mix", "after_mix", "none"])
+@pytest.mark.parametrize("mix_op", ["resize", "crop"])
+def test_graph_matches_reference_fixed_params(crop, aug_order, mix_op):
+    size, n = 32, 6
+    fg, bg = _noise(n, size, 1), _noise(n, size, 2)
+    aug, mix = AugConfig(crop=crop), MixConfig(aug_order=aug_order, mix_op=mix_op)
+    params = _fixed_params(n, size, aug_order, mix_op, crop)
+    if aug_order == "none":  # sample_batch_params gives identity augmentations then; so must we
+        params = sample_batch_params(np.random.default_rng(0), n, size, aug, mix, True)
+        params = BatchParams(_fixed_params(n, size, aug_order, mix_op, crop).mix, params.fg_aug, params.bg_aug,
+                             mix_op, aug_order)
+    views, _ = mix_batch(fg, bg, params, aug=aug, mix=mix, mean=MEAN, std=STD)
+    _assert_matches_reference(views, _reference(fg, bg, params), params, size, exact_outside=aug_order == "none")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_graph_matches_reference_drawn_params(seed):
+    """The parameters the loaders actually draw (sample_batch_params), RandomResizedCrop at 48 px."""
+    size, n = 48, 16
+    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.7)
+    params = sample_batch_params(batch_generator(seed, 0, 0, 0), n, size, aug, mix, True)
+    fg, bg = _noise(n, size, 3), _noise(n, size, 4)
+    views, _ = mix_batch(fg, bg, params, aug=aug, mix=mix, mean=MEAN, std=STD)
+    _assert_matches_reference(views, _reference(fg, bg, params), params, size)
+
+
+def test_antialiased_box_resize_would_fail_the_tolerance():
+    """The tolerance tests something: the foreground shrunk with an antialiasing filter (DALI's default)
+    instead of the reference's plain bilinear sampling differs by far more than TOL_INSIDE."""
+    from mixtail.pipelines.mixing import resize_into_boxes
+
+    size = 32
+    fg = torch.from_numpy(_noise(1, size, 5)).permute(0, 3, 1, 2).float()
+    box = torch.tensor([[4, 4, 16, 16]])
+    plain = resize_into_boxes(fg, box)[0, :, 4:20, 4:20]
+    smooth = torch.nn.functional.interpolate(fg, size=(16, 16), mode="bilinear", antialias=True)[0]
+    assert (plain - smooth).abs().max() > 100 * TOL_INSIDE
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader: parity with the torch loader, labels and λ, sampling, ranks, epochs
+# --------------------------------------------------------------------------------------------------
+
+
+def _demo_cfg(*overrides):
+    return load_config("smoke_cpu", ["--data.batch_size=16", *overrides])
+
+
+@pytest.mark.parametrize("overrides", [[], ["--aug.crop=resized", "--mix.mix_prob=0.5"]])
+def test_loader_matches_torch_loader(overrides):
+    cfg = _demo_cfg(*overrides)
+    kw = dict(split="train", rank=0, world_size=1, device="cpu", seed=7)
+    tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    assert len(dl) == len(tl) > 2
+    for epoch in (0, 1):  # the second epoch continues the same pipeline (no rebuild)
+        tl.set_epoch(epoch)
+        dl.set_epoch(epoch)
+        pipe = dl._pipe
+        n = 0
+        for bt, bd in zip(tl, dl):
+            assert bd.images.shape == bt.images.shape == (32, 3, 32, 32) and bd.images.dtype == torch.float32
+            assert bd.images.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.y_b, bt.y_b) and torch.equal(bd.lam, bt.lam)
+            assert (bd.images - bt.images).abs().max() <= _grey(TOL_INSIDE)
+            n += 1
+        assert n == len(tl)
+        if epoch == 1:
+            assert dl._pipe is pipe, "a fully iterated epoch should not restart the pipeline"
+
+
+def test_test_split_shards_like_torch_loader():
+    cfg = _demo_cfg("--data.eval_batch_size=128")
+    for rank in (0, 1):
+        kw = dict(split="test", rank=rank, world_size=2, device="cpu", seed=0)
+        tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+        dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+        assert len(dl) == len(tl) == 4  # 1000 test images, 500 per rank: 3 x 128 and a partial batch
+        got = list(dl)
+        assert [b.y_f.numel() for b in got] == [b.y_f.numel() for b in tl] == [128, 128, 128, 116]
+        for bt, bd in zip(tl, got):
+            assert bd.num_views == 1 and torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.y_b, bd.y_f)
+            assert torch.all(bd.lam == 1)
+            assert (bd.images - bt.images).abs().max() <= _grey(TOL_EXACT)
+
+
+def test_resume_mid_epoch_and_abandoned_epochs():
+    cfg = _demo_cfg()
+    kw = dict(split="train", rank=0, world_size=1, device="cpu", seed=3)
+    tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    for epoch, start in [(2, 5), (3, 0), (4, 1)]:
+        tl.set_epoch(epoch, start)
+        dl.set_epoch(epoch, start)
+        # Take two batches and abandon the epoch: the next set_epoch must still give the right batches.
+        for bt, bd, _ in zip(tl, dl, range(2)):
+            assert torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.lam, bt.lam)
+            assert (bd.images - bt.images).abs().max() <= _grey(TOL_INSIDE)
+
+
+def test_spawned_workers_give_the_same_batches():
+    """GPU pipelines always start their Python workers with spawn (fork is unsafe once CUDA is up):
+    the callback must pickle, and spawned workers must draw the same batches as forked ones."""
+    cfg = _demo_cfg()
+    kw = dict(split="train", rank=0, world_size=1, device="cpu", seed=9)
+    forked = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, py_start_method="fork", **kw)
+    spawned = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, py_start_method="spawn", **kw)
+    for loader in (forked, spawned):
+        loader.set_epoch(1, 2)
+    for a, b, _ in zip(forked, spawned, range(3)):
+        assert torch.equal(a.y_f, b.y_f) and torch.equal(a.images, b.images)
+
+
+def _index_images(n: int, size: int) -> np.ndarray:
+    """Image i is one flat colour that encodes i (r = i mod 256, g = i div 256, b = 255 − r)."""
+    i = np.arange(n)
+    colour = np.stack([i % 256, i // 256, 255 - i % 256], 1).astype(np.uint8)
+    return np.broadcast_to(colour[:, None, None, :], (n, size, size, 3)).copy()
+
+
+def _decode_index(pixels: torch.Tensor) -> np.ndarray:
+    """(..., 3) pixel values 0..255 (mean 0, std 1 normalization) -> image index."""
+    p = pixels.round().long().numpy()
+    return p[..., 0] + 256 * p[..., 1]
+
+
+def _flat_loader(n_images, labels, **kw):
+    size = 16
+    ds = ImageArrays(_index_images(n_images, size), labels, [str(k) for k in range(labels.max() + 1)])
+    mix = kw.pop("mix", MixConfig(aug_order="none"))
+    return _loader(ds, mix=mix, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255), **kw), ds
+
+
+def test_labels_and_lambda_equal_the_pasted_areas():
+    """With flat-colour images and no augmentation, the pixels tell which images were pasted where:
+    λ·S² is the number of foreground pixels, y_f/y_b are those images' labels, and the indices are
+    this rank's sample_order streams."""
+    n, size = 60, 16
+    labels = np.random.default_rng(0).integers(0, 5, n)
+    loader, ds = _flat_loader(n, labels, batch_size=10, mix=MixConfig(aug_order="none", mix_prob=0.75), seed=4)
+    loader.set_epoch(1)
+    w = foreground_weights(labels, 5, "class", 1.0)
+    kw = dict(epoch=1, seed=4, rank=0, world_size=1, num_samples=n)
+    bg_order, fg_order = sample_order(None, **kw), sample_order(w, **kw)
+    unmixed = 0
+    for b, batch in enumerate(loader):
+        x = batch.images[:10].permute(0, 2, 3, 1) * 1.0  # view 0, (B, S, S, 3) in 0..255
+        idx = _decode_index(x)  # (B, S, S)
+        assert torch.equal(batch.images[:10], batch.images[10:])  # aug_order none: both views are the mix
+        for i in range(10):
+            bg_i, fg_i = bg_order[b * 10 + i], fg_order[b * 10 + i]
+            assert batch.y_b[i] == labels[bg_i]
+            fg_pixels = int((idx[i] == fg_i).sum()) if fg_i != bg_i else None
+            if batch.lam[i] == 1:  # unmixed: the background alone, y_f = y_b
+                unmixed += 1
+                assert (idx[i] == bg_i).all() and batch.y_f[i] == batch.y_b[i]
+                continue
+            assert batch.y_f[i] == labels[fg_i]
+            assert set(np.unique(idx[i])) <= {bg_i, fg_i}
+            if fg_pixels is not None:
+                assert fg_pixels == round(float(batch.lam[i]) * size * size), (b, i)
+    assert 0 < unmixed < len(loader) * 10  # mix_prob 0.75 gives both kinds
+
+
+@pytest.mark.parametrize("mode", ["class", "instance"])
+def test_foreground_class_frequencies_follow_q(mode):
+    """Chi-square of the foreground labels against q(k); the other weighting (and the data prior) fail."""
+    from scipy.stats import chisquare
+
+    counts = np.array([160, 80, 40, 20, 10, 5])
+    labels = np.repeat(np.arange(6), counts)
+    ds = ImageArrays(np.zeros((len(labels), 8, 8, 3), np.uint8), labels, [str(k) for k in range(6)])
+    loader = _loader(ds, batch_size=63, mix=MixConfig(aug_order="none"), fg_sampling=mode, seed=11)
+    y_f = []
+    for epoch in range(6):  # 6 epochs x 5 batches x 63 = 1890 draws, through one continuing pipeline
+        loader.set_epoch(epoch)
+        y_f += [b.y_f.numpy() for b in loader]
+    observed = np.bincount(np.concatenate(y_f), minlength=6)
+    total = observed.sum()
+    q = foreground_class_probs(counts, mode, 1.0)
+    assert chisquare(observed, q * total).pvalue > 1e-3
+    wrong = foreground_class_probs(counts, "instance" if mode == "class" else "class", 1.0)
+    assert chisquare(observed, wrong * total).pvalue < 1e-9
+    prior = counts / counts.sum()
+    assert chisquare(observed, prior * total).pvalue < 1e-9
+
+
+def test_two_ranks_disjoint_and_equal_lengths():
+    n = 70
+    labels = np.arange(n) % 7
+    global_batch = 8
+    lengths, bgs = [], []
+    for rank in (0, 1):
+        loader, ds = _flat_loader(n, labels, batch_size=global_batch // 2, rank=rank, world_size=2, seed=2)
+        torch_len = len(_torch_loader(ds, batch_size=global_batch // 2, rank=rank, world_size=2, seed=2))
+        loader.set_epoch(0)
+        seen_bg, seen_fg = [], []
+        for b, batch in enumerate(loader):
+            rng = batch_generator(2, 0, rank, b)
+            params = sample_batch_params(rng, 4, 16, AugConfig(), MixConfig(aug_order="none"), True)
+            x = batch.images[:4].permute(0, 2, 3, 1)
+            for i, (t, l, h, w) in enumerate(params.mix.box):
+                outside = np.ones((16, 16), bool)
+                outside[t:t + h, l:l + w] = False
+                seen_bg.append(int(_decode_index(x[i])[outside][0]))
+                seen_fg.append(int(_decode_index(x[i, t + h // 2, l + w // 2])))
+        kw = dict(epoch=0, seed=2, rank=rank, world_size=2, num_samples=n)
+        m = len(seen_bg)
+        assert seen_bg == sample_order(None, **kw)[:m].tolist()
+        assert seen_fg == sample_order(foreground_weights(labels, 7, "class", 1.0), **kw)[:m].tolist()
+        lengths.append((len(loader), torch_len))
+        bgs.append(set(seen_bg))
+    assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1] == (n // 2) // 4
+    assert not bgs[0] & bgs[1], "ranks must see disjoint backgrounds"
+
+
+# --------------------------------------------------------------------------------------------------
+# File sources: fixtures in the real formats, and the real photos
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset,lists", [
+    ("folder", []),
+    ("imagenet_lt", ["imagenet_lt_train.txt", "imagenet_lt_test.txt"]),
+    ("inat2018", ["inat_train.json", "inat_val.json"]),
+])
+def test_file_sources_match_torch_loader(dataset, lists):
+    """JPEG files decoded by DALI vs the torch loader's PIL decode of the same fixtures. Labels and λ are
+    equal; pixels agree up to the JPEG decoders and, for the non-square images, the order of resize
+    and crop (DALI crops the original, torch squashes to 32x32 first)."""
+    extra = []
+    if lists:
+        extra = [f"--data.train_list={FIXTURES / 'lists' / lists[0]}",
+                 f"--data.test_list={FIXTURES / 'lists' / lists[1]}"]
+    cfg = load_config("smoke_cpu", [f"--data.dataset={dataset}", f"--data.root={FIXTURES / 'images'}",
+                                    "--data.imbalance_ratio=1", "--data.batch_size=4", "--data.eval_batch_size=4",
+                                    *extra])
+    for split in ("train", "test"):
+        kw = dict(split=split, rank=0, world_size=1, device="cpu", seed=5)
+        tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+        dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+        assert dl.spec.source == "files" and len(dl) == len(tl) == 2
+        assert dl.class_counts.tolist() == ([6, 3, 1] if split == "train" else [2, 2, 2])
+        for bt, bd in zip(tl, dl):
+            assert torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.y_b, bt.y_b) and torch.equal(bd.lam, bt.lam)
+            err = (bd.images - bt.images).abs() * 255 * min(STD)  # grey levels
+            assert err.mean() < 1.0 and err.max() < 16
+
+
+def _photo_subset(n: int) -> list[Path]:
+    if not PHOTOS.is_dir():
+        pytest.skip(f"real photos {PHOTOS} are absent (tests read ../shared/data beside the repository)")
+    return sorted(PHOTOS.glob("*.JPEG"))[:n]
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("kind", ["folder", "imagenet_lt", "inat2018"])
+def test_real_photos_through_each_source(tmp_path, kind):
+    """Real JPEGs of every size (68 to 2400 px) through the three file sources at 64 px, RandomResizedCrop."""
+    photos = _photo_subset(8)
+    labels = [0, 0, 0, 0, 1, 1, 2, 2]
+    args = ["--data.image_size=64", "--data.batch_size=4", "--data.eval_batch_size=3", "--aug.crop=resized",
+            "--data.imbalance_ratio=1"]
+    if kind == "folder":
+        for split in ("train", "test"):
+            for p, y in zip(photos, labels):
+                (tmp_path / split / f"c{y}").mkdir(parents=True, exist_ok=True)
+                (tmp_path / split / f"c{y}" / p.name).symlink_to(p)
+        args += ["--data.dataset=folder", f"--data.root={tmp_path}"]
+    elif kind == "imagenet_lt":
+        (tmp_path / "list.txt").write_text("".join(f"{p.name} {y}\n" for p, y in zip(photos, labels)))
+        args += ["--data.dataset=imagenet_lt", f"--data.root={PHOTOS}", f"--data.train_list={tmp_path / 'list.txt'}",
+                 f"--data.test_list={tmp_path / 'list.txt'}"]
+    else:
+        doc = {"images": [{"id": 10 + i, "file_name": p.name, "width": 0, "height": 0} for i, p in enumerate(photos)],
+               "annotations": [{"id": 10 + i, "image_id": 10 + i, "category_id": 700 + y}
+                               for i, y in enumerate(labels)],
+               "categories": [{"id": str(700 + y), "name": f"c{y}"} for y in (2, 1, 0)]}
+        (tmp_path / "val.json").write_text(json.dumps(doc))
+        args += ["--data.dataset=inat2018", f"--data.root={PHOTOS}", f"--data.train_list={tmp_path / 'val.json'}",
+                 f"--data.test_list={tmp_path / 'val.json'}"]
+    cfg = load_config("smoke_cpu", args)
+    kw = dict(rank=0, world_size=1, device="cpu", seed=0)
+    train = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, split="train", **kw)
+    assert train.class_counts.tolist() == [4, 2, 2] and len(train) == 2
+    for batch in train:
+        assert batch.images.shape == (8, 3, 64, 64) and torch.isfinite(batch.images).all()
+        assert set(batch.y_b.tolist()) <= {0, 1, 2}
+        assert batch.images.std() > 0.1  # real content, not a blank canvas
+    test = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, split="test", **kw)
+    got = [b.y_f.tolist() for b in test]
+    assert got == [labels[:3], labels[3:6], labels[6:]]
+
+
+def test_missing_image_root_names_the_file(tmp_path):
+    ds = ImageFiles([str(tmp_path / "nope.jpg")], np.array([0]), ["a"])
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        _loader(ds, batch_size=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU variants (device_id=0); skipped without CUDA
+# --------------------------------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("crop", ["pad", "resized"])
+@pytest.mark.parametrize("aug_order", ["before_mix", "after_mix"])
+@pytest.mark.parametrize("mix_op", ["resize", "crop"])
+def test_gpu_graph_matches_reference_fixed_params(crop, aug_order, mix_op):
+    size, n = 32, 6
+    fg, bg = _noise(n, size, 1), _noise(n, size, 2)
+    params = _fixed_params(n, size, aug_order, mix_op, crop)
+    views, _ = mix_batch(fg, bg, params, aug=AugConfig(crop=crop), mix=MixConfig(aug_order=aug_order, mix_op=mix_op),
+                         mean=MEAN, std=STD, device_id=0)
+    _assert_matches_reference(views, _reference(fg, bg, params), params, size)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_graph_matches_reference_drawn_params_224():
+    size, n = 224, 32
+    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.8)
+    params = sample_batch_params(batch_generator(0, 0, 0, 0), n, size, aug, mix, True)
+    fg, bg = _noise(n, size, 3), _noise(n, size, 4)
+    views, _ = mix_batch(fg, bg, params, aug=aug, mix=mix, mean=MEAN, std=STD, device_id=0)
+    _assert_matches_reference(views, _reference(fg, bg, params), params, size)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_loader_matches_torch_loader():
+    cfg = _demo_cfg("--aug.crop=resized", "--mix.mix_prob=0.5")
+    kw = dict(split="train", rank=0, world_size=1, device="cuda", seed=7)
+    tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    for epoch in (0, 1):
+        tl.set_epoch(epoch)
+        dl.set_epoch(epoch)
+        for bt, bd in zip(tl, dl):
+            assert bd.images.device.type == "cuda" and bd.y_f.device.type == "cuda"
+            assert torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.lam, bt.lam)
+            assert (bd.images - bt.images).abs().max() <= _grey(TOL_INSIDE)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.data
+def test_gpu_real_photos_mixed_decode(tmp_path):
+    photos = _photo_subset(16)
+    ds = ImageFiles([str(p) for p in photos], np.arange(16) % 4, ["a", "b", "c", "d"])
+    loader = _loader(ds, batch_size=8, aug=AugConfig(crop="resized"), image_size=224, device="cuda")
+    for batch in loader:
+        assert batch.images.shape == (16, 3, 224, 224) and batch.images.is_cuda and torch.isfinite(batch.images).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: the CLI and the benchmark, tiny, on the CPU
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.data
+def test_bench_loader_tiny_cpu(tmp_path):
+    _photo_subset(16)
+    from mixtail.benchmarks import bench_loader
+
+    out = tmp_path / "results"
+    rows = bench_loader.main(["--backend", "dali", "torch", "--device", "cpu", "--photos", str(PHOTOS),
+                              "--num-photos", "16", "--size", "64", "--batch-size", "8", "--warmup", "1",
+                              "--windows", "2", "--window-batches", "2", "--threads", "2", "--out", str(out)])
+    assert [r["backend"] for r in rows] == ["dali", "torch"]
+    assert all(r["pairs_per_s"] > 0 for r in rows)
+    files = list(out.glob("loader_*.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert {r["backend"] for r in doc["rows"]} == {"dali", "torch"} and "environment" in doc
+    with pytest.raises(SystemExit, match="ffcv"):
+        bench_loader.main(["--backend", "ffcv", "--device", "cpu", "--photos", str(PHOTOS), "--out", str(out)])
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_mixtail_train_cifar10_lt_with_dali_backend(cifar10_jpeg_root, tmp_path):
+    """`mixtail train` on CIFAR-10-LT JPEGs (image folder) with the DALI backend on the CPU."""
+    cmd = [sys.executable, "-m", "mixtail", "train", "configs/smoke_cpu.yaml", "--data.backend=dali",
+           "--data.dataset=folder", f"--data.root={cifar10_jpeg_root}", f"--train.out_dir={tmp_path / 'run'}",
+           "--data.num_threads=2"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    final = json.loads((tmp_path / "run" / "final_eval.json").read_text())
+    assert 0.0 <= final["all"] <= 100.0
