@@ -40,12 +40,9 @@ class Batch:
     def soft_targets(self, num_classes: int) -> torch.Tensor:
         """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b), repeated for every view: (V·B, num_classes)."""
         lam = self.lam[:, None].float()
-        target = lam * F_one_hot(self.y_f, num_classes) + (1 - lam) * F_one_hot(self.y_b, num_classes)
+        one_hot = torch.nn.functional.one_hot
+        target = lam * one_hot(self.y_f, num_classes) + (1 - lam) * one_hot(self.y_b, num_classes)
         return target.repeat(self.num_views, 1)
-
-
-def F_one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(labels, num_classes).float()
 
 
 class Loader(Protocol):

@@ -182,3 +182,18 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert [r["epoch"] for r in records if "eval" in r] == [1, 2]
     final = json.loads((out / "final_eval.json").read_text())
     assert final["num_test_images"] == 1000  # the test set, sharded over both ranks and summed
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_cli_cifar10_lt_from_the_jpeg_tree(cifar10_jpeg_root, tmp_path):
+    """The done-criterion run: CIFAR-10-LT (ρ = 100) built from ../shared/data/cifar10, trained and
+    evaluated through the CLI on the CPU with the paper's ResNet-32 (a few steps)."""
+    out = tmp_path / "c10"
+    res = _run_cli("train", "cifar10_lt_r100", "--data.dataset=folder", f"--data.root={cifar10_jpeg_root}",
+                   "--train.epochs=1", "--train.max_steps_per_epoch=4", "--train.device=cpu",
+                   f"--train.out_dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "12406 training images in 10 classes (5000..50 per class)" in res.stdout
+    final = json.loads((out / "final_eval.json").read_text())
+    assert final["num_test_images"] == 10000 and final["group_sizes"] == {"many": 8, "medium": 2, "few": 0}
