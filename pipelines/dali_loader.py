@@ -488,9 +488,7 @@ class DaliLoader:
     def close(self) -> None:
         """Stop the pipeline and its Python workers (a later iteration starts a new one)."""
         self._iter = None
-        if self._pipe is not None:
-            pipe, self._pipe = self._pipe, None
-            del pipe
+        self._pipe = None  # the last reference: DALI tears the pipeline and its workers down
         self._next = None
 
     def __del__(self):

@@ -11,7 +11,6 @@ processes and no per-image Python.
 from __future__ import annotations
 
 
-import numpy as np
 import torch
 
 from mixtail.pipelines.base import Batch, normalize_views, rank_batch_size
