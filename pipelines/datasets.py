@@ -66,19 +66,39 @@ def long_tailed_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> 
                      for k in range(num_classes)], dtype=np.int64)
 
 
-def long_tailed_indices(labels: np.ndarray, imbalance_ratio: float, num_classes: int | None = None) -> np.ndarray:
-    """Indices of the standard long-tailed subset: the first n_k images of class k, in dataset order.
+LT_SUBSET_RULES = ("ldam", "first")
 
-    n_max is the size of the largest class. The result is grouped by class (class 0 first), each group
-    in the data's own order: for CIFAR-100 at ρ=100 these are exactly the 10,847 canonical indices.
+
+def long_tailed_indices(labels: np.ndarray, imbalance_ratio: float, num_classes: int | None = None,
+                        rule: str = "ldam") -> np.ndarray:
+    """Indices of the standard long-tailed subset, grouped by class (class 0 first).
+
+    n_max is the size of the largest class and n_k = long_tailed_counts(n_max, C, ρ). Which n_k images of
+    class k are kept depends on `rule`:
+
+    - "ldam" (the default): the protocol of LDAM-DRW's `imbalance_cifar.py`, which CMO, BCL and RIDE reuse
+      and every published CIFAR-LT number was trained on: seed numpy's legacy generator with 0 once, then
+      for each class in order shuffle the positions of that class's images and keep the first n_k, in
+      the shuffled order. For CIFAR-100 at ρ = 100, 50, 10 these are exactly the canonical subsets.
+    - "first": the first n_k images of class k in dataset order (an older rule, kept only by name).
     """
     labels = np.asarray(labels)
     if imbalance_ratio < 1:
         raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}")
+    if rule not in LT_SUBSET_RULES:
+        raise ValueError(f"long-tailed subset rule must be one of {', '.join(LT_SUBSET_RULES)}, got {rule!r}")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     n_max = int(np.bincount(labels, minlength=num_classes).max())
     keep = long_tailed_counts(n_max, num_classes, imbalance_ratio)
-    return np.concatenate([np.flatnonzero(labels == k)[: keep[k]] for k in range(num_classes)]).astype(np.int64)
+    # RandomState(0) is the legacy global generator right after np.random.seed(0), without touching it.
+    rng = np.random.RandomState(0) if rule == "ldam" else None
+    parts = []
+    for k in range(num_classes):
+        idx = np.flatnonzero(labels == k)
+        if rng is not None:
+            rng.shuffle(idx)
+        parts.append(idx[: keep[k]])
+    return np.concatenate(parts).astype(np.int64)
 
 
 MANY_MIN = 101  # Many: more than 100 training images
@@ -257,7 +277,7 @@ def build_dataset(data, split: str, *, decoded: bool = True) -> ImageArrays | Im
     else:
         raise ValueError(f"data.dataset={data.dataset!r} has no reader in this version")
     if split == "train" and data.dataset not in ("imagenet_lt", "inat2018"):  # those lists are long-tailed already
-        ds = ds.subset(long_tailed_indices(ds.labels, data.imbalance_ratio, len(ds.classes)))
+        ds = ds.subset(long_tailed_indices(ds.labels, data.imbalance_ratio, len(ds.classes), data.lt_subset))
     if decoded and isinstance(ds, ImageFiles):
         ds = ImageArrays(decode_images(ds.files, data.image_size, desc=f"decoding {split}"), ds.labels, ds.classes)
     return ds

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +36,43 @@ def test_cifar100_labels_sanity(cifar100_meta):
     assert np.array_equal(np.bincount(cifar100_meta["y_train"]), np.full(100, 500))
 
 
-def test_cifar100_lt_r100_indices_exact(cifar100_meta):
+@pytest.mark.parametrize("rho,total", [(100, 10847), (50, 12608), (10, 19573)])
+def test_cifar100_lt_indices_exact(cifar100_meta, rho, total):
+    """The canonical CIFAR-100-LT subsets (LDAM-DRW's seeded per-class shuffle), index for index, in order."""
     y = cifar100_meta["y_train"].astype(np.int64)
-    idx = long_tailed_indices(y, 100.0)
+    idx = long_tailed_indices(y, float(rho))
     assert idx.dtype == np.int64
-    assert len(idx) == 10847
-    assert np.array_equal(idx, cifar100_meta["lt_r100_train_indices"]), "indices or their order differ"
-    assert np.array_equal(np.bincount(y[idx], minlength=100), cifar100_meta["lt_r100_n_k"])
-    assert np.array_equal(long_tailed_counts(500, 100, 100.0), cifar100_meta["lt_r100_n_k"])
-    assert np.array_equal(long_tailed_indices(y, 100.0, num_classes=100), idx)
+    assert len(idx) == total
+    assert np.array_equal(idx, cifar100_meta[f"lt_r{rho}_train_indices"]), "indices or their order differ"
+    assert np.array_equal(np.bincount(y[idx], minlength=100), cifar100_meta[f"lt_r{rho}_n_k"])
+    assert np.array_equal(long_tailed_counts(500, 100, float(rho)), cifar100_meta[f"lt_r{rho}_n_k"])
+    assert np.array_equal(long_tailed_indices(y, float(rho), num_classes=100), idx)
+    # The old rule differs from the canonical subset: it is only there when asked for by name.
+    assert not np.array_equal(long_tailed_indices(y, float(rho), rule="first"), idx)
+
+
+def test_long_tailed_indices_ldam_protocol_written_out():
+    """LDAM-DRW's imbalance_cifar.py, restated independently: np.random.seed(0) once, then per class in
+    order np.random.shuffle that class's indices and keep the first n_k (global state restored after)."""
+    rng = np.random.default_rng(5)
+    labels = rng.permutation(np.repeat(np.arange(5), 40))
+    keep = [int(40 * (1 / 8.0) ** (k / 4.0)) for k in range(5)]
+    saved = np.random.get_state()
+    try:
+        np.random.seed(0)
+        expected = []
+        for k in range(5):
+            idx = np.where(labels == k)[0]
+            np.random.shuffle(idx)
+            expected.append(idx[: keep[k]])
+        expected = np.concatenate(expected)
+    finally:
+        np.random.set_state(saved)
+    before = np.random.get_state()[1].copy()
+    assert np.array_equal(long_tailed_indices(labels, 8.0), expected)
+    assert np.array_equal(np.random.get_state()[1], before), "the global numpy generator was touched"
+    with pytest.raises(ValueError, match="rule"):
+        long_tailed_indices(labels, 8.0, rule="random")
 
 
 @pytest.mark.parametrize("rho,sizes", [(100, (35, 35, 30)), (50, (41, 41, 18)), (10, (69, 31, 0))])
@@ -80,14 +109,14 @@ def test_long_tailed_counts_profile():
     assert long_tailed_counts(7, 1, 100.0).tolist() == [7]
 
 
-def test_long_tailed_indices_take_first_images_in_dataset_order():
+def test_long_tailed_indices_first_rule_takes_first_images_in_dataset_order():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(4), 30))
-    idx = long_tailed_indices(labels, 10.0)
+    idx = long_tailed_indices(labels, 10.0, rule="first")
     keep = [int(30 * 0.1 ** (k / 3)) for k in range(4)]
     expected = np.concatenate([[i for i in range(len(labels)) if labels[i] == k][: keep[k]] for k in range(4)])
     assert np.array_equal(idx, expected)
-    assert np.array_equal(long_tailed_indices(labels, 1.0), np.argsort(labels, kind="stable"))
+    assert np.array_equal(long_tailed_indices(labels, 1.0, rule="first"), np.argsort(labels, kind="stable"))
     with pytest.raises(ValueError, match="imbalance_ratio"):
         long_tailed_indices(labels, 0.5)
 
@@ -128,10 +157,9 @@ def test_build_dataset_demo_long_tailed_train_whole_test():
     expected = [int(300 * (1 / 20) ** (k / 9)) for k in range(10)]
     assert np.bincount(train.labels, minlength=10).tolist() == expected
     assert len(train) == sum(expected) == train.images.shape[0]
-    # The subset is the first n_k images of each class of the full set.
+    # The subset is the canonical (LDAM) selection from the full set.
     full = demo_dataset("train")
-    k = 9
-    assert np.array_equal(train.images[train.labels == k], full.images[full.labels == k][: expected[k]])
+    assert np.array_equal(train.images, full.images[long_tailed_indices(full.labels, 20.0)])
     test = build_dataset(data, "test")
     assert len(test) == 1000
     with pytest.raises(ValueError, match="split"):
@@ -248,10 +276,16 @@ def test_build_dataset_folder_long_tailed(tmp_path):
     train = build_dataset(data, "train", decoded=False)
     n_k = [int(10 * 0.25 ** (k / 2)) for k in range(3)]  # 10, 5, 2
     assert np.bincount(train.labels).tolist() == n_k
-    assert [Path(f).name for f in train.files if "/c1/" in f] == [f"{i:03d}.png" for i in range(5)]
+    # Files are listed class by class in sorted order; LDAM's protocol then picks within each class.
+    all_labels = np.repeat(np.arange(3), per_class)
+    picked = long_tailed_indices(all_labels, 4.0)
+    assert [Path(f).name for f in train.files if "/c1/" in f] == [f"{i % per_class:03d}.png"
+                                                                  for i in picked if all_labels[i] == 1]
+    assert [Path(f).name for f in build_dataset(replace(data, lt_subset="first"), "train", decoded=False).files
+            if "/c1/" in f] == [f"{i:03d}.png" for i in range(5)]
     decoded = build_dataset(data, "train")
     assert isinstance(decoded, ImageArrays) and decoded.images.shape == (sum(n_k), 12, 12, 3)
-    assert np.array_equal(decoded.images[0], np.asarray(Image.open(root / "train" / "c0" / "000.png")))
+    assert np.array_equal(decoded.images[0], np.asarray(Image.open(train.files[0])))
     test = build_dataset(data, "test", decoded=False)
     assert len(test) == 6 and all("/val/" in f for f in test.files)
     small = build_dataset(DataConfig(dataset="folder", root=str(root), test_dir="val", image_size=8), "test")
@@ -273,12 +307,15 @@ def test_cifar10_lt_from_jpeg_tree(cifar10_jpeg_root):
     n_k = [int(5000 * 0.01 ** (k / 9)) for k in range(10)]
     assert np.bincount(train.labels, minlength=10).tolist() == n_k
     assert len(train) == sum(n_k) == 12406
+    # Sorted file names are CIFAR-10's within-class order (../shared/data/README.md), so LDAM's protocol,
+    # restated here on positions 0..4999 of each class, names the files it keeps.
+    np.random.seed(0)
     for k, cls in enumerate(train.classes):
         names = [Path(f).name for f, y in zip(train.files, train.labels) if y == k]
         assert all(Path(f).parent.name == cls for f, y in zip(train.files, train.labels) if y == k)
-        assert names == [f"{i:04d}.jpg" for i in range(n_k[k])], cls  # the first n_k after sorting by name
-    truck = [Path(f).name for f, y in zip(train.files, train.labels) if y == 9]
-    assert truck[0] == "0000.jpg" and truck[-1] == "0049.jpg"
+        positions = np.arange(5000)
+        np.random.shuffle(positions)
+        assert names == [f"{i:04d}.jpg" for i in positions[: n_k[k]]], cls
     test = build_dataset(data, "test", decoded=False)
     assert len(test) == 10000 and np.bincount(test.labels).tolist() == [1000] * 10
     # Decoding a few real files gives 32×32 RGB images with content.

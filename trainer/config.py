@@ -47,6 +47,9 @@ class DataConfig:
     train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
     test_list: str = ""
     imbalance_ratio: float = 100.0  # ρ = n_max / n_min of the long-tailed subset; 1 keeps every image
+    # Which n_k images of each class the subset keeps: LDAM-DRW's seeded shuffle (every published CIFAR-LT
+    # number) or, asked for by name only, the first n_k in dataset order (datasets.long_tailed_indices).
+    lt_subset: Literal["ldam", "first"] = "ldam"
     backend: Literal["torch", "dali"] = "torch"
     batch_size: int = 128  # global mixed pairs per step; each rank gets batch_size / world_size
     eval_batch_size: int = 512  # per rank
