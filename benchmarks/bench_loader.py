@@ -38,7 +38,7 @@ import torch
 
 from mixtail.benchmarks.common import environment, format_table, synchronize, write_json
 from mixtail.pipelines.datasets import ImageArrays, ImageFiles, decode_images, long_tailed_counts
-from mixtail.trainer.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, MixConfig
+from mixtail.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, MixConfig
 
 BACKENDS = ("dali", "torch", "ffcv")
 _MODULES = {"dali": "mixtail.pipelines.dali_loader", "torch": "mixtail.pipelines.torch_loader",

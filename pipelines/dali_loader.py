@@ -377,7 +377,7 @@ class _BatchSource:
         bg_order, fg_order = self._epoch_orders(epoch)
         fg_idx, bg_idx = fg_order[b * bs:(b + 1) * bs], bg_order[b * bs:(b + 1) * bs]
         rng = batch_generator(self.seed, epoch, self.rank, b)
-        params = sample_batch_params(rng, bs, self.spec.size, self.aug, self.mix, mixing_active(self.mix, epoch),
+        params = sample_batch_params(rng, bs, self.spec.size, self.aug, self.mix, mixing_active(self.mix, epoch, None),
                                      self.spec.num_views)
         y_b = self.labels[bg_idx]
         values: dict[str, Any] = {
@@ -461,7 +461,7 @@ class DaliLoader:
     @classmethod
     def from_config(cls, data, aug, mix, *, split: str, rank: int, world_size: int, device, seed: int,
                     **kwargs) -> "DaliLoader":
-        from mixtail.trainer.config import normalization
+        from mixtail.pipelines.config import normalization
 
         dataset = build_dataset(data, split, decoded=False)
         mean, std = normalization(data)
@@ -609,7 +609,7 @@ def mix_batch(fg: np.ndarray, bg: np.ndarray, params: BatchParams, *, aug, mix, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mixtail.trainer.config import AugConfig, MixConfig
+    from mixtail.pipelines.config import AugConfig, MixConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", default="../shared/data/photos", help="a folder of JPEGs (fake LT labels)")

@@ -284,7 +284,7 @@ def build_dataset(data, split: str, *, decoded: bool = True) -> ImageArrays | Im
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mixtail.trainer.config import DataConfig
+    from mixtail.pipelines.config import DataConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=["demo", "cifar10", "cifar100", "folder"])

@@ -48,7 +48,9 @@ def sample_mix_params(rng: np.random.Generator, n: int, height: int, width: int,
     """λ' ~ lo + (hi − lo)·Beta(α, α); box side √λ'·(H, W) rounded; position uniform inside the image."""
     lo, hi = cfg.ratio_range
     lam_raw = lo + (hi - lo) * rng.beta(cfg.alpha, cfg.alpha, n)
-    mixed = (rng.random(n) < cfg.mix_prob) & mixing_on
+    # CMO mixes a whole batch or none of it (one draw); `sample` decides per pair.
+    draws = rng.random(1 if cfg.mix_per == "batch" else n)
+    mixed = np.broadcast_to(draws < cfg.mix_prob, (n,)).copy() & mixing_on
     side = np.sqrt(lam_raw)
     bh = np.floor(side * height + 0.5).astype(np.int64)
     bw = np.floor(side * width + 0.5).astype(np.int64)
@@ -59,9 +61,10 @@ def sample_mix_params(rng: np.random.Generator, n: int, height: int, width: int,
     return MixParams(lam, box.astype(np.int64), mixed)
 
 
-def mixing_active(cfg, epoch: int) -> bool:
-    """Mixing runs for start_epoch <= epoch < stop_epoch (CMO's window)."""
-    return cfg.start_epoch <= epoch and (cfg.stop_epoch is None or epoch < cfg.stop_epoch)
+def mixing_active(cfg, epoch: int, num_epochs: int | None) -> bool:
+    """Mixing runs for start_epoch <= epoch < num_epochs − unmixed_last_epochs (CMO's window); with
+    num_epochs=None (a loader used outside a run) the window has no end."""
+    return cfg.active(epoch, num_epochs if num_epochs is not None else 1 << 62)
 
 
 def sample_batch_params(rng: np.random.Generator, n: int, size: int, aug, mix, mixing_on: bool,

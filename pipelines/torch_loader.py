@@ -48,7 +48,7 @@ class TorchLoader:
 
     @classmethod
     def from_config(cls, data, aug, mix, *, split: str, rank: int, world_size: int, device, seed: int):
-        from mixtail.trainer.config import normalization
+        from mixtail.pipelines.config import normalization
 
         dataset = build_dataset(data, split)
         if dataset.images.shape[1] != data.image_size:
@@ -76,7 +76,7 @@ class TorchLoader:
                   num_samples=self.num_samples)
         bg_order = torch.from_numpy(sample_order(None, **kw)).to(self.device)
         fg_order = torch.from_numpy(sample_order(self.fg_weights, **kw)).to(self.device)
-        mixing_on = mixing_active(self.mix, self.epoch)
+        mixing_on = mixing_active(self.mix, self.epoch, None)
         bs = self.batch_size
         for b in range(self.start_batch, len(self)):
             rng = batch_generator(self.seed, self.epoch, self.rank, b)

@@ -53,7 +53,7 @@ WRONG_TYPES = [
     ("mix:\n  ratio_range: [0.2, 'x']\n", "mix.ratio_range[1]"),  # a bad tuple item names its index
     ("optim:\n  milestones: [100, 150.5]\n", "optim.milestones[1]"),  # variadic tuple[int, ...]
     ("data:\n  mean: [0.5, 0.5]\n", "data.mean"),  # Optional fixed tuple of the wrong length
-    ("mix:\n  stop_epoch: 1.5\n", "mix.stop_epoch"),  # Optional int given a float
+    ("mix:\n  unmixed_last_epochs: 1.5\n", "mix.unmixed_last_epochs"),  # an int given a float
     ("train:\n  max_steps_per_epoch: false\n", "train.max_steps_per_epoch"),  # Optional int given a bool
     ("optim: 0.1\n", "optim"),  # a scalar where a section belongs
     ("optim:\n  - lr\n", "optim"),  # a list where a section belongs
@@ -118,14 +118,14 @@ def test_empty_file_and_no_file_give_defaults(tmp_path):
 
 def test_valid_values_are_converted_to_field_types(tmp_path):
     path = write_yaml(tmp_path, "optim:\n  lr: 1\n  milestones: [3, 5]\n  lr_factors: [1, 0.5]\n"
-                                "mix:\n  ratio_range: [0, 1]\n  stop_epoch: 7\n"
+                                "mix:\n  ratio_range: [0, 1]\n  unmixed_last_epochs: 7\n"
                                 "data:\n  mean: [0.5, 0.5, 0.5]\n")
     cfg = load_config(path)
     assert cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float  # an int is a valid float, stored as float
     assert cfg.optim.milestones == (3, 5) and cfg.optim.lr_factors == (1.0, 0.5)
     assert type(cfg.optim.lr_factors[0]) is float
     assert cfg.mix.ratio_range == (0.0, 1.0) and all(type(v) is float for v in cfg.mix.ratio_range)
-    assert cfg.mix.stop_epoch == 7
+    assert cfg.mix.unmixed_last_epochs == 7
     assert cfg.data.mean == (0.5, 0.5, 0.5)
     # Untouched keys keep the dataclass defaults (YAML holds deltas only).
     assert cfg.optim.momentum == OptimConfig().momentum and cfg.train == RunConfig().train
@@ -154,15 +154,15 @@ def test_config_is_frozen():
 
 
 def test_overrides_apply_on_top_of_yaml(tmp_path):
-    path = write_yaml(tmp_path, "optim:\n  lr: 0.2\nmix:\n  stop_epoch: 10\n")
-    cfg = load_config(path, ["--optim.lr=0.05", "--mix.ratio_range=[0,1]", "--mix.stop_epoch=null",
-                             "--train.out_dir=runs/x", "--optim.weight_decay=5e-4", "--data.mean=[0.5,0.4,0.3]"])
+    path = write_yaml(tmp_path, "optim:\n  lr: 0.2\ndata:\n  mean: [0.1, 0.1, 0.1]\n")
+    cfg = load_config(path, ["--optim.lr=0.05", "--mix.ratio_range=[0,1]", "--data.mean=null",
+                             "--train.out_dir=runs/x", "--optim.weight_decay=5e-4", "--data.std=[0.5,0.4,0.3]"])
     assert cfg.optim.lr == 0.05
     assert cfg.mix.ratio_range == (0.0, 1.0) and all(type(v) is float for v in cfg.mix.ratio_range)
-    assert cfg.mix.stop_epoch is None
+    assert cfg.data.mean is None
     assert cfg.train.out_dir == "runs/x"
     assert cfg.optim.weight_decay == 5e-4
-    assert cfg.data.mean == (0.5, 0.4, 0.3)
+    assert cfg.data.std == (0.5, 0.4, 0.3)
 
 
 def test_later_override_wins():
@@ -179,7 +179,7 @@ def test_later_override_wins():
     ("--mix.mix_op=paste", "mix.mix_op"),
     ("--mix.ratio_range=[0.1]", "mix.ratio_range"),
     ("--mix.ratio_range=[0.1,0.2,0.3]", "mix.ratio_range"),
-    ("--mix.stop_epoch=2.5", "mix.stop_epoch"),
+    ("--mix.start_epoch=2.5", "mix.start_epoch"),
 ])
 def test_override_wrong_type_names_key_and_override(override, key):
     msg = load_error(None, [override])
@@ -225,7 +225,11 @@ INVALID_VALUES = [
     ("data:\n  std: [0.2, 0.0, 0.2]\n", "--data.std=[0.2,0.0,0.2]", "data.std"),
     ("mix:\n  mix_prob: 1.5\n", "--mix.mix_prob=1.5", "mix.mix_prob"),
     ("mix:\n  alpha: 0\n", "--mix.alpha=0", "mix.alpha"),
-    ("mix:\n  start_epoch: 5\n  stop_epoch: 3\n", "--mix.stop_epoch=-1", "mix.stop_epoch"),
+    ("mix:\n  unmixed_last_epochs: -1\n", "--mix.unmixed_last_epochs=-1", "mix.unmixed_last_epochs"),
+    ("mix:\n  start_epoch: -2\n", "--mix.start_epoch=-2", "mix.start_epoch"),
+    ("mix:\n  mix_per: pair\n", "--mix.mix_per=pair", "mix.mix_per"),
+    ("aug:\n  policy: randaugment\n", "--aug.policy=randaugment", "aug.policy"),
+    ("loss:\n  prior: uniform\n", "--loss.prior=uniform", "loss.prior"),
     ("aug:\n  scale: [0.0, 1.0]\n", "--aug.scale=[0.0,1.0]", "aug.scale"),
     ("aug:\n  hue: 0.6\n", "--aug.hue=0.6", "aug.hue"),
     ("loss:\n  tau: 0\n", "--loss.tau=0", "loss.tau"),
@@ -241,7 +245,7 @@ def test_validate_rejects_bad_values_from_file_and_override(tmp_path, text, over
 
 def test_validate_accepts_edge_values():
     cfg = load_config(None, ["--mix.ratio_range=[0,1]", "--mix.mix_prob=0", "--optim.milestones=[]",
-                             "--optim.lr_factors=[]", "--mix.start_epoch=3", "--mix.stop_epoch=3"])
+                             "--optim.lr_factors=[]", "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0"])
     assert cfg.mix.ratio_range == (0.0, 1.0) and cfg.optim.milestones == ()
 
 
@@ -256,7 +260,7 @@ def roundtrip(cfg: RunConfig) -> RunConfig:
 
 def test_dump_roundtrip_defaults_and_non_defaults():
     assert roundtrip(RunConfig()) == RunConfig()
-    cfg = load_config(None, ["--data.mean=[0.1,0.2,0.3]", "--data.std=[0.3,0.2,0.1]", "--mix.stop_epoch=9",
+    cfg = load_config(None, ["--data.mean=[0.1,0.2,0.3]", "--data.std=[0.3,0.2,0.1]", "--mix.unmixed_last_epochs=9",
                              "--mix.ratio_range=[0.0,1.0]", "--optim.lr=0.0123456789", "--optim.weight_decay=1e-5",
                              "--aug.ratio=[0.5,2.0]", "--train.max_steps_per_epoch=3", "--data.dataset=folder",
                              "--optim.milestones=[1,2,3]", "--optim.lr_factors=[0.1,0.01,0.001]"])
@@ -293,6 +297,12 @@ def test_normalization_defaults_by_image_size():
 
 
 def test_mix_defaults_follow_spec():
+    # SPEC "Mixing": λ ~ Beta(1, 1) normalized into [0.2, 0.8], resize (not crop), augment before mixing;
+    # CMO's strategy: "mixes a whole batch with probability 0.5 (one draw per batch) and only for
+    # 3 < epoch < E − 3 (0-indexed)". SPEC "Data and sampling": "The default is `instance`".
     m = MixConfig()
     assert m.ratio_range == (0.2, 0.8) and m.alpha == 1.0 and m.mix_op == "resize"
-    assert m.aug_order == "before_mix" and m.mix_prob == 1.0 and DataConfig().fg_sampling == "class"
+    assert m.aug_order == "before_mix" and m.mix_prob == 0.5 and m.mix_per == "batch"
+    assert [e for e in range(200) if m.active(e, 200)] == [e for e in range(200) if 3 < e < 200 - 3]
+    assert DataConfig().fg_sampling == "instance" and DataConfig().fg_gamma == 1.0
+    assert DataConfig().lt_subset == "ldam"

@@ -36,7 +36,16 @@ from mixtail.pipelines.mixing import BatchParams, MixParams, mix_views, sample_b
 from mixtail.pipelines.sampling import (batch_generator, foreground_class_probs, foreground_weights,  # noqa: E402
                                         sample_order)
 from mixtail.pipelines.torch_loader import TorchLoader  # noqa: E402
-from mixtail.trainer.config import AugConfig, MixConfig, load_config  # noqa: E402
+from mixtail.pipelines.config import AugConfig  # noqa: E402
+from mixtail.pipelines.config import MixConfig as _MixConfig  # noqa: E402
+from mixtail.trainer.config import load_config  # noqa: E402
+
+
+def MixConfig(**overrides) -> _MixConfig:  # noqa: N802 - stands in for the dataclass
+    """These tests exercise mixing itself: every batch is mixed from epoch 0 unless a test says otherwise
+    (the defaults mix half the batches, from epoch 4: tests/test_config.py pins them)."""
+    return _MixConfig(**{"mix_prob": 1.0, "start_epoch": 0, **overrides})
+
 
 pytestmark = pytest.mark.dali
 

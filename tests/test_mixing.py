@@ -17,7 +17,15 @@ from scipy import stats
 import numpy_reference as ref
 from mixtail.pipelines.mixing import (box_mask, mix_views, mixing_active, paste, sample_batch_params,
                                       sample_mix_params)
-from mixtail.trainer.config import AugConfig, MixConfig
+from mixtail.pipelines.config import AugConfig
+from mixtail.pipelines.config import MixConfig as _MixConfig
+
+
+def MixConfig(**overrides) -> _MixConfig:  # noqa: N802 - stands in for the dataclass
+    """These tests exercise mixing itself: every batch is mixed from epoch 0 unless a test says otherwise
+    (the defaults mix half the batches, from epoch 4: tests/test_config.py pins them)."""
+    return _MixConfig(**{"mix_prob": 1.0, "start_epoch": 0, **overrides})
+
 
 
 def tol(size: int) -> float:
@@ -191,17 +199,25 @@ def test_unmixed_pairs_are_the_background(cfg, mixing_on):
 
 def test_mix_prob_rate():
     n = 20000
-    mp = sample_mix_params(np.random.default_rng(0), n, 32, 32, MixConfig(mix_prob=0.3), True)
+    mp = sample_mix_params(np.random.default_rng(0), n, 32, 32, MixConfig(mix_prob=0.3, mix_per="sample"), True)
     assert abs(mp.mixed.mean() - 0.3) < 6 * np.sqrt(0.3 * 0.7 / n)
     assert (mp.lam[~mp.mixed] == 1).all() and (mp.box[~mp.mixed] == 0).all()
     assert (mp.lam[mp.mixed] < 1).all()
 
 
+def test_mix_per_batch_is_one_draw():
+    rates = [sample_mix_params(np.random.default_rng(s), 64, 32, 32, MixConfig(mix_prob=0.3), True).mixed
+             for s in range(400)]
+    assert all(m.all() or not m.any() for m in rates)  # a whole batch or none of it
+    frac = np.mean([m.all() for m in rates])
+    assert abs(frac - 0.3) < 6 * np.sqrt(0.3 * 0.7 / 400)
+
+
 def test_mixing_window():
-    cfg = MixConfig(start_epoch=2, stop_epoch=5)
-    assert [mixing_active(cfg, e) for e in range(7)] == [False, False, True, True, True, False, False]
-    assert all(mixing_active(MixConfig(), e) for e in (0, 10, 1000))
-    assert not mixing_active(MixConfig(start_epoch=3, stop_epoch=3), 3)
+    cfg = MixConfig(start_epoch=2, unmixed_last_epochs=2)
+    assert [mixing_active(cfg, e, 7) for e in range(7)] == [False, False, True, True, True, False, False]
+    assert all(mixing_active(MixConfig(start_epoch=0), e, None) for e in (0, 10, 1000))
+    assert not mixing_active(MixConfig(start_epoch=3, unmixed_last_epochs=0), 3, 3)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,71 +23,18 @@ from typing import Any, Literal
 
 import yaml
 
+from mixtail.errors import ConfigError
+from mixtail.pipelines.config import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig,
+                                      MixConfig, need, normalization)
 
-class ConfigError(ValueError):
-    """A config file or override is malformed; the message names the key and where it came from."""
-
+__all__ = ["ConfigError", "RunConfig", "DataConfig", "AugConfig", "MixConfig", "ModelConfig", "LossConfig",
+           "OptimConfig", "TrainConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
+           "dump_config", "config_path", "validate", "normalization", "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 # --------------------------------------------------------------------------------------------------
-# The dataclasses
+# The dataclasses (data, aug and mix live with the code that reads them, in pipelines/config.py)
 # --------------------------------------------------------------------------------------------------
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    dataset: Literal["demo", "cifar10", "cifar100", "folder", "imagenet_lt", "inat2018"] = "cifar100"
-    root: str = ""  # torchvision root (cifar*), tree with <test_dir>/ and train/ (folder), image root (lists)
-    download: bool = False  # cifar*: let torchvision download into `root` (needs internet)
-    test_dir: str = "test"  # folder: name of the held-out split next to train/
-    train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
-    test_list: str = ""
-    imbalance_ratio: float = 100.0  # ρ = n_max / n_min of the long-tailed subset; 1 keeps every image
-    # Which n_k images of each class the subset keeps: LDAM-DRW's seeded shuffle (every published CIFAR-LT
-    # number) or, asked for by name only, the first n_k in dataset order (datasets.long_tailed_indices).
-    lt_subset: Literal["ldam", "first"] = "ldam"
-    backend: Literal["torch", "dali"] = "torch"
-    batch_size: int = 128  # global mixed pairs per step; each rank gets batch_size / world_size
-    eval_batch_size: int = 512  # per rank
-    image_size: int = 32  # side of the square training and test images
-    fg_sampling: Literal["class", "instance"] = "class"  # SPEC: q(k) ∝ n_k^-γ per class, or n_y^-γ per image
-    fg_gamma: float = 1.0
-    num_views: int = 2
-    num_threads: int = 4  # CPU threads for the DALI backend
-    mean: tuple[float, float, float] | None = None  # None: CIFAR stats for 32 px data, ImageNet stats otherwise
-    std: tuple[float, float, float] | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class AugConfig:
-    """Per-component augmentation (SPEC: each component is augmented before mixing)."""
-
-    crop: Literal["pad", "resized"] = "pad"  # pad: CIFAR pad-and-crop; resized: RandomResizedCrop
-    pad_px: int = 4
-    scale: tuple[float, float] = (0.08, 1.0)  # resized crop: area range
-    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)  # resized crop: aspect range
-    flip: bool = True
-    color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns those off (hue is separate)
-    hue: float = 0.1
-    color_prob: float = 0.8
-    grayscale_prob: float = 0.2
-
-
-@dataclass(frozen=True, kw_only=True)
-class MixConfig:
-    """ResizeMix with a normalized ratio, and the Table 5 ablation switches."""
-
-    alpha: float = 1.0  # λ ~ Beta(α, α) before normalization
-    ratio_range: tuple[float, float] = (0.2, 0.8)
-    mix_op: Literal["resize", "crop"] = "resize"
-    aug_order: Literal["before_mix", "after_mix", "none"] = "before_mix"
-    mix_prob: float = 1.0
-    start_epoch: int = 0  # mixing is on for start_epoch <= epoch < stop_epoch
-    stop_epoch: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +50,9 @@ class LossConfig:
     weighting: Literal["weighted", "average", "assign_larger"] = "weighted"
     impl: Literal["auto", "reference", "triton"] = "auto"  # triton on a CPU needs TRITON_INTERPRET=1
     logit_adjust: bool = True
+    # The prior the logits are adjusted by (SPEC Eq. 5 and its extension): `dataset` is log P_Y, the paper's;
+    # `mixed` is log π, the marginal of the soft labels the network sees under mixing (losses.mixed_prior).
+    prior: Literal["dataset", "mixed"] = "dataset"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,34 +306,10 @@ def dump_config(cfg: RunConfig) -> str:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks the types cannot express; each error names the key."""
-
-    def need(ok: bool, key: str, msg: str):
-        if not ok:
-            raise ConfigError(f"key '{key}': {msg}")
-
-    d, m, o, t, a = cfg.data, cfg.mix, cfg.optim, cfg.train, cfg.aug
-    need(d.batch_size > 0, "data.batch_size", f"must be positive, got {d.batch_size}")
-    need(d.eval_batch_size > 0, "data.eval_batch_size", f"must be positive, got {d.eval_batch_size}")
-    need(d.image_size >= 8, "data.image_size", f"must be at least 8, got {d.image_size}")
-    need(d.imbalance_ratio >= 1, "data.imbalance_ratio", f"must be >= 1, got {d.imbalance_ratio}")
-    need(d.num_views in (1, 2), "data.num_views", f"must be 1 or 2, got {d.num_views}")
-    need(d.fg_gamma >= 0, "data.fg_gamma", f"must be >= 0, got {d.fg_gamma}")
-    need(d.num_threads > 0, "data.num_threads", f"must be positive, got {d.num_threads}")
-    for key in ("std",):
-        v = getattr(d, key)
-        need(v is None or min(v) > 0, f"data.{key}", f"must be positive, got {v}")
-    lo, hi = m.ratio_range
-    need(0.0 <= lo <= hi <= 1.0, "mix.ratio_range", f"needs 0 <= low <= high <= 1, got {list(m.ratio_range)}")
-    need(m.alpha > 0, "mix.alpha", f"must be positive, got {m.alpha}")
-    need(0.0 <= m.mix_prob <= 1.0, "mix.mix_prob", f"must be in [0, 1], got {m.mix_prob}")
-    need(m.stop_epoch is None or m.stop_epoch >= m.start_epoch, "mix.stop_epoch",
-         f"must be >= mix.start_epoch ({m.start_epoch}), got {m.stop_epoch}")
-    need(a.pad_px >= 0, "aug.pad_px", f"must be >= 0, got {a.pad_px}")
-    need(0 < a.scale[0] <= a.scale[1] <= 1, "aug.scale", f"needs 0 < low <= high <= 1, got {list(a.scale)}")
-    need(0 < a.ratio[0] <= a.ratio[1], "aug.ratio", f"needs 0 < low <= high, got {list(a.ratio)}")
-    need(0 <= a.hue <= 0.5, "aug.hue", f"must be in [0, 0.5], got {a.hue}")
-    for key in ("color_prob", "grayscale_prob"):
-        need(0 <= getattr(a, key) <= 1, f"aug.{key}", f"must be in [0, 1], got {getattr(a, key)}")
+    cfg.data.validate()
+    cfg.aug.validate()
+    cfg.mix.validate()
+    o, t = cfg.optim, cfg.train
     need(cfg.model.head_dim > 0, "model.head_dim", f"must be positive, got {cfg.model.head_dim}")
     need(cfg.loss.tau > 0, "loss.tau", f"must be positive, got {cfg.loss.tau}")
     need(cfg.loss.eta >= 0, "loss.eta", f"must be >= 0, got {cfg.loss.eta}")
@@ -399,11 +325,3 @@ def validate(cfg: RunConfig) -> None:
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch",
          "must be positive or null")
     need(t.log_every_steps > 0, "train.log_every_steps", "must be positive")
-
-
-def normalization(data: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std for this data: explicit values, else CIFAR stats at 32 px and ImageNet stats above."""
-    small = data.image_size <= 64
-    mean = data.mean or (CIFAR_MEAN if small else IMAGENET_MEAN)
-    std = data.std or (CIFAR_STD if small else IMAGENET_STD)
-    return mean, std

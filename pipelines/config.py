@@ -1,0 +1,133 @@
+"""The configs of the data side: what to read (`DataConfig`), how each component image is augmented
+(`AugConfig`) and how pairs are mixed (`MixConfig`). They live beside the code that reads them; the run
+config (trainer/config.py) composes them with the model, loss, optimizer and loop configs, and loads
+all of them strictly from YAML.
+
+Defaults are the paper's CIFAR-LT recipe with CMO's training strategy (SPEC.md "Data and sampling",
+"Mixing"): instance-weighted foregrounds, a whole batch mixed with probability 0.5, only inside the epoch
+window [4, E − 3).
+
+    from mixtail.pipelines.config import DataConfig, AugConfig, MixConfig
+    DataConfig(dataset="demo").validate()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mixtail.errors import ConfigError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def need(ok: bool, key: str, msg: str) -> None:
+    """Raise a ConfigError naming `key` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"key '{key}': {msg}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: Literal["demo", "cifar10", "cifar100", "folder", "imagenet_lt", "inat2018"] = "cifar100"
+    root: str = ""  # torchvision root (cifar*), tree with <test_dir>/ and train/ (folder), image root (lists)
+    download: bool = False  # cifar*: let torchvision download into `root` (needs internet)
+    test_dir: str = "test"  # folder: name of the held-out split next to train/
+    train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
+    test_list: str = ""
+    imbalance_ratio: float = 100.0  # ρ = n_max / n_min of the long-tailed subset; 1 keeps every image
+    # Which n_k images of each class the subset keeps: LDAM-DRW's seeded shuffle (every published CIFAR-LT
+    # number) or, asked for by name only, the first n_k in dataset order (datasets.long_tailed_indices).
+    lt_subset: Literal["ldam", "first"] = "ldam"
+    backend: Literal["torch", "dali", "ffcv"] = "torch"
+    batch_size: int = 128  # global mixed pairs per step; each rank gets batch_size / world_size
+    eval_batch_size: int = 512  # per rank
+    image_size: int = 32  # side S of the square training and test images
+    # SPEC: `instance` weighs each image by n_y^-γ (CMO's code, class-balanced at γ = 1: the default);
+    # `class` draws the class with q(k) ∝ n_k^-γ (the paper's Eq. 2 read literally, a reversed long tail).
+    fg_sampling: Literal["class", "instance"] = "instance"
+    fg_gamma: float = 1.0
+    num_views: int = 2
+    num_threads: int = 4  # CPU threads for the DALI and FFCV backends
+    mean: tuple[float, float, float] | None = None  # None: CIFAR stats for 32 px data, ImageNet stats otherwise
+    std: tuple[float, float, float] | None = None
+
+    def validate(self) -> None:
+        need(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
+        need(self.eval_batch_size > 0, "data.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
+        need(self.image_size >= 8, "data.image_size", f"must be at least 8, got {self.image_size}")
+        need(self.imbalance_ratio >= 1, "data.imbalance_ratio", f"must be >= 1, got {self.imbalance_ratio}")
+        need(self.num_views in (1, 2), "data.num_views", f"must be 1 or 2, got {self.num_views}")
+        need(self.fg_gamma >= 0, "data.fg_gamma", f"must be >= 0, got {self.fg_gamma}")
+        need(self.num_threads > 0, "data.num_threads", f"must be positive, got {self.num_threads}")
+        need(self.std is None or min(self.std) > 0, "data.std", f"must be positive, got {self.std}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugConfig:
+    """Per-component augmentation (SPEC: each component is augmented before mixing, Eq. 3)."""
+
+    # simclr: crop, flip, colour jitter, grayscale (SupCon's recipe); autoaugment: crop, flip, the CIFAR-10
+    # AutoAugment policy and Cutout (the 84-88% CIFAR-10-LT peers); cmo_randaug: CMO's per-image choice.
+    policy: Literal["simclr", "autoaugment", "cmo_randaug"] = "simclr"
+    crop: Literal["pad", "resized"] = "pad"  # pad: CIFAR pad-and-crop; resized: RandomResizedCrop
+    pad_px: int = 4
+    scale: tuple[float, float] = (0.08, 1.0)  # resized crop: area range
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)  # resized crop: aspect range
+    flip: bool = True
+    color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns those off (hue is separate)
+    hue: float = 0.1
+    color_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    cutout_px: int = 16  # autoaugment: side of the Cutout square (DeVries & Taylor); 0 turns it off
+
+    def validate(self) -> None:
+        need(self.pad_px >= 0, "aug.pad_px", f"must be >= 0, got {self.pad_px}")
+        need(0 < self.scale[0] <= self.scale[1] <= 1, "aug.scale",
+             f"needs 0 < low <= high <= 1, got {list(self.scale)}")
+        need(0 < self.ratio[0] <= self.ratio[1], "aug.ratio", f"needs 0 < low <= high, got {list(self.ratio)}")
+        need(0 <= self.hue <= 0.5, "aug.hue", f"must be in [0, 0.5], got {self.hue}")
+        need(self.color_jitter >= 0, "aug.color_jitter", f"must be >= 0, got {self.color_jitter}")
+        for key in ("color_prob", "grayscale_prob"):
+            need(0 <= getattr(self, key) <= 1, f"aug.{key}", f"must be in [0, 1], got {getattr(self, key)}")
+        need(self.cutout_px >= 0, "aug.cutout_px", f"must be >= 0, got {self.cutout_px}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixConfig:
+    """ResizeMix with a normalized ratio, CMO's mixing schedule, and the Table 5 ablation switches."""
+
+    alpha: float = 1.0  # λ ~ Beta(α, α) before normalization
+    ratio_range: tuple[float, float] = (0.2, 0.8)
+    mix_op: Literal["resize", "crop"] = "resize"
+    aug_order: Literal["before_mix", "after_mix", "none"] = "before_mix"
+    # CMO's code mixes a whole batch with probability 0.5, one draw per batch; `sample` draws per pair.
+    mix_prob: float = 0.5
+    mix_per: Literal["batch", "sample"] = "batch"
+    # Mixing happens for start_epoch <= epoch < E − unmixed_last_epochs (0-indexed epochs, E = train.epochs):
+    # CMO's 3 < epoch < E − 3. Outside the window the foreground stream is not drawn at all.
+    start_epoch: int = 4
+    unmixed_last_epochs: int = 3
+
+    def validate(self) -> None:
+        lo, hi = self.ratio_range
+        need(0.0 <= lo <= hi <= 1.0, "mix.ratio_range", f"needs 0 <= low <= high <= 1, got {list(self.ratio_range)}")
+        need(self.alpha > 0, "mix.alpha", f"must be positive, got {self.alpha}")
+        need(0.0 <= self.mix_prob <= 1.0, "mix.mix_prob", f"must be in [0, 1], got {self.mix_prob}")
+        need(self.start_epoch >= 0, "mix.start_epoch", f"must be >= 0, got {self.start_epoch}")
+        need(self.unmixed_last_epochs >= 0, "mix.unmixed_last_epochs", f"must be >= 0, got {self.unmixed_last_epochs}")
+
+    def active(self, epoch: int, num_epochs: int) -> bool:
+        """Whether `epoch` (0-indexed) of a num_epochs run lies in the mixing window."""
+        return self.start_epoch <= epoch < num_epochs - self.unmixed_last_epochs
+
+
+def normalization(data: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std for this data: explicit values, else CIFAR stats at 32 px and ImageNet stats above."""
+    small = data.image_size <= 64
+    mean = data.mean or (CIFAR_MEAN if small else IMAGENET_MEAN)
+    std = data.std or (CIFAR_STD if small else IMAGENET_STD)
+    return mean, std
