@@ -14,7 +14,7 @@ pair with both views, what one row of the trainer's batch needs.
 The photos (../shared/data/photos, 334 ImageNet JPEGs, one per class) get fake long-tailed labels: class k
 holds n_k = n_max·(1/ρ)^(k/(C−1)) consecutive photos (sorted by name), as CIFAR-LT is built.
 
-Before timing, the DALI graph is checked against the torch reference (mixing.mix_views) on random images
+Before timing, the DALI graph is checked against the torch reference (mixing.render_views) on random images
 with drawn parameters, on the benchmark's device and size. Then per backend: `--warmup` batches, then
 `--windows` timed windows of `--window-batches` batches each (device synchronized around each window);
 the table gives the median and p20/p80 over windows. Results go to
@@ -85,23 +85,27 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if _importable(_MODULES[b]) and (b != "dali" or _importable("nvidia.dali"))]
 
 
+BENCH_AUG = AugConfig(crop="resized")
+BENCH_MIX = MixConfig(mix_prob=1.0, start_epoch=0)  # every batch mixed: the loader's full job
+
+
 def make_loader(backend: str, ds: ImageFiles, args, device: torch.device):
-    common = dict(train=True, batch_size=args.batch_size, aug=AugConfig(crop="resized"), mix=MixConfig(),
-                  num_views=2, fg_sampling="class", fg_gamma=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0,
-                  world_size=1, device=device, seed=0)
-    if backend == "dali":
-        from mixtail.pipelines.dali_loader import DaliLoader
+    from mixtail.pipelines.base import loader_for_dataset
+    from mixtail.pipelines.config import DataConfig
 
-        return DaliLoader(ds, image_size=args.size, num_threads=args.threads, **common), "JPEG decode every batch"
+    if backend not in ("dali", "torch"):
+        raise SystemExit(f"backend {backend!r} is not built yet: pipelines/ffcv_loader.py does not exist "
+                         f"(available: {', '.join(available_backends())})")
+    data = DataConfig(backend=backend, batch_size=args.batch_size, image_size=args.size, mean=IMAGENET_MEAN,
+                      std=IMAGENET_STD, num_threads=args.threads)
+    note = "JPEG decode every batch"
     if backend == "torch":
-        from mixtail.pipelines.torch_loader import TorchLoader
-
         t0 = time.perf_counter()
-        arrays = ImageArrays(decode_images(ds.files, args.size, desc="decoding photos"), ds.labels, ds.classes)
+        ds = ImageArrays(decode_images(ds.files, args.size, desc="decoding photos"), ds.labels, ds.classes)
         note = f"decoded once in memory at {args.size} px ({time.perf_counter() - t0:.1f} s, excluded)"
-        return TorchLoader(arrays, **common), note
-    raise SystemExit(f"backend {backend!r} is not built yet: pipelines/ffcv_loader.py does not exist "
-                     f"(available: {', '.join(available_backends())})")
+    loader = loader_for_dataset(ds, data, BENCH_AUG, BENCH_MIX, split="train", rank=0, world_size=1, device=device,
+                                seed=0)
+    return loader, note
 
 
 def _endless(loader):
@@ -130,20 +134,28 @@ def time_loader(loader, device: torch.device, warmup: int, windows: int, window_
 
 
 def verify_dali(size: int, device: torch.device) -> float:
-    """Max |DALI − torch reference| in grey levels on random images with drawn parameters (raises if off)."""
+    """Max |DALI − torch reference| in grey levels on random images with a drawn plan (raises if off)."""
     from mixtail.pipelines.base import normalize_views
-    from mixtail.pipelines.dali_loader import mix_batch
-    from mixtail.pipelines.mixing import mix_views, sample_batch_params
-    from mixtail.pipelines.sampling import batch_generator
+    from mixtail.pipelines.dali_loader import run_plan_once
+    from mixtail.pipelines.mixing import render_views
+    from mixtail.pipelines.plan import Planner
+    from mixtail.pipelines.sampling import foreground_weights
 
     n = 8
-    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.8)
-    params = sample_batch_params(batch_generator(0, 0, 0, 0), n, size, aug, mix, True)
-    rng = np.random.default_rng(0)
-    fg, bg = (rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for _ in range(2))
-    views, _ = mix_batch(fg, bg, params, aug=aug, mix=mix, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                         device_id=(device.index or 0) if device.type == "cuda" else None)
-    ref = mix_views(torch.from_numpy(fg).permute(0, 3, 1, 2), torch.from_numpy(bg).permute(0, 3, 1, 2), params, size)
+    mix = MixConfig(mix_prob=0.8, mix_per="sample", start_epoch=0)
+    labels = np.arange(2 * n) % 4
+    planner = Planner.for_training(labels, None, aug=BENCH_AUG, mix=mix, image_size=size, batch_size=n,
+                                   num_views=2, fg_weights=foreground_weights(labels, 4, "instance", 1.0), seed=0,
+                                   rank=0, world_size=1, num_epochs=None)
+    plan = planner.plan(0, 0)
+    images = np.random.default_rng(0).integers(0, 256, (2 * n, size, size, 3), dtype=np.uint8)
+    views = run_plan_once(images, plan, aug=BENCH_AUG, mix_op=mix.mix_op, aug_order=mix.aug_order, num_views=2,
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                          device_id=(device.index or 0) if device.type == "cuda" else None)
+    t = torch.from_numpy(images).permute(0, 3, 1, 2)
+    dp = plan.to("cpu")
+    ref = render_views(t[dp["fg_index"].long()], t[dp["bg_index"].long()], dp, out_size=size, mix_op=mix.mix_op,
+                       aug_order=mix.aug_order, num_views=2)
     err = 0.0
     for v, r in zip(views, ref):
         r = normalize_views([r], IMAGENET_MEAN, IMAGENET_STD).permute(0, 2, 3, 1).numpy()

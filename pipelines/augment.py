@@ -48,6 +48,10 @@ class AugParams:
     def select(self, idx) -> "AugParams":
         return AugParams(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def is_identity_colour(self) -> bool:
+        return bool(np.all(self.brightness == 1) and np.all(self.contrast == 1) and np.all(self.saturation == 1)
+                    and np.all(self.hue == 0) and not self.grayscale.any())
+
 
 def identity_aug_params(n: int, height: int, width: int) -> AugParams:
     """Parameters that leave an image as it is (aug_order: none, and test images)."""
@@ -56,10 +60,16 @@ def identity_aug_params(n: int, height: int, width: int) -> AugParams:
     return AugParams(crop, np.zeros(n, bool), ones, ones.copy(), ones.copy(), zeros, np.zeros(n, bool))
 
 
-def _resized_crop_windows(rng: np.random.Generator, n: int, height: int, width: int,
+def _resized_crop_windows(rng: np.random.Generator, n: int, height, width,
                           scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
-    """RandomResizedCrop windows, vectorized: 10 tries per image, then a centre crop (torchvision's rule)."""
+    """RandomResizedCrop windows, vectorized: 10 tries per image, then a centre crop (torchvision's rule).
+
+    height and width are scalars or (n,) arrays: each window is drawn on its own image's size, so the
+    aspect-ratio range applies to the photo itself.
+    """
     tries = 10
+    height = np.broadcast_to(np.asarray(height, dtype=np.float64), (n,))[:, None]
+    width = np.broadcast_to(np.asarray(width, dtype=np.float64), (n,))[:, None]
     area = height * width
     target = area * rng.uniform(scale[0], scale[1], (n, tries))
     log_ratio = rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, tries))
@@ -70,14 +80,11 @@ def _resized_crop_windows(rng: np.random.Generator, n: int, height: int, width: 
     first = np.argmax(ok, axis=1)
     rows = np.arange(n)
     h, w, found = h[rows, first], w[rows, first], ok[rows, first]
+    height, width = height[:, 0], width[:, 0]
     # Fallback: the largest centre crop within the ratio range.
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fh, fw = height, round(height * ratio[1])
-    else:
-        fw, fh = width, height
+    fw = np.where(in_ratio < ratio[0], width, np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width))
+    fh = np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height)
     h = np.where(found, h, fh)
     w = np.where(found, w, fw)
     u_top, u_left = rng.random(n), rng.random(n)
@@ -86,13 +93,21 @@ def _resized_crop_windows(rng: np.random.Generator, n: int, height: int, width: 
     return np.stack([top, left, h, w], axis=1).astype(np.float32)
 
 
-def sample_aug_params(rng: np.random.Generator, n: int, height: int, width: int, cfg) -> AugParams:
-    """Draw the augmentation of n images of size height×width under an AugConfig."""
-    if cfg.crop == "pad":
+def sample_aug_params(rng: np.random.Generator, n: int, height, width, cfg, crop: bool = True) -> AugParams:
+    """Draw the augmentation of n images under an AugConfig; height and width are scalars or (n,) arrays.
+
+    crop=False (mix.aug_order=none, Table 5's "No cropping") keeps every image whole and still draws the
+    flip and the colour transform.
+    """
+    hw = np.stack(np.broadcast_arrays(np.asarray(height, np.float32), np.asarray(width, np.float32)), -1)
+    hw = np.broadcast_to(hw, (n, 2))
+    if not crop:
+        windows = np.concatenate([np.zeros((n, 2), np.float32), hw], axis=1)
+    elif cfg.crop == "pad":
         offsets = rng.integers(-cfg.pad_px, cfg.pad_px + 1, (n, 2)).astype(np.float32)
-        crop = np.concatenate([offsets, np.tile(np.array([height, width], np.float32), (n, 1))], axis=1)
+        windows = np.concatenate([offsets, hw], axis=1)
     else:
-        crop = _resized_crop_windows(rng, n, height, width, cfg.scale, cfg.ratio)
+        windows = _resized_crop_windows(rng, n, hw[:, 0], hw[:, 1], cfg.scale, cfg.ratio)
     flip = (rng.random(n) < 0.5) if cfg.flip else np.zeros(n, bool)
     s = cfg.color_jitter
     on = rng.random(n) < cfg.color_prob
@@ -100,7 +115,7 @@ def sample_aug_params(rng: np.random.Generator, n: int, height: int, width: int,
     jitter = np.where(on[None], np.maximum(jitter, 0.0), 1.0).astype(np.float32)
     hue = np.where(on, rng.uniform(-cfg.hue, cfg.hue, n), 0.0).astype(np.float32)
     gray = rng.random(n) < cfg.grayscale_prob
-    return AugParams(crop, flip, jitter[0], jitter[1], jitter[2], hue, gray)
+    return AugParams(windows.astype(np.float32), flip, jitter[0], jitter[1], jitter[2], hue, gray)
 
 
 def colour_matrices(p: AugParams) -> tuple[np.ndarray, np.ndarray]:
@@ -156,19 +171,30 @@ def params_to_torch(p: AugParams, device: torch.device) -> dict[str, torch.Tenso
         "flip": torch.from_numpy(p.flip).to(device, non_blocking=True),
         "colour_m": torch.from_numpy(m).to(device, non_blocking=True),
         "colour_t": torch.from_numpy(t).to(device, non_blocking=True),
-        "identity_colour": bool(np.all(p.brightness == 1) and np.all(p.contrast == 1) and np.all(p.saturation == 1)
-                                and np.all(p.hue == 0) and not p.grayscale.any()),
+        "identity_colour": p.is_identity_colour(),
     }
+
+
+def augment_tensors(x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, colour_m: torch.Tensor | None,
+                    colour_t: torch.Tensor | None, out_size: int) -> torch.Tensor:
+    """The batched augmentation itself: float (n, 3, H, W) in [0, 1] -> (n, 3, out_size, out_size).
+
+    crop: (n, 4) float windows in pixels of the (H, W) input; flip: (n,) bool or int; colour_m (n, 3, 3) and
+    colour_t (n, 3), or None for no colour change.
+    """
+    n, _, h, w = x.shape
+    grid = sampling_grid(crop, flip.bool(), (h, w), (out_size, out_size))
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if colour_m is not None:
+        x = torch.einsum("nij,njhw->nihw", colour_m, x) + colour_t[:, :, None, None]
+        x = x.clamp_(0.0, 1.0)
+    return x
 
 
 def augment(images: torch.Tensor, p: AugParams | dict, out_size: int) -> torch.Tensor:
     """Augment a batch: uint8 or float (n, 3, H, W) -> float32 (n, 3, out_size, out_size) in [0, 1]."""
     tp = params_to_torch(p, images.device) if isinstance(p, AugParams) else p
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    n, _, h, w = x.shape
-    grid = sampling_grid(tp["crop"], tp["flip"], (h, w), (out_size, out_size))
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if not tp["identity_colour"]:
-        x = torch.einsum("nij,njhw->nihw", tp["colour_m"], x) + tp["colour_t"][:, :, None, None]
-        x = x.clamp_(0.0, 1.0)
-    return x
+    colour = not tp["identity_colour"]
+    return augment_tensors(x, tp["crop"], tp["flip"], tp["colour_m"] if colour else None,
+                           tp["colour_t"] if colour else None, out_size)

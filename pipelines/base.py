@@ -1,10 +1,12 @@
-"""The loader interface every backend implements, and `build_loader`, which picks the backend.
+"""The loader interface the trainer sees, and `build_loader`, which composes a planner and a backend.
 
-The trainer only sees `Loader` and `Batch`; it never branches on the backend. A backend module imports
-its heavy library (DALI, FFCV) inside itself, so `import mixtail.pipelines` works on any machine.
+The trainer only sees `Loader` and `Batch`; it never branches on the backend. Every backend is an
+executor of batch plans (pipelines/plan.py) behind the one loader class of pipelines/loader.py. A backend
+module imports its heavy library (DALI, FFCV) inside itself, so `import mixtail.pipelines` works on any
+machine.
 
     loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=0, world_size=1,
-                          device=torch.device("cpu"), seed=0)
+                          device=torch.device("cpu"), seed=0, num_epochs=cfg.train.epochs)
     loader.set_epoch(0)
     for batch in loader:            # Batch(images, y_f, y_b, lam) on the device
         ...
@@ -13,10 +15,15 @@ its heavy library (DALI, FFCV) inside itself, so `import mixtail.pipelines` work
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from mixtail.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mixtail.pipelines.loader import Loader
 
 
 @dataclass
@@ -32,6 +39,7 @@ class Batch:
     y_f: torch.Tensor
     y_b: torch.Tensor
     lam: torch.Tensor
+    plan: Any = None  # the host BatchPlan this batch was built from (its indices name the samples in errors)
 
     @property
     def num_views(self) -> int:
@@ -43,18 +51,6 @@ class Batch:
         one_hot = torch.nn.functional.one_hot
         target = lam * one_hot(self.y_f, num_classes) + (1 - lam) * one_hot(self.y_b, num_classes)
         return target.repeat(self.num_views, 1)
-
-
-class Loader(Protocol):
-    batch_size: int  # pairs per batch on this rank
-    num_classes: int
-    class_counts: np.ndarray  # training images per class (the prior P_Y and the shot groups come from it)
-
-    def __len__(self) -> int: ...  # exact batches per epoch on this rank
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
-
-    def __iter__(self) -> Iterator[Batch]: ...
 
 
 def normalize_views(views: list[torch.Tensor], mean, std, channels_last: bool = True) -> torch.Tensor:
@@ -71,22 +67,77 @@ def rank_batch_size(data, split: str, world_size: int) -> int:
     if split != "train":
         return data.eval_batch_size
     if data.batch_size % world_size:
-        raise ValueError(f"data.batch_size={data.batch_size} does not divide over {world_size} ranks")
+        raise ConfigError(f"key 'data.batch_size': {data.batch_size} pairs do not divide over {world_size} ranks; "
+                          f"use a multiple of {world_size}")
     return data.batch_size // world_size
 
 
-def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, device: torch.device, seed: int) -> Loader:
-    """A loader for `split` ("train" or "test") of the dataset in `data` (a DataConfig), on its backend."""
-    if data.backend == "torch":
-        from mixtail.pipelines.torch_loader import TorchLoader
+def test_resize_ratio(data) -> float:
+    """SPEC "Evaluation": the 224 px datasets resize the shorter side to S·8/7 and centre-crop S; CIFAR-scale
+    data (S <= 64, the same rule as the normalization statistics) is used whole."""
+    return 8.0 / 7.0 if data.image_size > 64 else 1.0
 
-        return TorchLoader.from_config(data, aug, mix, split=split, rank=rank, world_size=world_size,
-                                       device=device, seed=seed)
-    if data.backend == "dali":
+
+def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, device: torch.device, seed: int,
+                 num_epochs: int | None = None, channels_last: bool = True) -> "Loader":
+    """A loader for `split` ("train" or "test") of the dataset in `data` (a DataConfig), on its backend.
+
+    num_epochs: the run's length, which closes the mixing window (mix.unmixed_last_epochs); None leaves it open.
+    """
+    from mixtail.pipelines.datasets import build_dataset
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    dataset = build_dataset(data, split, decoded=data.backend == "torch")
+    return loader_for_dataset(dataset, data, aug, mix, split=split, rank=rank, world_size=world_size, device=device,
+                              seed=seed, num_epochs=num_epochs, channels_last=channels_last)
+
+
+def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int, world_size: int, device: torch.device,
+                       seed: int, num_epochs: int | None = None, channels_last: bool = True) -> "Loader":
+    """The loader of an already built dataset (ImageArrays or ImageFiles); `data` gives batch sizes, views,
+    sampling, normalization and the backend. build_loader is this after reading the dataset."""
+    from mixtail.pipelines.config import normalization
+    from mixtail.pipelines.loader import Loader
+    from mixtail.pipelines.plan import Planner
+    from mixtail.pipelines.sampling import class_counts, foreground_weights, samples_per_rank
+
+    train = split == "train"
+    batch_size = rank_batch_size(data, split, world_size)
+    if train and samples_per_rank(len(dataset), world_size) < batch_size:
+        raise ConfigError(f"key 'data.batch_size': {len(dataset)} training images over {world_size} ranks do not "
+                          f"fill one batch of {batch_size} pairs per rank")
+    counts = class_counts(dataset.labels, len(dataset.classes))
+    sizes = getattr(dataset, "sizes", None)
+    if train:
+        planner = Planner.for_training(dataset.labels, sizes, aug=aug, mix=mix, image_size=data.image_size,
+                                       batch_size=batch_size, num_views=data.num_views,
+                                       fg_weights=foreground_weights(dataset.labels, len(dataset.classes),
+                                                                     data.fg_sampling, data.fg_gamma),
+                                       seed=seed, rank=rank, world_size=world_size, num_epochs=num_epochs)
+    else:
+        planner = Planner.for_testing(dataset.labels, sizes, image_size=data.image_size, batch_size=batch_size,
+                                      rank=rank, world_size=world_size, test_resize_ratio=test_resize_ratio(data))
+    mean, std = normalization(data)
+    common = dict(device=device, image_size=data.image_size, mean=mean, std=std, train=train,
+                  mix_op=mix.mix_op, aug_order=mix.aug_order, num_views=data.num_views if train else 1,
+                  channels_last=channels_last)
+    if data.backend == "torch":
+        from mixtail.pipelines.torch_loader import TorchExecutor
+
+        executor = TorchExecutor(dataset, **common)
+    elif data.backend == "dali":
         try:
-            from mixtail.pipelines.dali_loader import DaliLoader
+            from mixtail.pipelines.dali_loader import DaliExecutor
         except ImportError as err:
-            raise ImportError(f"data.backend=dali needs NVIDIA DALI: pip install 'mixtail[dali]' ({err})") from None
-        return DaliLoader.from_config(data, aug, mix, split=split, rank=rank, world_size=world_size,
-                                      device=device, seed=seed)
-    raise ValueError(f"data.backend={data.backend!r} is not a known backend")
+            raise ConfigError(f"key 'data.backend': dali needs NVIDIA DALI: pip install 'mixtail[dali]' ({err})") from None
+        executor = DaliExecutor(dataset, planner=planner, num_threads=data.num_threads, **common)
+    elif data.backend == "ffcv":
+        try:
+            from mixtail.pipelines.ffcv_loader import FfcvExecutor
+        except ImportError as err:
+            raise ConfigError(f"key 'data.backend': ffcv needs FFCV: pip install 'mixtail[ffcv]' ({err})") from None
+        executor = FfcvExecutor(dataset, planner=planner, num_threads=data.num_threads, **common)
+    else:
+        raise ConfigError(f"key 'data.backend': {data.backend!r} is not a known backend")
+    return Loader(planner, executor, classes=dataset.classes, class_counts=counts)

@@ -1,18 +1,19 @@
 """SMC's resize-and-paste mixing (ResizeMix with a normalized ratio), as batched torch ops.
 
-This is the reference every backend is tested against. Per batch:
+This is the reference every backend is tested against:
 
-1. `sample_batch_params` draws, on the host, each pair's λ and box and each component's augmentation
-   (numpy, seeded per batch, so any backend can reproduce a batch exactly);
-2. `mix_views` runs on the device of the images: augment foreground and background separately
-   (aug_order: before_mix), resize the whole foreground into its box, paste it into the background,
-   and do this for every view with the same pair, λ and box (SPEC, Eq. 3).
+1. `sample_mix_params` draws, on the host, each pair's λ and box (the planner, pipelines/plan.py, calls it
+   with the pairs it decided to mix);
+2. `render_views` runs on the device of the images and executes a plan's augmentation and mixing columns:
+   augment foreground and background separately (aug_order: before_mix; `none` keeps them uncropped), resize
+   the whole foreground into its box, paste it into the background, and do this for every view with the same
+   pair, λ and box (SPEC, Eq. 3). The torch executor is this function after a gather; DALI and FFCV
+   executors are tested against it.
 
 The label ratio is the exact pasted area after rounding: λ = box_h·box_w / (H·W).
 
-    rng = np.random.default_rng(0)
-    params = sample_batch_params(rng, n=128, size=32, aug=AugConfig(), mix=MixConfig(), mixing_on=True)
-    views = mix_views(fg_uint8, bg_uint8, params, out_size=32)    # list of (128, 3, 32, 32) floats
+    mp = sample_mix_params(np.random.default_rng(0), 128, 32, 32, MixConfig(), mixed=np.ones(128, bool))
+    views = render_views(fg_uint8, bg_uint8, plan.to(device), out_size=32)  # list of (B, 3, 32, 32) floats
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixtail.pipelines.augment import AugParams, augment, identity_aug_params, sample_aug_params
+from mixtail.pipelines.augment import augment_tensors
 
 
 @dataclass(frozen=True)
@@ -35,22 +36,15 @@ class MixParams:
     mixed: np.ndarray  # (n,) bool
 
 
-@dataclass(frozen=True)
-class BatchParams:
-    mix: MixParams
-    fg_aug: list[AugParams]  # one per view (before_mix); unused otherwise
-    bg_aug: list[AugParams]  # one per view; with after_mix, the augmentation of the mixed image
-    mix_op: str
-    aug_order: str
+def sample_mix_params(rng: np.random.Generator, n: int, height: int, width: int, cfg, mixed: np.ndarray) -> MixParams:
+    """λ' ~ lo + (hi − lo)·Beta(α, α); box side √λ'·(H, W) rounded; position uniform inside the image.
 
-
-def sample_mix_params(rng: np.random.Generator, n: int, height: int, width: int, cfg, mixing_on: bool) -> MixParams:
-    """λ' ~ lo + (hi − lo)·Beta(α, α); box side √λ'·(H, W) rounded; position uniform inside the image."""
+    `mixed` (n,) says which pairs mix (the planner decides: per batch or per pair, inside the epoch window);
+    the others get λ = 1 and an empty box.
+    """
+    mixed = np.broadcast_to(np.asarray(mixed, dtype=bool), (n,))
     lo, hi = cfg.ratio_range
     lam_raw = lo + (hi - lo) * rng.beta(cfg.alpha, cfg.alpha, n)
-    # CMO mixes a whole batch or none of it (one draw); `sample` decides per pair.
-    draws = rng.random(1 if cfg.mix_per == "batch" else n)
-    mixed = np.broadcast_to(draws < cfg.mix_prob, (n,)).copy() & mixing_on
     side = np.sqrt(lam_raw)
     bh = np.floor(side * height + 0.5).astype(np.int64)
     bw = np.floor(side * width + 0.5).astype(np.int64)
@@ -58,25 +52,7 @@ def sample_mix_params(rng: np.random.Generator, n: int, height: int, width: int,
     left = np.floor(rng.random(n) * (width - bw + 1)).astype(np.int64)
     box = np.stack([top, left, bh, bw], axis=1) * mixed[:, None]
     lam = np.where(mixed, (bh * bw) / (height * width), 1.0).astype(np.float32)
-    return MixParams(lam, box.astype(np.int64), mixed)
-
-
-def mixing_active(cfg, epoch: int, num_epochs: int | None) -> bool:
-    """Mixing runs for start_epoch <= epoch < num_epochs − unmixed_last_epochs (CMO's window); with
-    num_epochs=None (a loader used outside a run) the window has no end."""
-    return cfg.active(epoch, num_epochs if num_epochs is not None else 1 << 62)
-
-
-def sample_batch_params(rng: np.random.Generator, n: int, size: int, aug, mix, mixing_on: bool,
-                        num_views: int = 2) -> BatchParams:
-    """Everything random about one batch of n pairs on a size×size canvas, drawn in a fixed order."""
-    mp = sample_mix_params(rng, n, size, size, mix, mixing_on)
-    if mix.aug_order == "none":
-        fg = bg = [identity_aug_params(n, size, size) for _ in range(num_views)]
-    else:
-        fg = [sample_aug_params(rng, n, size, size, aug) for _ in range(num_views)]
-        bg = [sample_aug_params(rng, n, size, size, aug) for _ in range(num_views)]
-    return BatchParams(mp, fg, bg, mix.mix_op, mix.aug_order)
+    return MixParams(lam, box.astype(np.int64), mixed.copy())
 
 
 def box_mask(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -124,18 +100,58 @@ def paste(fg: torch.Tensor, bg: torch.Tensor, box: torch.Tensor, mix_op: str = "
     return torch.where(mask, source, bg)
 
 
-def mix_views(fg: torch.Tensor, bg: torch.Tensor, params: BatchParams, out_size: int) -> list[torch.Tensor]:
-    """The mixed views of a batch of pairs: uint8 (n, 3, S, S) foregrounds and backgrounds in, one float
-    (n, 3, out_size, out_size) tensor in [0, 1] per view out. The canvas size S must equal out_size."""
-    if fg.shape[-1] != out_size or fg.shape[-2] != out_size:
-        raise ValueError(f"images are {tuple(fg.shape[-2:])}, the canvas is {out_size}x{out_size}")
-    box = torch.from_numpy(params.mix.box).to(fg.device, non_blocking=True)
+def _pixel_windows(rel: torch.Tensor, valid_hw: torch.Tensor | None, canvas_hw: tuple[int, int]) -> torch.Tensor:
+    """Relative (top, left, height, width) windows -> pixels of each image's valid region on its canvas."""
+    if valid_hw is None:
+        h, w = canvas_hw
+        return rel * rel.new_tensor([h, w, h, w])
+    hw = valid_hw.to(rel.dtype)
+    return rel * torch.cat([hw, hw], dim=1)
+
+
+def render_component(images: torch.Tensor, plan, name: str, out_size: int, valid_hw: torch.Tensor | None = None,
+                     ) -> torch.Tensor:
+    """One component view of a plan: uint8 or float (n, 3, H, W) canvas images -> float (n, 3, S, S) in [0, 1]:
+    its crop window (relative to each image's valid region `valid_hw`, (n, 2), or the whole canvas), flip,
+    and colour transform."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    crop = _pixel_windows(plan[f"{name}.crop"], valid_hw, (x.shape[2], x.shape[3]))
+    colour = plan.colour and f"{name}.colour_m" in plan.layout
+    m = plan[f"{name}.colour_m"].reshape(-1, 3, 3) if colour else None
+    t = plan[f"{name}.colour_t"] if colour else None
+    return augment_tensors(x, crop, plan[f"{name}.flip"], m, t, out_size)
+
+
+def whole_image(images: torch.Tensor, out_size: int, valid_hw: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's valid region resampled to out_size × out_size (after_mix mixes images at the canvas size)."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    n = x.shape[0]
+    rel = x.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(n, 4)
+    crop = _pixel_windows(rel, valid_hw, (x.shape[2], x.shape[3]))
+    if valid_hw is None and x.shape[2] == x.shape[3] == out_size:
+        return x
+    return augment_tensors(x, crop, torch.zeros(n, dtype=torch.bool, device=x.device), None, None, out_size)
+
+
+def render_views(fg: torch.Tensor | None, bg: torch.Tensor, plan, *, out_size: int, mix_op: str, aug_order: str,
+                 num_views: int, fg_hw: torch.Tensor | None = None, bg_hw: torch.Tensor | None = None,
+                 ) -> list[torch.Tensor]:
+    """The mixed views of a batch: gathered foreground and background canvases (uint8 (n, 3, H, W)) and a plan
+    on their device in; one float (n, 3, out_size, out_size) tensor in [0, 1] per view out.
+
+    fg may be None when the plan mixes nothing (the planner then drew no foreground). fg_hw / bg_hw: the valid
+    (height, width) of each image on its canvas, or None when every image fills the canvas.
+    """
+    box = plan["box"].long()
     views = []
-    if params.aug_order == "after_mix":
-        mixed = paste(fg.float() / 255.0, bg.float() / 255.0, box, params.mix_op)
-        for bg_aug in params.bg_aug:
-            views.append(augment(mixed, bg_aug, out_size))
-        return views
-    for fg_aug, bg_aug in zip(params.fg_aug, params.bg_aug):
-        views.append(paste(augment(fg, fg_aug, out_size), augment(bg, bg_aug, out_size), box, params.mix_op))
+    if aug_order == "after_mix":
+        mixed = whole_image(bg, out_size, bg_hw)
+        if plan.mixed:
+            mixed = paste(whole_image(fg, out_size, fg_hw), mixed, box, mix_op)
+        return [render_component(mixed, plan, f"mx{v}", out_size) for v in range(num_views)]
+    for v in range(num_views):
+        view = render_component(bg, plan, f"bg{v}", out_size, bg_hw)
+        if plan.mixed:
+            view = paste(render_component(fg, plan, f"fg{v}", out_size, fg_hw), view, box, mix_op)
+        views.append(view)
     return views

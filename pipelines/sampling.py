@@ -24,6 +24,7 @@ import numpy as np
 _BACKGROUND_STREAM = 0
 _FOREGROUND_STREAM = 1
 _BATCH_PARAMS_STREAM = 2
+_MIX_DECISION_STREAM = 3
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -74,8 +75,18 @@ def batches_per_epoch(num_samples: int, batch_size: int, *, rank: int, world_siz
     return -(-len(range(rank, num_samples, world_size)) // batch_size)
 
 
-def _generator(seed: int, epoch: int, *stream: int) -> np.random.Generator:
+def generator(seed: int, epoch: int, *stream: int) -> np.random.Generator:
+    """A generator for one named stream of (seed, epoch, ...): streams never share draws."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, *stream])))
+
+
+def weighted_draws(rng: np.random.Generator, cdf: np.ndarray, n: int) -> np.ndarray:
+    """n indices drawn with replacement with probabilities ∝ the increments of `cdf` (int64).
+
+    Inverse-CDF draws: the same as rng.choice(p=weights), without its tolerance check on the sum.
+    """
+    idx = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
+    return np.minimum(idx, len(cdf) - 1).astype(np.int64)
 
 
 def sample_order(weights: np.ndarray | None, *, epoch: int, seed: int, rank: int, world_size: int,
@@ -89,16 +100,12 @@ def sample_order(weights: np.ndarray | None, *, epoch: int, seed: int, rank: int
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     per_rank = samples_per_rank(num_samples, world_size)
     if weights is None:
-        perm = _generator(seed, epoch, _BACKGROUND_STREAM).permutation(num_samples)
+        perm = generator(seed, epoch, _BACKGROUND_STREAM).permutation(num_samples)
         return perm[rank : per_rank * world_size : world_size].astype(np.int64)
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (num_samples,):
         raise ValueError(f"weights has shape {weights.shape}, expected ({num_samples},)")
-    rng = _generator(seed, epoch, _FOREGROUND_STREAM, rank)
-    # Inverse-CDF draws: the same as rng.choice(p=weights), without its tolerance check on the sum.
-    cdf = np.cumsum(weights)
-    idx = np.searchsorted(cdf, rng.random(per_rank) * cdf[-1], side="right")
-    return np.minimum(idx, num_samples - 1).astype(np.int64)
+    return weighted_draws(generator(seed, epoch, _FOREGROUND_STREAM, rank), np.cumsum(weights), per_rank)
 
 
 def batch_generator(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generator:
@@ -107,4 +114,11 @@ def batch_generator(seed: int, epoch: int, rank: int, batch: int) -> np.random.G
     Seeding per batch makes every batch reproducible on its own: a resumed run can start mid-epoch,
     and two backends given the same (seed, epoch, rank, batch) draw the same boxes, λ and crops.
     """
-    return _generator(seed, epoch, _BATCH_PARAMS_STREAM, rank, batch)
+    return generator(seed, epoch, _BATCH_PARAMS_STREAM, rank, batch)
+
+
+def batch_mixed(seed: int, epoch: int, batch: int, mix_prob: float) -> bool:
+    """Whether global batch `batch` of `epoch` is mixed (mix.mix_per=batch): one draw per global batch, the
+    same on every rank, so a batch is mixed or not as a whole whatever the world size (CMO's code draws once
+    per batch on one process)."""
+    return bool(generator(seed, epoch, _MIX_DECISION_STREAM, batch).random() < mix_prob)

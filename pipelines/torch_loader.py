@@ -1,123 +1,106 @@
-"""The in-memory torch loader: small datasets (CIFAR scale) as uint8 tensors on the training device.
+"""The in-memory torch executor: small datasets (CIFAR scale) as uint8 tensors on the training device.
 
-Sampling indices are drawn once per epoch (`sampling.sample_order`), each batch's random parameters on
-the host from a generator seeded by (seed, epoch, rank, batch), and everything else (gathering images,
-per-component augmentation, resize-and-paste, normalization) runs batched on the device. No worker
-processes and no per-image Python.
+The images live on the device once; each batch plan (pipelines/plan.py) arrives there as one table, and
+everything else (gathering images, per-component augmentation, resize-and-paste, normalization) runs batched
+on the device, by the same reference ops (mixing.render_views) every other backend is tested against. No
+worker processes and no per-image Python. Photos of varied sizes sit on a fixed canvas with their valid
+size (datasets.ImageArrays.sizes), so crop windows keep each photo's own aspect ratio.
 
     python -m mixtail.pipelines.torch_loader            # time the demo set on this machine's device
 """
 
 from __future__ import annotations
 
+from typing import Iterator
 
+import numpy as np
 import torch
 
-from mixtail.pipelines.base import Batch, normalize_views, rank_batch_size
-from mixtail.pipelines.datasets import ImageArrays, build_dataset
-from mixtail.pipelines.mixing import mix_views, mixing_active, sample_batch_params
-from mixtail.pipelines.sampling import (batch_generator, batches_per_epoch, class_counts, foreground_weights,
-                                        sample_order, samples_per_rank)
+from mixtail.pipelines.base import Batch, normalize_views
+from mixtail.pipelines.datasets import ImageArrays
+from mixtail.pipelines.augment import augment_tensors
+from mixtail.pipelines.mixing import render_views
+from mixtail.pipelines.plan import DevicePlan
 
 
-class TorchLoader:
-    def __init__(self, dataset: ImageArrays, *, train: bool, batch_size: int, aug, mix, num_views: int,
-                 fg_sampling: str, fg_gamma: float, mean, std, rank: int, world_size: int,
-                 device: torch.device, seed: int, channels_last: bool = True):
+class TorchExecutor:
+    """Executes plans on images held in device memory (see the module docstring)."""
+
+    def __init__(self, dataset: ImageArrays, *, device: torch.device | str, image_size: int, mean, std,
+                 train: bool, mix_op: str = "resize", aug_order: str = "before_mix", num_views: int = 1,
+                 channels_last: bool = True):
         n, h, w, c = dataset.images.shape
-        if h != w or c != 3:
-            raise ValueError(f"the torch loader needs square RGB images, got (N, H, W, C) = {dataset.images.shape}")
-        self.size = h
-        self.train = train
-        self.batch_size = batch_size
-        self.aug, self.mix, self.num_views = aug, mix, num_views
-        self.mean, self.std, self.channels_last = mean, std, channels_last
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        if c != 3:
+            raise ValueError(f"the torch backend needs RGB images, got (N, H, W, C) = {dataset.images.shape}")
         self.device = torch.device(device)
-        self.num_classes = len(dataset.classes)
-        self.classes = dataset.classes
-        self.class_counts = class_counts(dataset.labels, self.num_classes)
-        self.num_samples = n
+        self.image_size = image_size
+        self.mean, self.std, self.channels_last = mean, std, channels_last
+        self.train, self.mix_op, self.aug_order, self.num_views = train, mix_op, aug_order, num_views
         # (N, 3, H, W) uint8 on the device: 50k CIFAR images are 150 MB.
         self.images = torch.from_numpy(dataset.images).to(self.device).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(dataset.labels).to(self.device)
-        self.fg_weights = foreground_weights(dataset.labels, self.num_classes, fg_sampling, fg_gamma)
-        if train and samples_per_rank(n, world_size) < batch_size:
-            raise ValueError(f"{n} training images over {world_size} ranks do not fill one batch of {batch_size}")
-        self.epoch, self.start_batch = 0, 0
+        sizes = getattr(dataset, "sizes", None)
+        self.sizes = None if sizes is None else torch.from_numpy(np.asarray(sizes, np.int32)).to(self.device)
+        # Test images that already are S×S and fill their canvas need no resampling at all (CIFAR).
+        self._whole_canvas_is_test_view = sizes is None and h == w == image_size
 
-    @classmethod
-    def from_config(cls, data, aug, mix, *, split: str, rank: int, world_size: int, device, seed: int):
-        from mixtail.pipelines.config import normalization
+    def batches(self, stream, count: int) -> Iterator[Batch]:
+        for _ in range(count):
+            yield self.run(next(stream))
 
-        dataset = build_dataset(data, split)
-        if dataset.images.shape[1] != data.image_size:
-            raise ValueError(f"{data.dataset} images are {dataset.images.shape[1]} px but data.image_size is "
-                             f"{data.image_size}; the torch loader trains at the stored size")
-        mean, std = normalization(data)
-        train = split == "train"
-        return cls(dataset, train=train, batch_size=rank_batch_size(data, split, world_size),
-                   aug=aug, mix=mix, num_views=data.num_views, fg_sampling=data.fg_sampling,
-                   fg_gamma=data.fg_gamma, mean=mean, std=std, rank=rank, world_size=world_size,
-                   device=device, seed=seed)
+    def reset(self) -> None:
+        pass
 
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
-                                 train=self.train)
+    def close(self) -> None:
+        pass
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def _hw(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return None if self.sizes is None else self.sizes[idx]
 
-    def __iter__(self):
-        return self._train_batches() if self.train else self._test_batches()
+    def run(self, plan: DevicePlan) -> Batch:
+        return self._train_batch(plan) if self.train else self._test_batch(plan)
 
-    def _train_batches(self):
-        kw = dict(epoch=self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                  num_samples=self.num_samples)
-        bg_order = torch.from_numpy(sample_order(None, **kw)).to(self.device)
-        fg_order = torch.from_numpy(sample_order(self.fg_weights, **kw)).to(self.device)
-        mixing_on = mixing_active(self.mix, self.epoch, None)
-        bs = self.batch_size
-        for b in range(self.start_batch, len(self)):
-            rng = batch_generator(self.seed, self.epoch, self.rank, b)
-            params = sample_batch_params(rng, bs, self.size, self.aug, self.mix, mixing_on, self.num_views)
-            fg_idx, bg_idx = fg_order[b * bs:(b + 1) * bs], bg_order[b * bs:(b + 1) * bs]
-            views = mix_views(self.images[fg_idx], self.images[bg_idx], params, self.size)
-            mixed = torch.from_numpy(params.mix.mixed).to(self.device, non_blocking=True)
-            y_b = self.labels[bg_idx]
-            y_f = torch.where(mixed, self.labels[fg_idx], y_b)  # an unmixed sample is its background
-            lam = torch.from_numpy(params.mix.lam).to(self.device, non_blocking=True)
-            yield Batch(normalize_views(views, self.mean, self.std, self.channels_last), y_f, y_b, lam)
-        self.start_batch = 0
+    def _train_batch(self, plan: DevicePlan) -> Batch:
+        bg_idx = plan["bg_index"].long()
+        fg_idx = plan["fg_index"].long() if plan.mixed else None
+        views = render_views(self.images[fg_idx] if plan.mixed else None, self.images[bg_idx], plan,
+                             out_size=self.image_size, mix_op=self.mix_op, aug_order=self.aug_order,
+                             num_views=self.num_views, fg_hw=self._hw(fg_idx) if plan.mixed else None,
+                             bg_hw=self._hw(bg_idx))
+        images = normalize_views(views, self.mean, self.std, self.channels_last)
+        return Batch(images, plan["y_f"].long(), plan["y_b"].long(), plan["lam"].float(), plan=plan.host)
 
-    def _test_batches(self):
-        idx_all = torch.arange(self.rank, self.num_samples, self.world_size, device=self.device)
-        for b in range(self.start_batch, len(self)):
-            idx = idx_all[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx].float() / 255.0
-            y = self.labels[idx]
-            yield Batch(normalize_views([x], self.mean, self.std, self.channels_last), y, y,
-                        torch.ones(len(idx), device=self.device))
-        self.start_batch = 0
+    def _test_batch(self, plan: DevicePlan) -> Batch:
+        idx = plan["index"].long()
+        x = self.images[idx].float() / 255.0
+        if not (self._whole_canvas_is_test_view and np.array_equal(plan.host["crop"], np.tile([0, 0, 1, 1], (len(idx), 1)))):
+            hw = self._hw(idx)
+            hw = hw.float() if hw is not None else x.new_tensor([x.shape[2], x.shape[3]]).expand(len(idx), 2)
+            crop = plan["crop"] * torch.cat([hw, hw], dim=1)
+            x = augment_tensors(x, crop, torch.zeros(len(idx), dtype=torch.bool, device=x.device), None, None,
+                                self.image_size)
+        y = plan["y"].long()
+        return Batch(normalize_views([x], self.mean, self.std, self.channels_last), y, y,
+                     torch.ones(len(idx), device=self.device), plan=plan.host)
 
 
 def main() -> None:
     import time
 
+    from mixtail.pipelines.base import build_loader
     from mixtail.trainer.config import load_config
 
     cfg = load_config("demo")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, split="train", rank=0, world_size=1,
-                                     device=device, seed=0)
-    for epoch in range(3):
+    loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=0, world_size=1, device=device, seed=0,
+                          num_epochs=cfg.train.epochs)
+    for epoch in (0, 5, 6):
         loader.set_epoch(epoch)
         t0, n = time.perf_counter(), 0
         for batch in loader:
             n += batch.y_f.numel()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        print(f"epoch {epoch}: {n / (time.perf_counter() - t0):,.0f} mixed pairs/s on {device}")
+        print(f"epoch {epoch}: {n / (time.perf_counter() - t0):,.0f} pairs/s on {device}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The DALI backend (pipelines/dali_loader.py) against the torch reference, on the CPU (device_id=None).
 
 What is checked:
-- the DALI graph reproduces mixing.mix_views for fixed boxes and augmentations (every crop mode, aug order
+- the DALI graph reproduces mixing.render_views for fixed plans and augmentations (every crop mode, aug order
   and mix op), within float-rounding tolerances stated below;
 - λ and the labels equal the pasted areas and the sampled images (read back from the pixels);
 - foreground classes follow q(k) (chi-square; a wrong weighting is rejected);
@@ -28,15 +28,16 @@ import torch
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (pip install 'mixtail[dali]')")
 
-from mixtail.pipelines.augment import AugParams  # noqa: E402
-from mixtail.pipelines.base import normalize_views  # noqa: E402
-from mixtail.pipelines.dali_loader import DaliLoader, mix_batch  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from mixtail.pipelines.augment import AugParams, identity_aug_params, sample_aug_params  # noqa: E402
+from mixtail.pipelines.base import build_loader, loader_for_dataset, normalize_views  # noqa: E402
+from mixtail.pipelines.config import AugConfig, DataConfig  # noqa: E402
+from mixtail.pipelines.dali_loader import run_plan_once  # noqa: E402
 from mixtail.pipelines.datasets import ImageArrays, ImageFiles  # noqa: E402
-from mixtail.pipelines.mixing import BatchParams, MixParams, mix_views, sample_batch_params  # noqa: E402
-from mixtail.pipelines.sampling import (batch_generator, foreground_class_probs, foreground_weights,  # noqa: E402
-                                        sample_order)
-from mixtail.pipelines.torch_loader import TorchLoader  # noqa: E402
-from mixtail.pipelines.config import AugConfig  # noqa: E402
+from mixtail.pipelines.mixing import MixParams, render_views  # noqa: E402
+from mixtail.pipelines.plan import Planner, pack_train_plan, plan_layout  # noqa: E402
+from mixtail.pipelines.sampling import foreground_class_probs, foreground_weights, sample_order  # noqa: E402
 from mixtail.pipelines.config import MixConfig as _MixConfig  # noqa: E402
 from mixtail.trainer.config import load_config  # noqa: E402
 
@@ -57,6 +58,8 @@ CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU variant of a CPU test)")
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# No flip and no colour: with aug_order none (no cropping) every view is its component's own pixels.
+PLAIN = AugConfig(flip=False, color_jitter=0.0, hue=0.0, color_prob=0.0, grayscale_prob=0.0)
 # Tolerances in grey levels (0..255), converted to normalized units below. Both backends compute the same
 # bilinear interpolation at the same source coordinates in float32; they differ only by rounding: of the
 # coordinates (DALI derives them from a float32 ROI, up to S²/h = 200 px away for the box resize at 32 px)
@@ -71,40 +74,49 @@ def _grey(tol: float) -> float:
     return tol / (255.0 * min(STD))
 
 
-def _loader(dataset, *, train=True, batch_size=8, aug=None, mix=None, rank=0, world_size=1, seed=0,
-            image_size=None, device="cpu", mean=MEAN, std=STD, fg_sampling="class", num_threads=2, **kw):
+def _any_loader(backend, dataset, *, train=True, batch_size=8, aug=None, mix=None, rank=0, world_size=1, seed=0,
+                image_size=None, device="cpu", mean=MEAN, std=STD, fg_sampling="class", num_threads=2):
     size = image_size or (dataset.images.shape[1] if isinstance(dataset, ImageArrays) else 32)
-    return DaliLoader(dataset, train=train, batch_size=batch_size, aug=aug or AugConfig(), mix=mix or MixConfig(),
-                      num_views=2, fg_sampling=fg_sampling, fg_gamma=1.0, mean=mean, std=std, rank=rank,
-                      world_size=world_size, device=device, seed=seed, image_size=size, num_threads=num_threads, **kw)
+    data = DataConfig(backend=backend, batch_size=batch_size * world_size, eval_batch_size=batch_size,
+                      image_size=size, mean=mean, std=std, fg_sampling=fg_sampling, num_threads=num_threads)
+    return loader_for_dataset(dataset, data, aug or AugConfig(), mix or MixConfig(), split="train" if train else "test",
+                              rank=rank, world_size=world_size, device=torch.device(device), seed=seed)
 
 
-def _torch_loader(dataset, *, train=True, batch_size=8, aug=None, mix=None, rank=0, world_size=1, seed=0):
-    return TorchLoader(dataset, train=train, batch_size=batch_size, aug=aug or AugConfig(), mix=mix or MixConfig(),
-                       num_views=2, fg_sampling="class", fg_gamma=1.0, mean=MEAN, std=STD, rank=rank,
-                       world_size=world_size, device="cpu", seed=seed)
+def _loader(dataset, **kw):
+    return _any_loader("dali", dataset, **kw)
+
+
+def _torch_loader(dataset, **kw):
+    return _any_loader("torch", dataset, **kw)
+
+
+def _from_config(backend, data, aug, mix, **kw):
+    return build_loader(replace(data, backend=backend), aug, mix, **kw)
 
 
 def _noise(n: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def _reference(fg: np.ndarray, bg: np.ndarray, params: BatchParams) -> list[np.ndarray]:
-    """mixing.mix_views + normalize, as (n, S, S, 3) float arrays (the torch loader's math)."""
-    views = mix_views(torch.from_numpy(fg).permute(0, 3, 1, 2), torch.from_numpy(bg).permute(0, 3, 1, 2),
-                      params, fg.shape[1])
+def _reference(images: np.ndarray, plan, aug_order: str, mix_op: str) -> list[np.ndarray]:
+    """mixing.render_views + normalize, as (n, S, S, 3) float arrays (the torch backend's math)."""
+    t = torch.from_numpy(images).permute(0, 3, 1, 2)
+    dp = plan.to("cpu")
+    views = render_views(t[dp["fg_index"].long()], t[dp["bg_index"].long()], dp, out_size=images.shape[1],
+                         mix_op=mix_op, aug_order=aug_order, num_views=2)
     return [normalize_views([v], MEAN, STD).permute(0, 2, 3, 1).numpy() for v in views]
 
 
-def _box_masks(params: BatchParams, size: int) -> np.ndarray:
-    m = np.zeros((len(params.mix.lam), size, size), bool)
-    for i, (t, l, h, w) in enumerate(params.mix.box):
+def _box_masks(plan, size: int) -> np.ndarray:
+    m = np.zeros((len(plan), size, size), bool)
+    for i, (t, l, h, w) in enumerate(plan["box"]):
         m[i, t:t + h, l:l + w] = True
     return m
 
 
-def _assert_matches_reference(views, ref, params, size, exact_outside=False):
-    inside = _box_masks(params, size)[..., None]
+def _assert_matches_reference(views, ref, plan, size, exact_outside=False):
+    inside = _box_masks(plan, size)[..., None]
     for v, (d, r) in enumerate(zip(views, ref)):
         err = np.abs(d - r)
         out_tol = _grey(TOL_EXACT if exact_outside else TOL_OUTSIDE)
@@ -112,20 +124,27 @@ def _assert_matches_reference(views, ref, params, size, exact_outside=False):
         assert err[np.broadcast_to(inside, err.shape)].max(initial=0) <= _grey(TOL_INSIDE), f"view {v} inside the box"
 
 
+def _run(images, plan, aug, mix, device_id=None):
+    return run_plan_once(images, plan, aug=aug, mix_op=mix.mix_op, aug_order=mix.aug_order, num_views=2,
+                         mean=MEAN, std=STD, device_id=device_id)
+
+
 # --------------------------------------------------------------------------------------------------
 # The graph against the torch reference, fixed parameters
 # --------------------------------------------------------------------------------------------------
 
 
-def _fixed_params(n: int, size: int, aug_order: str, mix_op: str, crop: str) -> BatchParams:
+def _fixed_plan(n: int, size: int, aug_order: str, crop: str):
     """Hand-picked boxes (corner, interior, full canvas, unmixed) and augmentations (windows touching every
-    border, flips, strong colour and grayscale)."""
+    border, flips, strong colour and grayscale). Foreground i is image i, background i is image n + i."""
     s = size
     box = np.array([[0, 0, 16, 16], [5, 7, 20, 11], [0, 0, s, s], [0, 0, 0, 0], [s - 9, s - 13, 9, 13],
                     [3, 1, 27, 29]][:n], dtype=np.int64)
     mixed = box[:, 2] > 0
     lam = np.where(mixed, box[:, 2] * box[:, 3] / (s * s), 1.0).astype(np.float32)
-    if crop == "pad":
+    if aug_order == "none":  # no cropping: whole images
+        windows = np.tile([0, 0, s, s], (6, 1))
+    elif crop == "pad":
         windows = np.array([[-4, 3, s, s], [0, 0, s, s], [4, -4, s, s], [2, 2, s, s], [-1, 0, s, s], [0, 4, s, s]])
     else:
         windows = np.array([[0, 0, 20, 24], [0, 0, s, s], [s - 10, s - 31, 10, 31], [7, 3, 5, 5], [1, 2, 30, 29],
@@ -140,9 +159,14 @@ def _fixed_params(n: int, size: int, aug_order: str, mix_op: str, crop: str) -> 
                          hue=np.float32([0.0, 0.1, -0.1, 0.05, 0.0, -0.03])[k],
                          grayscale=(k == 3))
 
-    fg = [aug(0), aug(1)]
-    bg = [aug(2), aug(3)]
-    return BatchParams(MixParams(lam, box, mixed), fg, bg, mix_op, aug_order)
+    if aug_order == "after_mix":
+        augs = {"mx0": aug(2), "mx1": aug(3)}
+    else:
+        augs = {"fg0": aug(0), "bg0": aug(2), "fg1": aug(1), "bg1": aug(3)}
+    full = (np.full(n, float(s)), np.full(n, float(s)))
+    return pack_train_plan(plan_layout(train=True, aug_order=aug_order, num_views=2), epoch=0, batch=0,
+                           fg_index=np.arange(n), bg_index=n + np.arange(n), labels=np.zeros(2 * n, np.int64),
+                           mix=MixParams(lam, box, mixed), augs=augs, sizes={p: full for p in augs})
 
 
 @pytest.mark.parametrize("crop", ["pad", "resized"])
@@ -150,26 +174,31 @@ def _fixed_params(n: int, size: int, aug_order: str, mix_op: str, crop: str) -> 
 @pytest.mark.parametrize("mix_op", ["resize", "crop"])
 def test_graph_matches_reference_fixed_params(crop, aug_order, mix_op):
     size, n = 32, 6
-    fg, bg = _noise(n, size, 1), _noise(n, size, 2)
+    images = np.concatenate([_noise(n, size, 1), _noise(n, size, 2)])
     aug, mix = AugConfig(crop=crop), MixConfig(aug_order=aug_order, mix_op=mix_op)
-    params = _fixed_params(n, size, aug_order, mix_op, crop)
-    if aug_order == "none":  # sample_batch_params gives identity augmentations then; so must we
-        params = sample_batch_params(np.random.default_rng(0), n, size, aug, mix, True)
-        params = BatchParams(_fixed_params(n, size, aug_order, mix_op, crop).mix, params.fg_aug, params.bg_aug,
-                             mix_op, aug_order)
-    views, _ = mix_batch(fg, bg, params, aug=aug, mix=mix, mean=MEAN, std=STD)
-    _assert_matches_reference(views, _reference(fg, bg, params), params, size, exact_outside=aug_order == "none")
+    plan = _fixed_plan(n, size, aug_order, crop)
+    views = _run(images, plan, aug, mix)
+    _assert_matches_reference(views, _reference(images, plan, aug_order, mix_op), plan, size)
+
+
+def _drawn_plan(seed, n, size, aug, mix, labels_n):
+    labels = np.arange(labels_n) % 5
+    planner = Planner.for_training(labels, None, aug=aug, mix=mix, image_size=size, batch_size=n, num_views=2,
+                                   fg_weights=foreground_weights(labels, 5, "instance", 1.0), seed=seed, rank=0,
+                                   world_size=1, num_epochs=None)
+    return planner.plan(0, 0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_graph_matches_reference_drawn_params(seed):
-    """The parameters the loaders actually draw (sample_batch_params), RandomResizedCrop at 48 px."""
+    """The plans the loaders actually draw, RandomResizedCrop at 48 px, some pairs unmixed."""
     size, n = 48, 16
-    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.7)
-    params = sample_batch_params(batch_generator(seed, 0, 0, 0), n, size, aug, mix, True)
-    fg, bg = _noise(n, size, 3), _noise(n, size, 4)
-    views, _ = mix_batch(fg, bg, params, aug=aug, mix=mix, mean=MEAN, std=STD)
-    _assert_matches_reference(views, _reference(fg, bg, params), params, size)
+    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.7, mix_per="sample")
+    images = _noise(40, size, 3 + seed)
+    plan = _drawn_plan(seed, n, size, aug, mix, 40)
+    assert 0 < plan["mixed"].sum() < n
+    views = _run(images, plan, aug, mix)
+    _assert_matches_reference(views, _reference(images, plan, mix.aug_order, mix.mix_op), plan, size)
 
 
 def test_antialiased_box_resize_would_fail_the_tolerance():
@@ -191,20 +220,22 @@ def test_antialiased_box_resize_would_fail_the_tolerance():
 
 
 def _demo_cfg(*overrides):
-    return load_config("smoke_cpu", ["--data.batch_size=16", *overrides])
+    """The smoke config with every batch mixed from epoch 0 unless an override says otherwise."""
+    return load_config("smoke_cpu", ["--data.batch_size=16", "--mix.start_epoch=0", "--mix.mix_prob=1.0", *overrides])
 
 
-@pytest.mark.parametrize("overrides", [[], ["--aug.crop=resized", "--mix.mix_prob=0.5"]])
+@pytest.mark.parametrize("overrides", [[], ["--aug.crop=resized", "--mix.mix_prob=0.5"],
+                                       ["--mix.mix_prob=0.5", "--mix.mix_per=sample", "--mix.aug_order=after_mix"]])
 def test_loader_matches_torch_loader(overrides):
     cfg = _demo_cfg(*overrides)
-    kw = dict(split="train", rank=0, world_size=1, device="cpu", seed=7)
-    tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
-    dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    kw = dict(split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=7)
+    tl = _from_config("torch", cfg.data, cfg.aug, cfg.mix, **kw)
+    dl = _from_config("dali", cfg.data, cfg.aug, cfg.mix, **kw)
     assert len(dl) == len(tl) > 2
     for epoch in (0, 1):  # the second epoch continues the same pipeline (no rebuild)
         tl.set_epoch(epoch)
         dl.set_epoch(epoch)
-        pipe = dl._pipe
+        pipe = dl.executor._pipe
         n = 0
         for bt, bd in zip(tl, dl):
             assert bd.images.shape == bt.images.shape == (32, 3, 32, 32) and bd.images.dtype == torch.float32
@@ -214,15 +245,15 @@ def test_loader_matches_torch_loader(overrides):
             n += 1
         assert n == len(tl)
         if epoch == 1:
-            assert dl._pipe is pipe, "a fully iterated epoch should not restart the pipeline"
+            assert dl.executor._pipe is pipe, "a fully iterated epoch should not restart the pipeline"
 
 
 def test_test_split_shards_like_torch_loader():
     cfg = _demo_cfg("--data.eval_batch_size=128")
     for rank in (0, 1):
-        kw = dict(split="test", rank=rank, world_size=2, device="cpu", seed=0)
-        tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
-        dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+        kw = dict(split="test", rank=rank, world_size=2, device=torch.device("cpu"), seed=0)
+        tl = _from_config("torch", cfg.data, cfg.aug, cfg.mix, **kw)
+        dl = _from_config("dali", cfg.data, cfg.aug, cfg.mix, **kw)
         assert len(dl) == len(tl) == 4  # 1000 test images, 500 per rank: 3 x 128 and a partial batch
         got = list(dl)
         assert [b.y_f.numel() for b in got] == [b.y_f.numel() for b in tl] == [128, 128, 128, 116]
@@ -234,9 +265,9 @@ def test_test_split_shards_like_torch_loader():
 
 def test_resume_mid_epoch_and_abandoned_epochs():
     cfg = _demo_cfg()
-    kw = dict(split="train", rank=0, world_size=1, device="cpu", seed=3)
-    tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
-    dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    kw = dict(split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=3)
+    tl = _from_config("torch", cfg.data, cfg.aug, cfg.mix, **kw)
+    dl = _from_config("dali", cfg.data, cfg.aug, cfg.mix, **kw)
     for epoch, start in [(2, 5), (3, 0), (4, 1)]:
         tl.set_epoch(epoch, start)
         dl.set_epoch(epoch, start)
@@ -244,19 +275,6 @@ def test_resume_mid_epoch_and_abandoned_epochs():
         for bt, bd, _ in zip(tl, dl, range(2)):
             assert torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.lam, bt.lam)
             assert (bd.images - bt.images).abs().max() <= _grey(TOL_INSIDE)
-
-
-def test_spawned_workers_give_the_same_batches():
-    """GPU pipelines always start their Python workers with spawn (fork is unsafe once CUDA is up):
-    the callback must pickle, and spawned workers must draw the same batches as forked ones."""
-    cfg = _demo_cfg()
-    kw = dict(split="train", rank=0, world_size=1, device="cpu", seed=9)
-    forked = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, py_start_method="fork", **kw)
-    spawned = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, py_start_method="spawn", **kw)
-    for loader in (forked, spawned):
-        loader.set_epoch(1, 2)
-    for a, b, _ in zip(forked, spawned, range(3)):
-        assert torch.equal(a.y_f, b.y_f) and torch.equal(a.images, b.images)
 
 
 def _index_images(n: int, size: int) -> np.ndarray:
@@ -276,7 +294,7 @@ def _flat_loader(n_images, labels, **kw):
     size = 16
     ds = ImageArrays(_index_images(n_images, size), labels, [str(k) for k in range(labels.max() + 1)])
     mix = kw.pop("mix", MixConfig(aug_order="none"))
-    return _loader(ds, mix=mix, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255), **kw), ds
+    return _loader(ds, mix=mix, aug=PLAIN, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255), **kw), ds
 
 
 def test_labels_and_lambda_equal_the_pasted_areas():
@@ -285,7 +303,8 @@ def test_labels_and_lambda_equal_the_pasted_areas():
     this rank's sample_order streams."""
     n, size = 60, 16
     labels = np.random.default_rng(0).integers(0, 5, n)
-    loader, ds = _flat_loader(n, labels, batch_size=10, mix=MixConfig(aug_order="none", mix_prob=0.75), seed=4)
+    loader, ds = _flat_loader(n, labels, batch_size=10, mix=MixConfig(aug_order="none", mix_prob=0.75,
+                                                                      mix_per="sample"), seed=4)
     loader.set_epoch(1)
     w = foreground_weights(labels, 5, "class", 1.0)
     kw = dict(epoch=1, seed=4, rank=0, world_size=1, num_samples=n)
@@ -294,7 +313,7 @@ def test_labels_and_lambda_equal_the_pasted_areas():
     for b, batch in enumerate(loader):
         x = batch.images[:10].permute(0, 2, 3, 1) * 1.0  # view 0, (B, S, S, 3) in 0..255
         idx = _decode_index(x)  # (B, S, S)
-        assert torch.equal(batch.images[:10], batch.images[10:])  # aug_order none: both views are the mix
+        assert torch.equal(batch.images[:10], batch.images[10:])  # no crop, flip or colour: both views are the mix
         for i in range(10):
             bg_i, fg_i = bg_order[b * 10 + i], fg_order[b * 10 + i]
             assert batch.y_b[i] == labels[bg_i]
@@ -344,10 +363,8 @@ def test_two_ranks_disjoint_and_equal_lengths():
         loader.set_epoch(0)
         seen_bg, seen_fg = [], []
         for b, batch in enumerate(loader):
-            rng = batch_generator(2, 0, rank, b)
-            params = sample_batch_params(rng, 4, 16, AugConfig(), MixConfig(aug_order="none"), True)
             x = batch.images[:4].permute(0, 2, 3, 1)
-            for i, (t, l, h, w) in enumerate(params.mix.box):
+            for i, (t, l, h, w) in enumerate(batch.plan["box"]):
                 outside = np.ones((16, 16), bool)
                 outside[t:t + h, l:l + w] = False
                 seen_bg.append(int(_decode_index(x[i])[outside][0]))
@@ -384,10 +401,10 @@ def test_file_sources_match_torch_loader(dataset, lists):
                                     "--data.imbalance_ratio=1", "--data.batch_size=4", "--data.eval_batch_size=4",
                                     *extra])
     for split in ("train", "test"):
-        kw = dict(split=split, rank=0, world_size=1, device="cpu", seed=5)
-        tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
-        dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
-        assert dl.spec.source == "files" and len(dl) == len(tl) == 2
+        kw = dict(split=split, rank=0, world_size=1, device=torch.device("cpu"), seed=5)
+        tl = _from_config("torch", cfg.data, cfg.aug, cfg.mix, **kw)
+        dl = _from_config("dali", cfg.data, cfg.aug, cfg.mix, **kw)
+        assert dl.executor.spec.source == "files" and len(dl) == len(tl) == 2
         assert dl.class_counts.tolist() == ([6, 3, 1] if split == "train" else [2, 2, 2])
         for bt, bd in zip(tl, dl):
             assert torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.y_b, bt.y_b) and torch.equal(bd.lam, bt.lam)
@@ -428,14 +445,14 @@ def test_real_photos_through_each_source(tmp_path, kind):
         args += ["--data.dataset=inat2018", f"--data.root={PHOTOS}", f"--data.train_list={tmp_path / 'val.json'}",
                  f"--data.test_list={tmp_path / 'val.json'}"]
     cfg = load_config("smoke_cpu", args)
-    kw = dict(rank=0, world_size=1, device="cpu", seed=0)
-    train = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, split="train", **kw)
+    kw = dict(rank=0, world_size=1, device=torch.device("cpu"), seed=0)
+    train = _from_config("dali", cfg.data, cfg.aug, cfg.mix, split="train", **kw)
     assert train.class_counts.tolist() == [4, 2, 2] and len(train) == 2
     for batch in train:
         assert batch.images.shape == (8, 3, 64, 64) and torch.isfinite(batch.images).all()
         assert set(batch.y_b.tolist()) <= {0, 1, 2}
         assert batch.images.std() > 0.1  # real content, not a blank canvas
-    test = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, split="test", **kw)
+    test = _from_config("dali", cfg.data, cfg.aug, cfg.mix, split="test", **kw)
     got = [b.y_f.tolist() for b in test]
     assert got == [labels[:3], labels[3:6], labels[6:]]
 
@@ -458,31 +475,31 @@ def test_missing_image_root_names_the_file(tmp_path):
 @pytest.mark.parametrize("mix_op", ["resize", "crop"])
 def test_gpu_graph_matches_reference_fixed_params(crop, aug_order, mix_op):
     size, n = 32, 6
-    fg, bg = _noise(n, size, 1), _noise(n, size, 2)
-    params = _fixed_params(n, size, aug_order, mix_op, crop)
-    views, _ = mix_batch(fg, bg, params, aug=AugConfig(crop=crop), mix=MixConfig(aug_order=aug_order, mix_op=mix_op),
-                         mean=MEAN, std=STD, device_id=0)
-    _assert_matches_reference(views, _reference(fg, bg, params), params, size)
+    images = np.concatenate([_noise(n, size, 1), _noise(n, size, 2)])
+    mix = MixConfig(aug_order=aug_order, mix_op=mix_op)
+    plan = _fixed_plan(n, size, aug_order, crop)
+    views = _run(images, plan, AugConfig(crop=crop), mix, device_id=0)
+    _assert_matches_reference(views, _reference(images, plan, aug_order, mix_op), plan, size)
 
 
 @gpu
 @pytest.mark.gpu
 def test_gpu_graph_matches_reference_drawn_params_224():
     size, n = 224, 32
-    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.8)
-    params = sample_batch_params(batch_generator(0, 0, 0, 0), n, size, aug, mix, True)
-    fg, bg = _noise(n, size, 3), _noise(n, size, 4)
-    views, _ = mix_batch(fg, bg, params, aug=aug, mix=mix, mean=MEAN, std=STD, device_id=0)
-    _assert_matches_reference(views, _reference(fg, bg, params), params, size)
+    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.8, mix_per="sample")
+    images = _noise(64, size, 3)
+    plan = _drawn_plan(0, n, size, aug, mix, 64)
+    views = _run(images, plan, aug, mix, device_id=0)
+    _assert_matches_reference(views, _reference(images, plan, mix.aug_order, mix.mix_op), plan, size)
 
 
 @gpu
 @pytest.mark.gpu
 def test_gpu_loader_matches_torch_loader():
     cfg = _demo_cfg("--aug.crop=resized", "--mix.mix_prob=0.5")
-    kw = dict(split="train", rank=0, world_size=1, device="cuda", seed=7)
-    tl = TorchLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
-    dl = DaliLoader.from_config(cfg.data, cfg.aug, cfg.mix, **kw)
+    kw = dict(split="train", rank=0, world_size=1, device=torch.device("cuda"), seed=7)
+    tl = _from_config("torch", cfg.data, cfg.aug, cfg.mix, **kw)
+    dl = _from_config("dali", cfg.data, cfg.aug, cfg.mix, **kw)
     for epoch in (0, 1):
         tl.set_epoch(epoch)
         dl.set_epoch(epoch)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from scipy import stats
 
 import numpy_reference as ref
-from mixtail.pipelines.mixing import (box_mask, mix_views, mixing_active, paste, sample_batch_params,
-                                      sample_mix_params)
+from mixtail.pipelines.augment import identity_aug_params, sample_aug_params
 from mixtail.pipelines.config import AugConfig
+from mixtail.pipelines.mixing import box_mask, paste, render_views, sample_mix_params
+from mixtail.pipelines.plan import pack_train_plan, plan_layout
 from mixtail.pipelines.config import MixConfig as _MixConfig
 
 
@@ -60,7 +61,7 @@ def test_paste_resize_matches_numpy(size, ratio_range):
     n = 24 if size < 100 else 4
     fg, bg = random_floats(n, size, 1), random_floats(n, size, 2)
     mp = sample_mix_params(np.random.default_rng(size), n, size, size,
-                           MixConfig(ratio_range=ratio_range), mixing_on=True)
+                           MixConfig(ratio_range=ratio_range), mixed=True)
     box = mp.box.copy()
     box[0] = [0, 0, size, size]  # a full box
     box[1] = [size - size // 3, 0, size // 3, size // 3]  # bottom-left corner
@@ -89,7 +90,7 @@ def test_paste_resize_matches_numpy(size, ratio_range):
 def test_paste_crop_copies_foreground_pixels(size):
     n = 16
     fg, bg = random_floats(n, size, 3), random_floats(n, size, 4)
-    mp = sample_mix_params(np.random.default_rng(0), n, size, size, MixConfig(), mixing_on=True)
+    mp = sample_mix_params(np.random.default_rng(0), n, size, size, MixConfig(), mixed=True)
     out = paste(fg, bg, torch.from_numpy(mp.box), "crop")
     inside = torch.from_numpy(inside_mask(mp.box, size)).expand_as(bg)
     assert inside.any() and (~inside).any()
@@ -116,7 +117,7 @@ def test_box_mask_and_bad_op():
 def test_mix_params_lambda_and_box(size, ratio_range):
     n = 5000
     cfg = MixConfig(ratio_range=ratio_range)
-    mp = sample_mix_params(np.random.default_rng(1), n, size, size, cfg, mixing_on=True)
+    mp = sample_mix_params(np.random.default_rng(1), n, size, size, cfg, mixed=True)
     assert mp.mixed.all() and mp.box.dtype == np.int64 and mp.lam.dtype == np.float32
     top, left, bh, bw = mp.box.T
     # λ is the exact pasted area after rounding.
@@ -138,7 +139,7 @@ def test_box_side_rounds_half_up():
     # √0.390625 = 0.625 exactly; 0.625·20 = 12.5 -> 13 (banker's rounding would give 12); 0.625·4 = 2.5 -> 3.
     for size, side in [(20, 13), (4, 3), (12, 8)]:
         mp = sample_mix_params(np.random.default_rng(0), 50, size, size, MixConfig(ratio_range=(0.390625, 0.390625)),
-                               mixing_on=True)
+                               mixed=True)
         assert (mp.box[:, 2] == side).all() and (mp.box[:, 3] == side).all(), size
         assert np.array_equal(mp.lam, np.full(50, side * side / (size * size), np.float32))
 
@@ -146,7 +147,7 @@ def test_box_side_rounds_half_up():
 def test_box_position_uniform():
     # Side 16 on 32: top and left uniform on 0..16 (every position reachable, the far edge included).
     n = 17 * 400
-    mp = sample_mix_params(np.random.default_rng(3), n, 32, 32, MixConfig(ratio_range=(0.25, 0.25)), mixing_on=True)
+    mp = sample_mix_params(np.random.default_rng(3), n, 32, 32, MixConfig(ratio_range=(0.25, 0.25)), mixed=True)
     assert (mp.box[:, 2] == 16).all()
     for axis in (0, 1):
         counts = np.bincount(mp.box[:, axis], minlength=17)
@@ -159,7 +160,7 @@ def test_box_side_distribution_is_normalized_beta(alpha):
     # F((((s + ½)/H)² − lo)/(hi − lo)) − F((((s − ½)/H)² − lo)/(hi − lo)), F the Beta(α, α) cdf.
     lo, hi, size, n = 0.2, 0.8, 32, 20000
     mp = sample_mix_params(np.random.default_rng(5), n, size, size, MixConfig(alpha=alpha, ratio_range=(lo, hi)),
-                           mixing_on=True)
+                           mixed=True)
     sides = np.arange(size + 1)
 
     def probs(a: float) -> np.ndarray:
@@ -188,36 +189,23 @@ def test_ratio_range_edges_give_empty_and_full_boxes():
                                atol=tol(size), rtol=0)
 
 
-@pytest.mark.parametrize("cfg,mixing_on", [(MixConfig(mix_prob=0.0), True), (MixConfig(), False)])
-def test_unmixed_pairs_are_the_background(cfg, mixing_on):
+def test_unmixed_pairs_are_the_background():
     size, n = 17, 10
-    mp = sample_mix_params(np.random.default_rng(0), n, size, size, cfg, mixing_on)
-    assert not mp.mixed.any() and (mp.lam == 1).all() and (mp.box == 0).all()
+    mixed = np.zeros(n, bool)
+    mixed[3] = True
+    mp = sample_mix_params(np.random.default_rng(0), n, size, size, MixConfig(), mixed)
+    assert np.array_equal(mp.mixed, mixed)
+    assert (mp.lam[~mixed] == 1).all() and (mp.box[~mixed] == 0).all() and mp.lam[3] < 1
     fg, bg = random_floats(n, size, 8), random_floats(n, size, 9)
-    assert torch.equal(paste(fg, bg, torch.from_numpy(mp.box), "resize"), bg)
-
-
-def test_mix_prob_rate():
-    n = 20000
-    mp = sample_mix_params(np.random.default_rng(0), n, 32, 32, MixConfig(mix_prob=0.3, mix_per="sample"), True)
-    assert abs(mp.mixed.mean() - 0.3) < 6 * np.sqrt(0.3 * 0.7 / n)
-    assert (mp.lam[~mp.mixed] == 1).all() and (mp.box[~mp.mixed] == 0).all()
-    assert (mp.lam[mp.mixed] < 1).all()
-
-
-def test_mix_per_batch_is_one_draw():
-    rates = [sample_mix_params(np.random.default_rng(s), 64, 32, 32, MixConfig(mix_prob=0.3), True).mixed
-             for s in range(400)]
-    assert all(m.all() or not m.any() for m in rates)  # a whole batch or none of it
-    frac = np.mean([m.all() for m in rates])
-    assert abs(frac - 0.3) < 6 * np.sqrt(0.3 * 0.7 / 400)
+    out = paste(fg, bg, torch.from_numpy(mp.box), "resize")
+    assert torch.equal(out[~torch.from_numpy(mixed)], bg[~torch.from_numpy(mixed)])
+    assert not torch.equal(out[3], bg[3])
 
 
 def test_mixing_window():
     cfg = MixConfig(start_epoch=2, unmixed_last_epochs=2)
-    assert [mixing_active(cfg, e, 7) for e in range(7)] == [False, False, True, True, True, False, False]
-    assert all(mixing_active(MixConfig(start_epoch=0), e, None) for e in (0, 10, 1000))
-    assert not mixing_active(MixConfig(start_epoch=3, unmixed_last_epochs=0), 3, 3)
+    assert [cfg.active(e, 7) for e in range(7)] == [False, False, True, True, True, False, False]
+    assert not MixConfig(start_epoch=3, unmixed_last_epochs=0).active(3, 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,20 +215,44 @@ def test_mixing_window():
 AUG = AugConfig(crop="pad", color_prob=1.0, grayscale_prob=0.3)
 
 
+def make_plan(size: int, mp, fg_aug: list, bg_aug: list, aug_order: str = "before_mix"):
+    """A plan holding exactly these draws (components of image i are images i of fg and bg)."""
+    n, views = len(mp.lam), len(bg_aug)
+    if aug_order == "after_mix":
+        augs = {f"mx{v}": bg_aug[v] for v in range(views)}
+    else:
+        augs = {**{f"fg{v}": fg_aug[v] for v in range(views)}, **{f"bg{v}": bg_aug[v] for v in range(views)}}
+    full = (np.full(n, float(size)), np.full(n, float(size)))
+    return pack_train_plan(plan_layout(train=True, aug_order=aug_order, num_views=views), epoch=0, batch=0,
+                           fg_index=np.arange(n), bg_index=np.arange(n), labels=np.zeros(n, np.int64), mix=mp,
+                           augs=augs, sizes={p: full for p in augs})
+
+
+def draw(seed: int, n: int, size: int, aug: AugConfig, views: int = 2, crop: bool = True, mixed=True):
+    rng = np.random.default_rng(seed)
+    mp = sample_mix_params(rng, n, size, size, MixConfig(), mixed)
+    fg = [sample_aug_params(rng, n, size, size, aug, crop=crop) for _ in range(views)]
+    bg = [sample_aug_params(rng, n, size, size, aug, crop=crop) for _ in range(views)]
+    return mp, fg, bg
+
+
+def views_of(fg, bg, plan, size, mix_op="resize", aug_order="before_mix", views=2):
+    return render_views(fg, bg, plan.to("cpu"), out_size=size, mix_op=mix_op, aug_order=aug_order, num_views=views)
+
+
 @pytest.mark.parametrize("size,aug", [(32, AUG), (31, AUG), (31, AugConfig(crop="resized", grayscale_prob=0.3))])
 @pytest.mark.parametrize("mix_op", ["resize", "crop"])
 def test_before_mix_views_share_box_and_differ_in_augmentation(size, aug, mix_op):
     n = 8
     fg, bg = random_uint8(n, size, 10), random_uint8(n, size, 11)
-    params = sample_batch_params(np.random.default_rng(0), n, size, aug, MixConfig(mix_op=mix_op), True, num_views=2)
-    assert len(params.fg_aug) == len(params.bg_aug) == 2
-    views = mix_views(fg, bg, params, size)
+    mp, fg_aug, bg_aug = draw(0, n, size, aug)
+    views = views_of(fg, bg, make_plan(size, mp, fg_aug, bg_aug), size, mix_op)
     assert len(views) == 2 and all(v.shape == (n, 3, size, size) and v.dtype == torch.float32 for v in views)
-    inside = inside_mask(params.mix.box, size)
+    inside = inside_mask(mp.box, size)
     for v in range(2):
         # Each component augmented on its own, then pasted with the pair's single box (SPEC, Eq. 3).
-        expected = ref.paste(ref.augment(fg.numpy(), params.fg_aug[v], size),
-                             ref.augment(bg.numpy(), params.bg_aug[v], size), params.mix.box, mix_op)
+        expected = ref.paste(ref.augment(fg.numpy(), fg_aug[v], size), ref.augment(bg.numpy(), bg_aug[v], size),
+                             mp.box, mix_op)
         np.testing.assert_allclose(views[v].numpy(), expected, atol=tol(size), rtol=0)
     # The two views differ both inside (foreground) and outside (background) the box.
     diff = (views[0] - views[1]).abs().numpy()
@@ -248,56 +260,59 @@ def test_before_mix_views_share_box_and_differ_in_augmentation(size, aug, mix_op
     assert diff[np.broadcast_to(~inside, diff.shape)].mean() > 0.05
 
 
-def test_aug_order_none_gives_identical_views():
+def test_aug_order_none_crops_nothing_but_keeps_flip_and_colour():
     size, n = 32, 8
     fg, bg = random_uint8(n, size, 12), random_uint8(n, size, 13)
-    params = sample_batch_params(np.random.default_rng(0), n, size, AUG, MixConfig(aug_order="none"), True)
-    views = mix_views(fg, bg, params, size)
-    assert torch.equal(views[0], views[1])
-    expected = ref.paste(fg.numpy() / 255.0, bg.numpy() / 255.0, params.mix.box, "resize")
-    np.testing.assert_allclose(views[0].numpy(), expected, atol=tol(size), rtol=0)
+    mp, fg_aug, bg_aug = draw(0, n, size, AUG, crop=False)
+    assert all(np.array_equal(a.crop, np.tile([0, 0, size, size], (n, 1))) for a in fg_aug + bg_aug)
+    views = views_of(fg, bg, make_plan(size, mp, fg_aug, bg_aug, "none"), size, aug_order="none")
+    for v in range(2):
+        expected = ref.paste(ref.augment(fg.numpy(), fg_aug[v], size), ref.augment(bg.numpy(), bg_aug[v], size),
+                             mp.box, "resize")
+        np.testing.assert_allclose(views[v].numpy(), expected, atol=tol(size), rtol=0)
+    assert (views[0] - views[1]).abs().mean() > 0.05, "the views still differ by flip and colour"
 
 
 @pytest.mark.parametrize("size", [32, 31])
 def test_after_mix_augments_the_mixed_image(size):
     n = 8
     fg, bg = random_uint8(n, size, 14), random_uint8(n, size, 15)
-    params = sample_batch_params(np.random.default_rng(2), n, size, AUG, MixConfig(aug_order="after_mix"), True)
-    views = mix_views(fg, bg, params, size)
-    mixed = ref.paste(fg.numpy() / 255.0, bg.numpy() / 255.0, params.mix.box, "resize")
+    mp, _, bg_aug = draw(2, n, size, AUG)
+    views = views_of(fg, bg, make_plan(size, mp, [], bg_aug, "after_mix"), size, aug_order="after_mix")
+    mixed = ref.paste(fg.numpy() / 255.0, bg.numpy() / 255.0, mp.box, "resize")
     for v in range(2):
-        np.testing.assert_allclose(views[v].numpy(), ref.augment(mixed, params.bg_aug[v], size),
-                                   atol=tol(size), rtol=0)
+        np.testing.assert_allclose(views[v].numpy(), ref.augment(mixed, bg_aug[v], size), atol=tol(size), rtol=0)
     assert (views[0] - views[1]).abs().mean() > 0.05
 
 
-def test_batch_params_reproducible_and_one_view():
-    a = sample_batch_params(np.random.default_rng(7), 16, 32, AUG, MixConfig(), True)
-    b = sample_batch_params(np.random.default_rng(7), 16, 32, AUG, MixConfig(), True)
-    assert np.array_equal(a.mix.box, b.mix.box) and np.array_equal(a.mix.lam, b.mix.lam)
-    for x, y in zip(a.fg_aug + a.bg_aug, b.fg_aug + b.bg_aug):
-        assert np.array_equal(x.crop, y.crop) and np.array_equal(x.hue, y.hue)
-    assert not np.array_equal(a.fg_aug[0].crop, a.fg_aug[1].crop)
-    one = sample_batch_params(np.random.default_rng(7), 16, 32, AUG, MixConfig(), True, num_views=1)
-    assert np.array_equal(one.mix.box, a.mix.box)  # λ and box are drawn first, whatever the views
-    assert len(mix_views(random_uint8(16, 32, 0), random_uint8(16, 32, 1), one, 32)) == 1
-
-
-def test_mix_views_needs_canvas_size():
-    params = sample_batch_params(np.random.default_rng(0), 2, 32, AUG, MixConfig(), True)
-    with pytest.raises(ValueError, match="canvas"):
-        mix_views(random_uint8(2, 32, 0), random_uint8(2, 32, 1), params, 24)
+def test_one_view():
+    n, size = 16, 32
+    mp, fg_aug, bg_aug = draw(7, n, size, AUG, views=1)
+    plan = make_plan(size, mp, fg_aug, bg_aug)
+    assert len(views_of(random_uint8(n, size, 0), random_uint8(n, size, 1), plan, size, views=1)) == 1
 
 
 def test_unmixed_views_are_augmented_backgrounds():
     size, n = 32, 6
     fg, bg = random_uint8(n, size, 16), random_uint8(n, size, 17)
-    params = sample_batch_params(np.random.default_rng(1), n, size, AUG, MixConfig(), mixing_on=False)
-    views = mix_views(fg, bg, params, size)
+    mp, fg_aug, bg_aug = draw(1, n, size, AUG, mixed=False)
+    plan = make_plan(size, mp, fg_aug, bg_aug)
+    assert not plan.mixed
+    views = views_of(None, bg, plan, size)  # no foreground at all: an unmixed batch never reads one
     for v in range(2):
-        np.testing.assert_allclose(views[v].numpy(), ref.augment(bg.numpy(), params.bg_aug[v], size),
-                                   atol=tol(size), rtol=0)
+        np.testing.assert_allclose(views[v].numpy(), ref.augment(bg.numpy(), bg_aug[v], size), atol=tol(size), rtol=0)
     # Same parameters for a mixed batch only change the pixels inside the boxes.
-    mixed = mix_views(fg, bg, replace(params, mix=sample_mix_params(np.random.default_rng(1), n, size, size,
-                                                                    MixConfig(), True)), size)
+    mp_mixed = sample_mix_params(np.random.default_rng(1), n, size, size, MixConfig(), True)
+    mixed = views_of(fg, bg, make_plan(size, mp_mixed, fg_aug, bg_aug), size)
     assert not torch.equal(mixed[0], views[0])
+    outside = torch.from_numpy(~inside_mask(mp_mixed.box, size)).expand_as(views[0])
+    assert torch.equal(mixed[0][outside], views[0][outside])
+
+
+def test_identity_plan_reproduces_the_images():
+    size, n = 31, 4
+    bg = random_uint8(n, size, 3)
+    ident = [identity_aug_params(n, size, size) for _ in range(2)]
+    mp = sample_mix_params(np.random.default_rng(0), n, size, size, MixConfig(), False)
+    views = views_of(None, bg, make_plan(size, mp, ident, ident), size)
+    torch.testing.assert_close(views[1], bg.float() / 255, atol=tol(size), rtol=0)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from mixtail.pipelines.base import Batch, build_loader, normalize_views
+from mixtail.pipelines.base import Batch, build_loader, loader_for_dataset, normalize_views
 from mixtail.pipelines.datasets import ImageArrays
-from mixtail.pipelines.mixing import sample_batch_params
-from mixtail.pipelines.sampling import batch_generator, foreground_weights, sample_order
-from mixtail.pipelines.torch_loader import TorchLoader
+from mixtail.pipelines import mixing
+from mixtail.pipelines.sampling import batch_mixed, foreground_weights, sample_order
+from mixtail.pipelines.loader import Loader
 from mixtail.pipelines.config import AugConfig, DataConfig
 from mixtail.pipelines.config import MixConfig as _MixConfig
 from mixtail.trainer.config import load_config
@@ -33,6 +33,8 @@ def MixConfig(**overrides) -> _MixConfig:  # noqa: N802 - stands in for the data
 
 
 SIZE = 16
+# No flip and no colour: with aug_order none (no cropping) every view is its component's own pixels.
+PLAIN = AugConfig(flip=False, color_jitter=0.0, hue=0.0, color_prob=0.0, grayscale_prob=0.0)
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CPU = torch.device("cpu")
 
@@ -52,10 +54,12 @@ def indexed_dataset(n: int, num_classes: int = 5, seed: int = 0) -> ImageArrays:
 
 
 def loader(ds: ImageArrays, *, train=True, batch_size=16, mix=MixConfig(), aug=AugConfig(), rank=0, world_size=1,
-           num_views=2, seed=0) -> TorchLoader:
-    return TorchLoader(ds, train=train, batch_size=batch_size, aug=aug, mix=mix, num_views=num_views,
-                       fg_sampling="class", fg_gamma=1.0, mean=MEAN, std=STD, rank=rank, world_size=world_size,
-                       device=CPU, seed=seed)
+           num_views=2, seed=0, num_epochs=None, fg_sampling="class") -> Loader:
+    """The torch backend over an in-memory dataset; batch_size is per rank."""
+    data = DataConfig(batch_size=batch_size * world_size, eval_batch_size=batch_size, num_views=num_views,
+                      fg_sampling=fg_sampling, image_size=SIZE, mean=MEAN, std=STD)
+    return loader_for_dataset(ds, data, aug, mix, split="train" if train else "test", rank=rank,
+                              world_size=world_size, device=CPU, seed=seed, num_epochs=num_epochs)
 
 
 def pixels(images: torch.Tensor, y: int = 0, x: int = 0) -> np.ndarray:
@@ -76,7 +80,7 @@ def same_batches(a: list[Batch], b: list[Batch]) -> bool:
                                     for x, y in zip(a, b))
 
 
-def epoch(ld: TorchLoader, e: int, start_batch: int = 0) -> list[Batch]:
+def epoch(ld: Loader, e: int, start_batch: int = 0) -> list[Batch]:
     ld.set_epoch(e, start_batch)
     return list(ld)
 
@@ -128,13 +132,13 @@ def test_start_batch_resumes_mid_epoch(start):
 
 
 def test_unmixed_samples_are_their_background():
-    ld = loader(DS, mix=MixConfig(mix_prob=0.0, aug_order="none"), world_size=2, rank=1)
+    ld = loader(DS, mix=MixConfig(mix_prob=0.0, aug_order="none"), aug=PLAIN, world_size=2, rank=1)
     order = sample_order(None, epoch=0, seed=0, rank=1, world_size=2, num_samples=len(DS))
     seen = []
     for b in epoch(ld, 0):
         assert torch.equal(b.y_f, b.y_b) and (b.lam == 1).all()
         bs = len(b.y_f)
-        # Views are identical (aug none) and hold exactly the background images, normalized.
+        # Views are identical (no crop, flip or colour) and hold exactly the background images, normalized.
         assert torch.equal(b.images[:bs], b.images[bs:])
         idx = decode_index(b.images[:bs])
         assert np.array_equal(b.y_b.numpy(), DS.labels[idx])
@@ -145,27 +149,75 @@ def test_unmixed_samples_are_their_background():
 
 
 def test_mixing_window_in_epochs():
-    ld = loader(DS, mix=MixConfig(start_epoch=1))
-    for b in epoch(ld, 0):
-        assert torch.equal(b.y_f, b.y_b) and (b.lam == 1).all()
-    lam = torch.cat([b.lam for b in epoch(ld, 1)])
-    assert (lam < 1).all() and (lam >= 0.1).all()  # ratio_range [0.2, 0.8] after rounding at 16 px
+    # CMO's window: mixing for start_epoch <= epoch < E − unmixed_last_epochs; the last epochs are unmixed.
+    ld = loader(DS, mix=MixConfig(start_epoch=1, unmixed_last_epochs=2), num_epochs=5)
+    for e in (0, 3, 4):
+        for b in epoch(ld, e):
+            assert torch.equal(b.y_f, b.y_b) and (b.lam == 1).all() and not b.plan.mixed
+    for e in (1, 2):
+        lam = torch.cat([b.lam for b in epoch(ld, e)])
+        assert (lam < 1).all() and (lam >= 0.1).all()  # ratio_range [0.2, 0.8] after rounding at 16 px
+
+
+def test_mix_per_batch_mixes_whole_batches_at_mix_prob():
+    ld = loader(DS, mix=MixConfig(mix_prob=0.5), batch_size=8)
+    flags = []
+    for e in range(12):
+        for bi, b in enumerate(epoch(ld, e)):
+            mixed = b.plan["mixed"].astype(bool)
+            assert mixed.all() or not mixed.any(), "mix_per=batch mixes a whole batch or none of it"
+            assert mixed.all() == batch_mixed(0, e, bi, 0.5)  # the documented draw, shared by every rank
+            flags.append(mixed.all())
+    n = len(flags)
+    assert abs(np.mean(flags) - 0.5) < 4 * np.sqrt(0.25 / n), (np.mean(flags), n)
+    per_sample = loader(DS, mix=MixConfig(mix_prob=0.5, mix_per="sample"), batch_size=64)
+    b = epoch(per_sample, 0)[0]
+    assert 0 < b.plan["mixed"].sum() < 64
+
+
+def test_unmixed_batches_draw_no_foreground(monkeypatch):
+    rendered = []
+    real = mixing.render_component
+    monkeypatch.setattr(mixing, "render_component", lambda x, plan, name, *a, **k: rendered.append(name) or
+                        real(x, plan, name, *a, **k))
+    ld = loader(DS, mix=MixConfig(mix_prob=0.5), batch_size=8)
+    ld.set_epoch(2)
+    kinds = set()
+    for b in ld:  # lazily: each batch's rendering is recorded before the next one is built
+        names, rendered[:] = list(rendered), []
+        kinds.add(b.plan.mixed)
+        if b.plan.mixed:
+            assert names == ["bg0", "fg0", "bg1", "fg1"]
+        else:
+            assert names == ["bg0", "bg1"], "an unmixed batch must not render a foreground"
+            assert np.array_equal(b.plan["fg_index"], b.plan["bg_index"])
+    assert kinds == {True, False}
+
+
+def test_aug_order_none_keeps_images_uncropped_but_flips():
+    ld = loader(DS, mix=MixConfig(aug_order="none"), aug=AugConfig(crop="resized"), batch_size=32)
+    plan = epoch(ld, 0)[0].plan
+    for p in ("fg0", "bg0", "fg1", "bg1"):
+        assert np.array_equal(plan[f"{p}.crop"], np.tile([0.0, 0.0, 1.0, 1.0], (32, 1)))
+    flips = np.concatenate([plan[f"{p}.flip"] for p in ("bg0", "bg1")])
+    assert 0 < flips.sum() < len(flips), "no cropping, but the flip stays"
+    assert plan.colour, "and so does the colour augmentation"
 
 
 def test_mixed_batches_hold_the_foreground_and_background_streams():
-    # aug none + CutMix-style crop: inside the box the pixels are the foreground's own, so both
-    # sample indices can be read back and checked against the documented streams and labels.
-    mix = MixConfig(aug_order="none", mix_op="crop", mix_prob=0.7)
-    ld = loader(DS, mix=mix, rank=0, world_size=2, seed=4)
+    # No crop, flip or colour + CutMix-style crop: inside the box the pixels are the foreground's own, so
+    # both sample indices can be read back and checked against the documented streams and labels.
+    mix = MixConfig(aug_order="none", mix_op="crop", mix_prob=0.7, mix_per="sample")
+    ld = loader(DS, mix=mix, aug=PLAIN, rank=0, world_size=2, seed=4)
     kw = dict(epoch=6, seed=4, rank=0, world_size=2, num_samples=len(DS))
     bg_order = sample_order(None, **kw)
     fg_order = sample_order(foreground_weights(DS.labels, 5, "class", 1.0), **kw)
     n_mixed = 0
     for bi, b in enumerate(epoch(ld, 6)):
         bs = len(b.y_f)
-        params = sample_batch_params(batch_generator(4, 6, 0, bi), bs, SIZE, AugConfig(), mix, True, 2)
-        box, mixed = params.mix.box, params.mix.mixed
-        assert np.array_equal(b.lam.numpy(), params.mix.lam)
+        box, mixed = b.plan["box"], b.plan["mixed"].astype(bool)
+        lam = np.where(mixed, box[:, 2] * box[:, 3] / SIZE**2, 1.0)
+        np.testing.assert_allclose(b.lam.numpy(), lam, rtol=0, atol=1e-7)  # λ is the pasted area
         bg_idx = bg_order[bi * bs:(bi + 1) * bs]
         fg_idx = fg_order[bi * bs:(bi + 1) * bs]
         assert np.array_equal(b.y_b.numpy(), DS.labels[bg_idx])
@@ -199,7 +251,7 @@ def test_soft_targets():
 
 
 def test_train_images_channels_last_and_normalized():
-    b = epoch(loader(DS, mix=MixConfig(aug_order="none", mix_prob=0.0)), 0)[0]
+    b = epoch(loader(DS, mix=MixConfig(aug_order="none", mix_prob=0.0), aug=PLAIN), 0)[0]
     assert b.images.is_contiguous(memory_format=torch.channels_last)
     raw = torch.from_numpy(DS.images[decode_index(b.images[: len(b.y_f)])]).permute(0, 3, 1, 2).float() / 255
     expected = (raw - torch.tensor(MEAN)[None, :, None, None]) / torch.tensor(STD)[None, :, None, None]
@@ -209,10 +261,8 @@ def test_train_images_channels_last_and_normalized():
 def test_train_needs_one_full_batch():
     with pytest.raises(ValueError, match="do not fill one batch"):
         loader(indexed_dataset(40), batch_size=16, world_size=3)
-    with pytest.raises(ValueError, match="square RGB"):
-        TorchLoader(ImageArrays(np.zeros((4, 8, 6, 3), np.uint8), np.zeros(4, np.int64), ["a"]), train=True,
-                    batch_size=2, aug=AugConfig(), mix=MixConfig(), num_views=2, fg_sampling="class", fg_gamma=1.0,
-                    mean=MEAN, std=STD, rank=0, world_size=1, device=CPU, seed=0)
+    with pytest.raises(ValueError, match="RGB"):
+        loader(ImageArrays(np.zeros((4, 8, 8, 1), np.uint8), np.zeros(4, np.int64), ["a"]), batch_size=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +308,8 @@ def test_normalize_views_layout():
 def test_build_loader_from_demo_config():
     cfg = load_config("demo")
     world = 2
-    train = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=1, world_size=world, device=CPU, seed=0)
+    train = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=1, world_size=world, device=CPU, seed=0,
+                         num_epochs=cfg.train.epochs)
     counts = [int(300 * (1 / cfg.data.imbalance_ratio) ** (k / 9)) for k in range(10)]
     assert train.class_counts.tolist() == counts and train.num_classes == 10
     assert train.batch_size == cfg.data.batch_size // world
@@ -269,8 +320,8 @@ def test_build_loader_from_demo_config():
     assert b.images.is_contiguous(memory_format=torch.channels_last)
     test = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", rank=0, world_size=1, device=CPU, seed=0)
     assert len(test) == math.ceil(1000 / cfg.data.eval_batch_size)
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match="do not divide over 3 ranks"):
         build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=0, world_size=3, device=CPU, seed=0)
     with pytest.raises(ValueError, match="not a known backend"):
-        build_loader(DataConfig(backend="nope"), cfg.aug, cfg.mix,  # type: ignore[arg-type]
+        build_loader(DataConfig(dataset="demo", backend="nope"), cfg.aug, cfg.mix,  # type: ignore[arg-type]
                      split="train", rank=0, world_size=1, device=CPU, seed=0)

@@ -118,7 +118,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     loader_kw = dict(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.train.seed)
-    train_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", **loader_kw)
+    train_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", num_epochs=cfg.train.epochs, **loader_kw)
     test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **loader_kw)
     num_classes = train_loader.num_classes
     counts = train_loader.class_counts

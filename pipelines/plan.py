@@ -1,0 +1,376 @@
+"""The batch plan: everything random about one batch, drawn on the host, laid out in one typed table.
+
+A `Planner` turns (seed, epoch, rank, batch) into a frozen `BatchPlan`: the foreground and background
+sample indices, y_f, y_b, λ, whether pairs are mixed, the paste boxes, and every augmentation parameter of
+every component view. The plan is one (B, K) array of 4-byte cells whose columns are declared once, in
+`plan_layout`, and read by name (`plan["bg0.crop"]`) by every executor: the torch executor copies the whole
+table to the device in one transfer; the DALI executor turns columns into per-sample pipeline inputs; the
+FFCV executor reads the index columns to build its traversal order. So every backend builds the same batch
+from the same plan, and a batch is a pure function of (seed, epoch, rank, batch): resume, DDP and
+cross-backend tests rely on that.
+
+Randomness, per SPEC "Data and sampling" and "Mixing":
+- background indices: a shuffled pass over the dataset per epoch, strided over ranks (`sampling.sample_order`);
+- whether a batch is mixed (mix.mix_per=batch): one draw per global batch, shared by every rank, so a global
+  batch is mixed or not as a whole, as in CMO's single-process code; only inside the epoch window;
+- foreground indices: this rank's weighted stream of the epoch (`sampling.sample_order` with the weights),
+  read by a batch only if it mixes: an unmixed batch has no foreground, so no executor decodes, resizes or
+  pastes one;
+- boxes, λ and augmentation parameters: `sampling.batch_generator(seed, epoch, rank, batch)`.
+
+Crop windows are stored relative to each image's own height and width (top, left, height, width as
+fractions), so they mean the same on a 32 px CIFAR image in device memory, a 500×375 JPEG decoded by DALI,
+and the same photo stored smaller in a .beton: executors scale them by the size of the image they hold.
+RandomResizedCrop draws its window on the image's true size, so its aspect-ratio range applies to the photo
+itself (never to a squashed copy); test images are resized on the shorter side and centre-cropped.
+
+    planner = Planner.for_training(labels, sizes, aug=AugConfig(), mix=MixConfig(), image_size=32,
+                                   batch_size=128, num_views=2, fg_weights=w, seed=0, rank=0, world_size=1,
+                                   num_epochs=200)
+    plan = planner.plan(epoch=5, batch=0)
+    plan["lam"], plan["bg0.crop"], plan.mixed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from threading import Lock
+
+import numpy as np
+
+from mixtail.pipelines.augment import AugParams, colour_matrices, sample_aug_params
+from mixtail.pipelines.mixing import MixParams, sample_mix_params
+from mixtail.pipelines.sampling import batch_generator, batch_mixed, batches_per_epoch, sample_order
+
+_I4, _F4 = np.dtype(np.int32), np.dtype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The layout: columns declared once
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    width: int  # cells per row; a width-1 column reads as shape (B,)
+    dtype: np.dtype  # int32 or float32: every cell is 4 bytes, so the whole table is one buffer
+
+
+@dataclass(frozen=True)
+class PlanLayout:
+    """Named columns over a (B, K) table of 4-byte cells (stored as float32; int32 columns are bit views)."""
+
+    columns: tuple[Column, ...]
+    offsets: dict[str, tuple[int, int, np.dtype]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        offsets, at = {}, 0
+        for c in self.columns:
+            if c.name in offsets:
+                raise ValueError(f"plan column {c.name!r} is declared twice")
+            offsets[c.name] = (at, c.width, c.dtype)
+            at += c.width
+        object.__setattr__(self, "offsets", offsets)
+
+    @property
+    def width(self) -> int:
+        return sum(c.width for c in self.columns)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.offsets
+
+    def empty(self, rows: int) -> np.ndarray:
+        return np.zeros((rows, self.width), dtype=np.float32)
+
+    def _slot(self, name: str) -> tuple[int, int, np.dtype]:
+        try:
+            return self.offsets[name]
+        except KeyError:
+            raise KeyError(f"the plan has no column {name!r} (it has {', '.join(self.offsets)})") from None
+
+    def read(self, table, name: str):
+        """The column `name` of a numpy or torch table, in its dtype: (B,) or (B, width)."""
+        at, width, dtype = self._slot(name)
+        cells = table[:, at:at + width]
+        if dtype == _I4:
+            cells = cells.view(np.int32) if isinstance(table, np.ndarray) else cells.view(_torch_int32())
+        return cells[:, 0] if width == 1 else cells
+
+    def write(self, table: np.ndarray, name: str, values) -> None:
+        at, width, dtype = self._slot(name)
+        values = np.asarray(values).astype(dtype, copy=False).reshape(table.shape[0], width)
+        table[:, at:at + width] = values.view(np.float32)
+
+
+def _torch_int32():
+    import torch
+
+    return torch.int32
+
+
+def component_names(aug_order: str, num_views: int) -> list[str]:
+    """The augmented component images of a training batch: fg0, bg0, fg1, bg1 (before_mix and none: each
+    component of each view), or mx0, mx1 (after_mix: the mixed image of each view)."""
+    if aug_order == "after_mix":
+        return [f"mx{v}" for v in range(num_views)]
+    return [f"{c}{v}" for v in range(num_views) for c in ("fg", "bg")]
+
+
+def plan_layout(*, train: bool, aug_order: str = "before_mix", num_views: int = 2, colour: bool = True) -> PlanLayout:
+    """The columns of a training or test plan. `colour`: whether colour parameters are carried at all."""
+    if not train:
+        return PlanLayout((Column("index", 1, _I4), Column("y", 1, _I4), Column("crop", 4, _F4)))
+    cols = [Column("fg_index", 1, _I4), Column("bg_index", 1, _I4), Column("y_f", 1, _I4), Column("y_b", 1, _I4),
+            Column("lam", 1, _F4), Column("mixed", 1, _I4),
+            Column("box", 4, _I4)]  # top, left, height, width of the pasted box on the S×S output; 0 if unmixed
+    for p in component_names(aug_order, num_views):
+        cols += [Column(f"{p}.crop", 4, _F4),  # top, left, height, width: fractions of the image's own size
+                 Column(f"{p}.flip", 1, _I4)]
+        if colour:
+            cols += [Column(f"{p}.colour_m", 9, _F4), Column(f"{p}.colour_t", 3, _F4)]  # x' = M·x + t in [0, 1]
+    return PlanLayout(tuple(cols))
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class BatchPlan:
+    """One batch, fully decided. `table` is (B, layout.width) float32 storage; read columns by name."""
+
+    epoch: int
+    batch: int
+    train: bool
+    mixed: bool  # whether any pair of the batch is mixed (host-known: executors skip foreground work otherwise)
+    colour: bool  # whether any component has a non-identity colour transform
+    table: np.ndarray
+    layout: PlanLayout
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.layout.read(self.table, name)
+
+    def __len__(self) -> int:
+        return self.table.shape[0]
+
+    def to(self, device, table=None) -> "DevicePlan":
+        """This plan with its table on `device` (one copy; pass `table` if it is already there)."""
+        import torch
+
+        if table is None:
+            table = torch.from_numpy(self.table).to(device, non_blocking=True)
+        return DevicePlan(self, table)
+
+
+@dataclass(frozen=True, eq=False)
+class DevicePlan:
+    """A plan whose table is a torch tensor on the device: columns read as torch views, flags from the host."""
+
+    host: BatchPlan
+    table: "object"  # torch.Tensor (B, K) float32
+
+    @property
+    def mixed(self) -> bool:
+        return self.host.mixed
+
+    @property
+    def colour(self) -> bool:
+        return self.host.colour
+
+    @property
+    def layout(self) -> PlanLayout:
+        return self.host.layout
+
+    def __getitem__(self, name: str):
+        return self.host.layout.read(self.table, name)
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+
+@dataclass(frozen=True)
+class _EpochOrders:
+    epoch: int
+    bg: np.ndarray  # this rank's shuffled pass over the dataset
+    fg: np.ndarray  # this rank's weighted draws; batch b reads its slice only if it mixes
+
+
+class Planner:
+    """(epoch, batch) -> BatchPlan for one rank. Pure: the same arguments always give the same plan.
+
+    Use `for_training` / `for_testing`. Thread-safe (the loader builds plans ahead on a side thread).
+    """
+
+    def __init__(self, *, train: bool, labels: np.ndarray, sizes: np.ndarray | None, image_size: int,
+                 batch_size: int, seed: int, rank: int, world_size: int, aug=None, mix=None, num_views: int = 1,
+                 fg_weights: np.ndarray | None = None, num_epochs: int | None = None,
+                 test_resize_ratio: float = 1.0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.train = train
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_samples = len(self.labels)
+        # (N, 2) true height and width of every image; None: every image is image_size × image_size.
+        self.sizes = None if sizes is None else np.asarray(sizes, dtype=np.float64).reshape(self.num_samples, 2)
+        self.image_size, self.batch_size = image_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.aug, self.mix, self.num_views = aug, mix, num_views
+        self.num_epochs = num_epochs
+        self.test_resize_ratio = test_resize_ratio
+        if train:
+            if fg_weights is None or aug is None or mix is None:
+                raise ValueError("a training planner needs aug, mix and fg_weights")
+            w = np.asarray(fg_weights, dtype=np.float64)
+            if w.shape != (self.num_samples,):
+                raise ValueError(f"fg_weights has shape {w.shape}, expected ({self.num_samples},)")
+            self.fg_weights = w
+            self.colour_possible = colour_possible(aug)
+            self.layout = plan_layout(train=True, aug_order=mix.aug_order, num_views=num_views,
+                                      colour=self.colour_possible)
+        else:
+            self.layout = plan_layout(train=False)
+        self._orders: _EpochOrders | None = None
+        self._lock = Lock()
+
+    @classmethod
+    def for_training(cls, labels, sizes, *, aug, mix, image_size: int, batch_size: int, num_views: int,
+                     fg_weights, seed: int, rank: int, world_size: int, num_epochs: int | None) -> "Planner":
+        return cls(train=True, labels=labels, sizes=sizes, image_size=image_size, batch_size=batch_size,
+                   seed=seed, rank=rank, world_size=world_size, aug=aug, mix=mix, num_views=num_views,
+                   fg_weights=fg_weights, num_epochs=num_epochs)
+
+    @classmethod
+    def for_testing(cls, labels, sizes, *, image_size: int, batch_size: int, rank: int, world_size: int,
+                    test_resize_ratio: float = 1.0) -> "Planner":
+        return cls(train=False, labels=labels, sizes=sizes, image_size=image_size, batch_size=batch_size,
+                   seed=0, rank=rank, world_size=world_size, test_resize_ratio=test_resize_ratio)
+
+    def __len__(self) -> int:
+        """Exact batches per epoch on this rank (training drops the partial last batch)."""
+        return batches_per_epoch(self.num_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
+                                 train=self.train)
+
+    # -- indices ------------------------------------------------------------------------------------
+
+    def _epoch_orders(self, epoch: int) -> _EpochOrders:
+        """The epoch's streams from `sampling.sample_order`, the one function every backend samples with."""
+        with self._lock:
+            if self._orders is None or self._orders.epoch != epoch:
+                kw = dict(epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                          num_samples=self.num_samples)
+                self._orders = _EpochOrders(epoch, sample_order(None, **kw), sample_order(self.fg_weights, **kw))
+            return self._orders
+
+    def mixing_on(self, epoch: int) -> bool:
+        """Whether `epoch` lies in the mixing window (with num_epochs=None the window has no end)."""
+        return self.mix.active(epoch, self.num_epochs if self.num_epochs is not None else 1 << 62)
+
+    def _mixed_pairs(self, epoch: int, b: int, rng: np.random.Generator) -> np.ndarray:
+        n = self.batch_size
+        if not self.mixing_on(epoch) or self.mix.mix_prob == 0:
+            return np.zeros(n, bool)
+        if self.mix.mix_per == "batch":
+            return np.full(n, batch_mixed(self.seed, epoch, b, self.mix.mix_prob))
+        return rng.random(n) < self.mix.mix_prob
+
+    def indices(self, epoch: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(background indices, foreground indices or None when the batch mixes nothing): what the FFCV
+        executor needs to build its traversal order without drawing whole plans."""
+        if not self.train:
+            return np.arange(self.rank, self.num_samples, self.world_size)[b * self.batch_size:(b + 1) * self.batch_size], None
+        plan = self.plan(epoch, b)
+        return plan["bg_index"].astype(np.int64), (plan["fg_index"].astype(np.int64) if plan.mixed else None)
+
+    # -- plans --------------------------------------------------------------------------------------
+
+    def _size_of(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.sizes is None:
+            s = np.full(len(idx), float(self.image_size))
+            return s, s.copy()
+        return self.sizes[idx, 0], self.sizes[idx, 1]
+
+    def plan(self, epoch: int, b: int) -> BatchPlan:
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {b} is outside the {len(self)} batches of an epoch")
+        return self._train_plan(epoch, b) if self.train else self._test_plan(b)
+
+    def _test_plan(self, b: int) -> BatchPlan:
+        idx = np.arange(self.rank, self.num_samples, self.world_size)[b * self.batch_size:(b + 1) * self.batch_size]
+        table = self.layout.empty(len(idx))
+        h, w = self._size_of(idx)
+        self.layout.write(table, "index", idx)
+        self.layout.write(table, "y", self.labels[idx])
+        self.layout.write(table, "crop", centre_crop_windows(h, w, self.test_resize_ratio))
+        return BatchPlan(epoch=0, batch=b, train=False, mixed=False, colour=False, table=table, layout=self.layout)
+
+    def _train_plan(self, epoch: int, b: int) -> BatchPlan:
+        n, s = self.batch_size, self.image_size
+        orders = self._epoch_orders(epoch)
+        bg_idx = orders.bg[b * n:(b + 1) * n]
+        rng = batch_generator(self.seed, epoch, self.rank, b)
+        mixed = self._mixed_pairs(epoch, b, rng)
+        # An unmixed batch reads no foreground: no executor decodes, resizes or pastes one.
+        fg_idx = np.where(mixed, orders.fg[b * n:(b + 1) * n], bg_idx) if mixed.any() else bg_idx
+        mp = sample_mix_params(rng, n, s, s, self.mix, mixed)
+        augs, sizes = {}, {}
+        for p in component_names(self.mix.aug_order, self.num_views):
+            if p.startswith("fg") and not mixed.any():
+                continue
+            # Pad-and-crop shifts by whole output pixels, so it is drawn on the S×S canvas; after_mix augments
+            # the mixed image, which lives there too. RandomResizedCrop draws on the image's true size.
+            if p.startswith("mx") or self.aug.crop == "pad":
+                sizes[p] = (np.full(n, float(s)), np.full(n, float(s)))
+            else:
+                sizes[p] = self._size_of(fg_idx if p.startswith("fg") else bg_idx)
+            augs[p] = sample_aug_params(rng, n, *sizes[p], self.aug, crop=self.mix.aug_order != "none")
+        return pack_train_plan(self.layout, epoch=epoch, batch=b, fg_index=fg_idx, bg_index=bg_idx,
+                               labels=self.labels, mix=mp, augs=augs, sizes=sizes)
+
+
+def pack_train_plan(layout: PlanLayout, *, epoch: int, batch: int, fg_index: np.ndarray, bg_index: np.ndarray,
+                    labels: np.ndarray, mix: MixParams, augs: dict[str, AugParams],
+                    sizes: dict[str, tuple[np.ndarray, np.ndarray]]) -> BatchPlan:
+    """Lay out one training batch's decisions as a plan. augs: the AugParams of each component of the layout,
+    with windows in pixels of the image sizes in `sizes` ((heights, widths) per component); a foreground
+    component may be left out when no pair mixes (it is never read)."""
+    n = len(bg_index)
+    table = layout.empty(n)
+    write = layout.write
+    y_b = labels[bg_index]
+    write(table, "fg_index", fg_index)
+    write(table, "bg_index", bg_index)
+    write(table, "y_f", np.where(mix.mixed, labels[fg_index], y_b))  # an unmixed sample is its background
+    write(table, "y_b", y_b)
+    write(table, "lam", mix.lam)
+    write(table, "mixed", mix.mixed)
+    write(table, "box", mix.box)
+    colour_any = False
+    has_colour = any(c.name.endswith(".colour_m") for c in layout.columns)
+    for p, aug in augs.items():
+        h, w = sizes[p]
+        write(table, f"{p}.crop", aug.crop / np.stack([h, w, h, w], 1))
+        write(table, f"{p}.flip", aug.flip)
+        if has_colour:
+            m, t = colour_matrices(aug)
+            write(table, f"{p}.colour_m", m.reshape(n, 9))
+            write(table, f"{p}.colour_t", t)
+            colour_any = colour_any or not aug.is_identity_colour()
+    return BatchPlan(epoch=epoch, batch=batch, train=True, mixed=bool(mix.mixed.any()), colour=colour_any,
+                     table=table, layout=layout)
+
+
+def colour_possible(aug) -> bool:
+    """Whether an AugConfig can produce any colour change (else plans carry no colour columns)."""
+    jitter = aug.color_prob > 0 and (aug.color_jitter > 0 or aug.hue > 0)
+    return bool(jitter or aug.grayscale_prob > 0)
+
+
+def centre_crop_windows(height: np.ndarray, width: np.ndarray, resize_ratio: float) -> np.ndarray:
+    """Relative windows of the test protocol: resize the shorter side to S·r, centre-crop S (SPEC
+    "Evaluation": r = 8/7 for the 224 px datasets). On the original image that is the centred square of side
+    min(h, w)/r; r = 1 keeps the largest centred square (the whole image when it is square)."""
+    side = np.minimum(height, width) / resize_ratio
+    rh, rw = side / height, side / width
+    return np.stack([(1 - rh) / 2, (1 - rw) / 2, rh, rw], axis=1)
