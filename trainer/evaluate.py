@@ -23,6 +23,7 @@ import torch
 
 from mixtail.pipelines.datasets import shot_groups
 from mixtail.trainer.dist import all_reduce_sum
+from mixtail.trainer.report import GROUP_COLOURS
 
 
 @dataclass(frozen=True)
@@ -205,14 +206,13 @@ def plot_per_class(results: dict, train_counts: np.ndarray, classes: list[str], 
     counts = np.asarray(train_counts)
     order = np.argsort(-counts, kind="stable")
     acc = np.array([np.nan if a is None else a for a in results["per_class"]])[order]
-    colours = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
     group_of = {}
     for name, idx in shot_groups(counts).items():
         for k in idx:
             group_of[int(k)] = name
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.12 * len(counts), 20.0)), 4.0), dpi=120)
     x = np.arange(len(counts))
-    ax.bar(x, acc, width=0.9, color=[colours[group_of[int(k)]] for k in order])
+    ax.bar(x, acc, width=0.9, color=[GROUP_COLOURS[group_of[int(k)]] for k in order])
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(0, 100)
     ax.set_xlabel("classes, sorted by training images")
@@ -224,8 +224,8 @@ def plot_per_class(results: dict, train_counts: np.ndarray, classes: list[str], 
     twin.plot(x, counts[order], color="black", linewidth=1.2)
     twin.set_yscale("log")
     twin.set_ylabel("training images (log)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, [f"{g} ({'-' if results[g] is None else f'{results[g]:.1f}%'})" for g in colours],
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in GROUP_COLOURS.values()]
+    ax.legend(handles, [f"{g} ({'-' if results[g] is None else f'{results[g]:.1f}%'})" for g in GROUP_COLOURS],
               loc="upper right", fontsize=8)
     ax.set_title(f"Per-class accuracy: all {results['all']:.1f}%")
     fig.tight_layout()

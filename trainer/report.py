@@ -206,7 +206,7 @@ def best_eval(metrics_jsonl_path: str | Path) -> dict | None:
 # Pictures and the writer
 # --------------------------------------------------------------------------------------------------
 
-_GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
+GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}  # also evaluate.plot_per_class
 
 
 def plot_centres_pca(centres: np.ndarray, class_names: list[str], train_counts: np.ndarray,
@@ -228,7 +228,7 @@ def plot_centres_pca(centres: np.ndarray, class_names: list[str], train_counts: 
     explained = sv**2 / max((sv**2).sum(), 1e-300)
     group_of = {int(k): g for g, idx in shot_groups(train_counts).items() for k in idx}
     fig, ax = plt.subplots(figsize=(6.0, 5.0), dpi=120)
-    for g, colour in _GROUP_COLOURS.items():
+    for g, colour in GROUP_COLOURS.items():
         sel = [i for i, k in enumerate(ok) if group_of[int(k)] == g]
         ax.scatter(xy[sel, 0], xy[sel, 1], s=18, color=colour, label=f"{g} ({len(sel)} cls)")
     if len(ok) <= 30:
