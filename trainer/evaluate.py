@@ -1,12 +1,21 @@
 """Evaluation: top-1 on the test set, All and by shot group (Many > 100, Medium 20-100, Few < 20 training
-images), per-class accuracy, and the per-class plot a run leaves behind.
+images), per-class accuracy, post-hoc logit shifts, pooled backbone features for the class centres of
+SPEC "Feature-space scores", and the per-class plot a run leaves behind.
 
     mixtail eval runs/demo/checkpoint.pt
+
+    results = evaluate(model, test_loader, counts, device)                    # the table's numbers
+    results = evaluate(model, test_loader, counts, device, return_outputs=True,
+                       logit_shift=torch.stack([t * log_ratio for t in (0.5, 1.0)]))
+    results["shifted"][1]["all"]; results["outputs"].preds                     # same forward pass
+    centres, n = feature_centres(model, train_loader_unmixed, num_classes, device)
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +23,153 @@ import torch
 
 from mixtail.pipelines.datasets import shot_groups
 from mixtail.trainer.dist import all_reduce_sum
+from mixtail.trainer.report import GROUP_COLOURS
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, train_counts: np.ndarray, device: torch.device,
-             autocast: contextlib.AbstractContextManager | None = None) -> dict:
-    """Top-1 over the test loader (sharded over ranks, summed across them); prediction is argmax f(x)."""
-    num_classes = len(train_counts)
-    correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    total = torch.zeros(num_classes, dtype=torch.float64, device=device)
+@dataclass(frozen=True)
+class EvalOutputs:
+    """What `evaluate(..., return_outputs=True)` saw on *this rank's* shard of the test set, in loader order.
+
+    Under DDP each rank holds only its own samples (accuracies are all-reduced, these are not).
+    labels, preds: (N,) int64; logits: (N, C) float32, unshifted; shifted_preds: (S, N) int64, the argmax
+    after each of the S logit shifts (S = 0 without a shift).
+    """
+
+    labels: np.ndarray
+    preds: np.ndarray
+    logits: np.ndarray
+    shifted_preds: np.ndarray
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside; the caller's train/eval mode back afterwards, even on an error."""
     was_training = model.training
     model.eval()
-    loader.set_epoch(0)
-    for batch in loader:
-        with autocast or contextlib.nullcontext():
-            logits, _ = model(batch.images)
-        hit = (logits.argmax(1) == batch.y_f).double()
-        correct.index_add_(0, batch.y_f, hit)
-        total.index_add_(0, batch.y_f, torch.ones_like(hit))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _start(loader: Iterable) -> Iterable:
+    # A Loader (set_epoch fixes its order) or any iterable of Batch, e.g. a list in the tests.
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)
+    return loader
+
+
+def _shift_rows(logit_shift: torch.Tensor | None, num_classes: int, device: torch.device) -> torch.Tensor:
+    """The shifts as (S, C) float32 on the device; S = 0 without one."""
+    if logit_shift is None:
+        return torch.zeros(0, num_classes, device=device)
+    shift = torch.as_tensor(logit_shift, dtype=torch.float32).to(device)
+    if shift.ndim == 1:
+        shift = shift[None]
+    if shift.ndim != 2 or shift.shape[1] != num_classes:
+        raise ValueError(f"logit_shift must be (C,) or (S, C) with C = {num_classes} classes, "
+                         f"got shape {tuple(logit_shift.shape)}")
+    return shift
+
+
+def evaluate(model: torch.nn.Module, loader, train_counts: np.ndarray, device: torch.device,
+             autocast: contextlib.AbstractContextManager | None = None, *,
+             logit_shift: torch.Tensor | None = None, return_outputs: bool = False) -> dict:
+    """Top-1 over the test loader (sharded over ranks, summed across them); prediction is argmax f(x).
+
+    logit_shift: a (C,) or (S, C) tensor added to the float32 logits before the argmax, e.g. the post-hoc
+    adjustment T·log(P_Y/π) for several T. The headline numbers stay unshifted; `results["shifted"]` holds
+    one accuracy summary per shift row, from the same forward pass.
+    return_outputs: add `results["outputs"]`, an EvalOutputs of this rank's labels, predictions and logits
+    (not JSON; drop it before dumping the results).
+    """
+    num_classes = len(train_counts)
+    shifts = _shift_rows(logit_shift, num_classes, device)
+    num_shifts = shifts.shape[0]
+    # Row 0: unshifted; row 1 + s: shift s. One all-reduce for all of them.
+    correct = torch.zeros(1 + num_shifts, num_classes, dtype=torch.float64, device=device)
+    total = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    kept: dict[str, list[torch.Tensor]] = {"labels": [], "preds": [], "logits": [], "shifted": []}
+    with _eval_mode(model):
+        for batch in _start(loader):
+            with autocast or contextlib.nullcontext():
+                logits, _ = model(batch.images)
+            # float32 before the shift: bf16 has too few bits to hold a small shift on a large logit.
+            logits = logits.float()
+            preds = torch.cat([logits.argmax(1)[None], (logits[None] + shifts[:, None]).argmax(2)])  # (1+S, B)
+            hit = (preds == batch.y_f[None]).double()
+            correct.index_add_(1, batch.y_f, hit)
+            total.index_add_(0, batch.y_f, torch.ones_like(hit[0]))
+            if return_outputs:
+                kept["labels"].append(batch.y_f.cpu())
+                kept["preds"].append(preds[0].cpu())
+                kept["logits"].append(logits.cpu())
+                kept["shifted"].append(preds[1:].cpu())
     correct, total = all_reduce_sum(correct).cpu().numpy(), all_reduce_sum(total).cpu().numpy()
-    return accuracy_summary(correct, total, train_counts)
+    results = accuracy_summary(correct[0], total, train_counts)
+    if num_shifts:
+        results["shifted"] = [accuracy_summary(correct[1 + s], total, train_counts) for s in range(num_shifts)]
+    if return_outputs:
+        results["outputs"] = _outputs(kept, num_classes, num_shifts)
+    return results
+
+
+def _outputs(kept: dict[str, list[torch.Tensor]], num_classes: int, num_shifts: int) -> EvalOutputs:
+    if not kept["labels"]:  # an empty shard
+        empty = np.zeros(0, dtype=np.int64)
+        return EvalOutputs(empty, empty, np.zeros((0, num_classes), np.float32), np.zeros((num_shifts, 0), np.int64))
+    return EvalOutputs(torch.cat(kept["labels"]).long().numpy(), torch.cat(kept["preds"]).numpy(),
+                       torch.cat(kept["logits"]).numpy(), torch.cat(kept["shifted"], dim=1).numpy())
+
+
+def _features(model: torch.nn.Module, loader, autocast) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pooled backbone features (B, D) float32, labels (B,)) per batch, in eval mode without autograd."""
+    with _eval_mode(model):
+        for batch in _start(loader):
+            if batch.num_views != 1 or bool((batch.lam != 1).any()):
+                # A pasted image's feature belongs to two classes: it would pull both centres together.
+                raise ValueError("class centres need an unmixed, single-view loader (lam = 1, V = 1); "
+                                 f"got a batch with {batch.num_views} views, min lam {float(batch.lam.min()):.3f}")
+            with autocast or contextlib.nullcontext():
+                feat = model.features(batch.images)
+            yield feat.float(), batch.y_f
+
+
+def extract_features(model: torch.nn.Module, loader,
+                     autocast: contextlib.AbstractContextManager | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's pooled backbone features `model.features(images)` (N, D) float32 and labels (N,) int64.
+
+    Eval mode (BatchNorm uses its running statistics), no autograd; `model.training` is restored.
+    """
+    feats, labels = [], []
+    for feat, y in _features(model, loader, autocast):
+        feats.append(feat.cpu())
+        labels.append(y.cpu())
+    if not feats:
+        raise ValueError("extract_features: the loader yielded no batches")
+    return torch.cat(feats).numpy(), torch.cat(labels).long().numpy()
+
+
+def feature_centres(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
+                    autocast: contextlib.AbstractContextManager | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Class centres c_k (C, D) float32 of the pooled backbone features, and images per class (C,) int64.
+
+    Per-class sums accumulate on the device (float64) and are all-reduced over ranks, so nothing of size N
+    is kept (iNaturalist: 437k × 2048). A class with no images gets a NaN row, as in report.class_centres.
+    """
+    sums, counts = None, torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for feat, y in _features(model, loader, autocast):
+        if sums is None:
+            sums = torch.zeros(num_classes, feat.shape[1], dtype=torch.float64, device=device)
+        sums.index_add_(0, y, feat.double())
+        counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+    if sums is None:
+        raise ValueError("feature_centres: the loader yielded no batches")
+    sums, counts = all_reduce_sum(sums).cpu().numpy(), all_reduce_sum(counts).cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centres = np.where(counts[:, None] > 0, sums / counts[:, None], np.nan)
+    return centres.astype(np.float32), counts.astype(np.int64)
 
 
 def accuracy_summary(correct: np.ndarray, total: np.ndarray, train_counts: np.ndarray) -> dict:
@@ -71,14 +206,13 @@ def plot_per_class(results: dict, train_counts: np.ndarray, classes: list[str], 
     counts = np.asarray(train_counts)
     order = np.argsort(-counts, kind="stable")
     acc = np.array([np.nan if a is None else a for a in results["per_class"]])[order]
-    colours = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
     group_of = {}
     for name, idx in shot_groups(counts).items():
         for k in idx:
             group_of[int(k)] = name
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.12 * len(counts), 20.0)), 4.0), dpi=120)
     x = np.arange(len(counts))
-    ax.bar(x, acc, width=0.9, color=[colours[group_of[int(k)]] for k in order])
+    ax.bar(x, acc, width=0.9, color=[GROUP_COLOURS[group_of[int(k)]] for k in order])
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(0, 100)
     ax.set_xlabel("classes, sorted by training images")
@@ -90,8 +224,8 @@ def plot_per_class(results: dict, train_counts: np.ndarray, classes: list[str], 
     twin.plot(x, counts[order], color="black", linewidth=1.2)
     twin.set_yscale("log")
     twin.set_ylabel("training images (log)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, [f"{g} ({'-' if results[g] is None else f'{results[g]:.1f}%'})" for g in colours],
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in GROUP_COLOURS.values()]
+    ax.legend(handles, [f"{g} ({'-' if results[g] is None else f'{results[g]:.1f}%'})" for g in GROUP_COLOURS],
               loc="upper right", fontsize=8)
     ax.set_title(f"Per-class accuracy: all {results['all']:.1f}%")
     fig.tight_layout()
