@@ -53,6 +53,13 @@ probability 1/2 each (`CMO_AUTOAUGMENT_PROB`). The order inside a component view
 (augment.py) → AutoAugment → colour jitter (simclr rows only) → Cutout; no row has both AutoAugment and
 jitter, so running augment.py's crop + flip + jitter first and then AutoAugment + Cutout (`augment_view`)
 is that order.
+
+`cmo_randaug` is SPEC's reading of CMO. CMO's own CIFAR code (`--use_randaug`: cifar_train.py and
+imbalance_data/imbalance_cifar.py) also picks per image, with probability 1/2, but between two whole
+pipelines whose crops differ: pad-4 RandomCrop + flip + the policy + Cutout 16, or RandomResizedCrop 32
+with scale (0.2, 1) + flip + ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 + grayscale 0.2 + a Gaussian blur
+(σ uniform in [0.1, 2] px) with p 0.5. Here both branches share the configured crop (`aug.crop`), and the
+SimCLR branch has no blur.
 """
 
 from __future__ import annotations
@@ -329,7 +336,8 @@ _COLOUR_OPS = {"Brightness": brightness, "Color": color, "Contrast": contrast, "
                "Equalize": equalize, "Invert": invert}
 
 
-def apply_autoaugment(x: torch.Tensor, params: AutoAugmentParams, fill: float | tuple[float, ...] = FILL) -> torch.Tensor:
+def apply_autoaugment(x: torch.Tensor, params: AutoAugmentParams,
+                      fill: float | tuple[float, ...] = FILL) -> torch.Tensor:
     """Apply each image's two drawn ops, slot 0 then slot 1: float (n, 3, H, W) in [0, 1] -> the same shape.
 
     Per slot: one warp over every row whose op is geometric (each row has its own matrix), then each colour
@@ -352,8 +360,10 @@ def apply_autoaugment(x: torch.Tensor, params: AutoAugmentParams, fill: float | 
     if not groups:
         return x
     dev = x.device
-    rows_all = torch.from_numpy(np.concatenate([g[2] for g in groups]).astype(np.int64)).to(dev, non_blocking=True)
-    mag_all = torch.from_numpy(np.concatenate([params.magnitude[g[2], g[0]] for g in groups])).to(dev, non_blocking=True)
+    rows_all = np.concatenate([rows for _, _, rows in groups]).astype(np.int64)
+    mag_all = np.concatenate([params.magnitude[rows, slot] for slot, _, rows in groups])
+    rows_all = torch.from_numpy(rows_all).to(dev, non_blocking=True)
+    mag_all = torch.from_numpy(mag_all).to(dev, non_blocking=True)
     x = x.clone()  # the caller's images stay as they were; the row subsets are then written in place
     start = 0
     for slot, name, rows in groups:
