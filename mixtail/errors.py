@@ -1,8 +1,9 @@
 """The errors a user can act on: each is one line that names the file, key or value at fault.
 
-`mixtail` (mixtail/cli.py) prints any `MixtailError` as `mixtail <command>: error: <message>` and exits
-non-zero without a traceback (`--debug` or MIXTAIL_DEBUG=1 shows it). Everything else is a bug and keeps
-its traceback. Every package raises these, so they live beside the CLI rather than in one of them.
+`mixtail` (mixtail/cli.py) prints any `MixtailError` as `mixtail <command>: error: <message>` and exits 2
+without a traceback (`--debug` or MIXTAIL_DEBUG=1 shows it); an OSError is printed the same way, with its
+errno name (`describe_os_error`). Anything else is a bug: one line with its type, exit 1. Every package
+raises these, so they live beside the CLI rather than in one of them.
 
     from mixtail.errors import ConfigError
     raise ConfigError(f"{path}: key 'optim.lr': must be positive, got {lr}")
