@@ -45,13 +45,17 @@ def _run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.
 
 
 @pytest.fixture
-def injected(monkeypatch):
-    """Register a command `boom` that raises the exception it is given (the table is how commands are added)."""
-    def install(exc: BaseException):
+def injected(monkeypatch, capsys):
+    """Register a command `boom` that raises the exception it is given (the table is how commands are added);
+    returns a function that runs it and checks for one line with the fragment and exit status given."""
+    def run(exc: BaseException, status: int, fragment: str) -> None:
         def boom(argv):
             raise exc
         monkeypatch.setitem(cli.COMMANDS, "boom", boom)
-    return install
+        code, _, err = _main(capsys, "boom")
+        assert code == status
+        _assert_one_line(err, "boom", fragment)
+    return run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,18 +146,13 @@ OS_ERRORS = [
 
 
 @pytest.mark.parametrize("exc,expected", OS_ERRORS, ids=[type(e).__name__ + str(e.errno) for e, _ in OS_ERRORS])
-def test_os_error_inside_a_command(capsys, injected, exc, expected):
-    injected(exc)
-    code, _, err = _main(capsys, "boom")
-    assert code == 2
-    _assert_one_line(err, "boom", expected)
+def test_os_error_inside_a_command(injected, exc, expected):
+    injected(exc, 2, expected)
 
 
-def test_mixtail_error_with_a_stray_newline_stays_one_line(capsys, injected):
-    injected(DataError("data/train/class_a/3.jpg: cannot be decoded\n(truncated JPEG)"))
-    code, _, err = _main(capsys, "boom")
-    assert code == 2
-    _assert_one_line(err, "boom", "error: data/train/class_a/3.jpg: cannot be decoded (truncated JPEG)")
+def test_mixtail_error_with_a_stray_newline_stays_one_line(injected):
+    injected(DataError("data/train/class_a/3.jpg: cannot be decoded\n(truncated JPEG)"), 2,
+             "error: data/train/class_a/3.jpg: cannot be decoded (truncated JPEG)")
 
 
 @pytest.mark.parametrize("exc,expected", [
@@ -161,22 +160,16 @@ def test_mixtail_error_with_a_stray_newline_stays_one_line(capsys, injected):
     (RuntimeError("shape mismatch\n  at line 3\n  more"), "internal error: RuntimeError: shape mismatch (run"),
     (AssertionError(), "internal error: AssertionError (run with --debug for the traceback)"),
 ], ids=["KeyError", "multiline", "empty"])
-def test_a_bug_is_one_line_with_its_type(capsys, injected, exc, expected):
-    injected(exc)
-    code, _, err = _main(capsys, "boom")
-    assert code == 1
-    _assert_one_line(err, "boom", expected)
+def test_a_bug_is_one_line_with_its_type(injected, exc, expected):
+    injected(exc, 1, expected)
 
 
-def test_keyboard_interrupt_exits_130(capsys, injected):
-    injected(KeyboardInterrupt())
-    code, _, err = _main(capsys, "boom")
-    assert code == 130
-    _assert_one_line(err, "boom", "interrupted")
+def test_keyboard_interrupt_exits_130(injected):
+    injected(KeyboardInterrupt(), 130, "interrupted")
 
 
-def test_debug_flag_anywhere_or_env_reraises(capsys, injected, monkeypatch):
-    injected(KeyError("config"))
+def test_debug_flag_anywhere_or_env_reraises(injected, monkeypatch):
+    injected(KeyError("config"), 1, "internal error: KeyError")  # without --debug: one line
     for argv in (["--debug", "boom"], ["boom", "--debug"]):
         with pytest.raises(KeyError):
             cli.main(argv)
@@ -184,7 +177,7 @@ def test_debug_flag_anywhere_or_env_reraises(capsys, injected, monkeypatch):
     with pytest.raises(KeyError):
         cli.main(["boom"])
     monkeypatch.setenv("MIXTAIL_DEBUG", "0")
-    assert _main(capsys, "boom")[0] == 1
+    injected(KeyError("config"), 1, "internal error: KeyError")
 
 
 def test_debug_is_removed_before_dispatch(monkeypatch):
