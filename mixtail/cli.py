@@ -6,14 +6,25 @@
 
 CONFIG is a YAML path or the name of a bundled config (demo, smoke_cpu, cifar10_lt_r100,
 cifar100_lt_r100, ...). Overrides use dotted keys and YAML values: --optim.lr=0.05 --mix.ratio_range=[0,1].
+
+Every failure is one line on stderr, `mixtail <command>: error: <what and where>`, and an exit status:
+2 for a problem with the input or the machine (a bad config, a missing or corrupt file, a full disk),
+1 for a bug in mixtail, 130 when interrupted. --debug anywhere on the command line (or MIXTAIL_DEBUG=1)
+shows the full traceback instead. Under torchrun the same line reaches the elastic error summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import re
 import sys
+import time
+from collections.abc import Callable
+
+from mixtail.errors import MixtailError, UsageError, describe_os_error
 
 _OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
 
@@ -21,6 +32,15 @@ BENCHES = {
     "loss": "mixtail.benchmarks.bench_kernel",
     "loader": "mixtail.benchmarks.bench_loader",
 }
+
+EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are a UsageError, so they print (and reach torchrun) like every other error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -34,7 +54,7 @@ def _train(argv: list[str]) -> int:
     from mixtail.trainer.train import train
 
     rest, overrides = _split_overrides(argv)
-    p = argparse.ArgumentParser(prog="mixtail train", description="Train SMC. Overrides: --section.key=value.")
+    p = _Parser(prog="mixtail train", description="Train SMC. Overrides: --section.key=value.")
     p.add_argument("config", nargs="?", default="demo", help="YAML path or bundled config name (default: demo)")
     p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoint.pt")
     args, unknown = p.parse_known_args(rest)
@@ -49,7 +69,7 @@ def _eval(argv: list[str]) -> int:
     from mixtail.trainer.train import evaluate_checkpoint
 
     rest, overrides = _split_overrides(argv)
-    p = argparse.ArgumentParser(prog="mixtail eval", description="Evaluate a checkpoint on its test set.")
+    p = _Parser(prog="mixtail eval", description="Evaluate a checkpoint on its test set.")
     p.add_argument("checkpoint")
     args, unknown = p.parse_known_args(rest)
     if unknown:
@@ -59,31 +79,87 @@ def _eval(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
-        names = " | ".join(BENCHES)
+    names = " | ".join(BENCHES)
+    if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: mixtail bench {{{names}}} [ARGS ...]   (mixtail bench NAME --help for its options)",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+              file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else EXIT_USER
+    if argv[0] not in BENCHES:
+        raise UsageError(f"unknown benchmark '{argv[0]}'; choose one of {names}")
     module = importlib.import_module(BENCHES[argv[0]])
     module.main(argv[1:])
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "bench": _bench}
+# name -> function(argv after the name) -> exit status. New commands only add a line here.
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "eval": _eval, "bench": _bench}
+
+
+def describe(err: BaseException) -> tuple[str, int]:
+    """The one line (without the `mixtail <command>: ` prefix) and the exit status for an exception."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(err, MixtailError):
+        # Messages are written as one line; join any stray newlines rather than cut the message short.
+        return "error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), EXIT_USER
+    if isinstance(err, OSError):
+        return f"error: {describe_os_error(err)}", EXIT_USER
+    first = next(iter(str(err).strip().splitlines()), "")
+    return (f"internal error: {type(err).__name__}{': ' + first if first else ''} "
+            "(run with --debug for the traceback)"), EXIT_BUG
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("MIXTAIL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _record_for_torchrun(command: Callable[[list[str]], int], name: str, debug: bool):
+    """Wrap command with torch.distributed.elastic's `record`, so the error file that torchrun reads
+    (TORCHELASTIC_ERROR_FILE, set per worker) holds our one line, and the elastic summary shows it rather
+    than `error_file: <N/A>`. With --debug it holds the traceback (torch's own handler)."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
+
+    class OneLineErrorHandler(ErrorHandler):
+        def record_exception(self, e: BaseException) -> None:
+            path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if debug or not path:
+                return super().record_exception(e)
+            line = f"mixtail {name}: {describe(e)[0]}"
+            # The layout torch's own record_exception writes; the summary shows py_callstack as "traceback".
+            data = {"message": {"message": line,
+                                "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+            try:
+                with open(path, "w") as f:
+                    json.dump(data, f)
+            except OSError:  # a full disk must not replace the error being reported by its own
+                pass
+
+    return record(command, error_handler=OneLineErrorHandler())
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mixtail.trainer.config import ConfigError
-
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        sys.exit(0 if argv else EXIT_USER)
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"mixtail: error: unknown command '{name}'; choose one of {' | '.join(COMMANDS)} "
+              "(see mixtail --help)", file=sys.stderr)
+        sys.exit(EXIT_USER)
+    command = COMMANDS[name]
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        command = _record_for_torchrun(command, name, debug)
+    if debug:
+        sys.exit(command(argv[1:]))
     try:
-        sys.exit(COMMANDS[argv[0]](argv[1:]))
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"mixtail {argv[0]}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        status = command(argv[1:])
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure becomes one line
+        line, status = describe(err)
+        print(f"mixtail {name}: {line}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """The errors a user can act on: each is one line that names the file, key or value at fault.
 
-`mixtail` (mixtail/cli.py) prints any `MixtailError` as `mixtail <command>: error: <message>` and exits
-non-zero without a traceback (`--debug` or MIXTAIL_DEBUG=1 shows it). Everything else is a bug and keeps
-its traceback. Every package raises these, so they live beside the CLI rather than in one of them.
+`mixtail` (mixtail/cli.py) prints any `MixtailError` as `mixtail <command>: error: <message>` and exits 2
+without a traceback (`--debug` or MIXTAIL_DEBUG=1 shows it); an OSError is printed the same way, with its
+errno name (`describe_os_error`). Anything else is a bug: one line with its type, exit 1. Every package
+raises these, so they live beside the CLI rather than in one of them.
 
     from mixtail.errors import ConfigError
     raise ConfigError(f"{path}: key 'optim.lr': must be positive, got {lr}")
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 
 class MixtailError(Exception):
@@ -21,3 +25,31 @@ class ConfigError(MixtailError, ValueError):
 
 class DataError(MixtailError, ValueError):
     """A dataset, list, manifest or image is missing, malformed or inconsistent; the message names it."""
+
+
+class UsageError(MixtailError):
+    """The command line itself is wrong (an unknown option or command); the message says what to type."""
+
+
+class CheckpointError(MixtailError):
+    """A checkpoint cannot be written or read: the message names the file and the reason (the OS's, for I/O)."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint was refused because the model holds NaN or infinite values; it names the tensors."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError that keeps the OS's reason and its errno name visible.
+
+    `No space left on device (ENOSPC): runs/x/.checkpoint.pt.tmp-12-ab` rather than Python's
+    `[Errno 28] No space left on device: '...'`; an OSError raised with a message of our own is kept as is.
+    """
+    if err.errno is None or not err.strerror:
+        return str(err)
+    line = f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})"
+    if err.filename is not None:
+        line += f": {os.fsdecode(err.filename)}"
+        if getattr(err, "filename2", None) is not None:
+            line += f" -> {os.fsdecode(err.filename2)}"
+    return line

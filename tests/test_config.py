@@ -234,6 +234,7 @@ INVALID_VALUES = [
     ("aug:\n  hue: 0.6\n", "--aug.hue=0.6", "aug.hue"),
     ("loss:\n  tau: 0\n", "--loss.tau=0", "loss.tau"),
     ("train:\n  epochs: 0\n", "--train.epochs=0", "train.epochs"),
+    ("train:\n  keep_checkpoints: 0\n", "--train.keep_checkpoints=0", "train.keep_checkpoints"),
 ]
 
 
@@ -245,8 +246,10 @@ def test_validate_rejects_bad_values_from_file_and_override(tmp_path, text, over
 
 def test_validate_accepts_edge_values():
     cfg = load_config(None, ["--mix.ratio_range=[0,1]", "--mix.mix_prob=0", "--optim.milestones=[]",
-                             "--optim.lr_factors=[]", "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0"])
+                             "--optim.lr_factors=[]", "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0",
+                             "--train.keep_checkpoints=1"])
     assert cfg.mix.ratio_range == (0.0, 1.0) and cfg.optim.milestones == ()
+    assert cfg.train.keep_checkpoints == 1 and load_config(None).train.keep_checkpoints == 2
 
 
 # --------------------------------------------------------------------------------------------------

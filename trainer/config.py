@@ -77,6 +77,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
+    keep_checkpoints: int = 2  # checkpoint.pt plus this many - 1 older ones to fall back on (issue 10)
     max_steps_per_epoch: int | None = None  # truncate epochs (smoke tests)
     log_every_steps: int = 10
 
@@ -322,6 +323,7 @@ def validate(cfg: RunConfig) -> None:
     need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
     need(t.eval_every_epochs > 0, "train.eval_every_epochs", f"must be positive, got {t.eval_every_epochs}")
     need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch",
          "must be positive or null")
     need(t.log_every_steps > 0, "train.log_every_steps", "must be positive")

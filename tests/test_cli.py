@@ -1,0 +1,219 @@
+"""Tests of mixtail/cli.py: every failure is one line on stderr with the right exit status, the traceback only
+behind --debug or MIXTAIL_DEBUG=1, and under torchrun the same line reaches the elastic summary.
+
+    python -m pytest tests/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtail import cli
+from mixtail.errors import DataError
+from mixtail.trainer.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def _assert_one_line(err: str, command: str, *fragments: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith(f"mixtail {command}: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def injected(monkeypatch, capsys):
+    """Register a command `boom` that raises the exception it is given (the table is how commands are added);
+    returns a function that runs it and checks for one line with the fragment and exit status given."""
+    def run(exc: BaseException, status: int, fragment: str) -> None:
+        def boom(argv):
+            raise exc
+        monkeypatch.setitem(cli.COMMANDS, "boom", boom)
+        code, _, err = _main(capsys, "boom")
+        assert code == status
+        _assert_one_line(err, "boom", fragment)
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Real inputs through the real commands
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_config_value(capsys):
+    code, _, err = _main(capsys, "train", "smoke_cpu", "--optim.lr=-1")
+    assert code == 2
+    _assert_one_line(err, "train", "error: ", "optim.lr")
+
+
+def test_bad_config_type_in_file(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  keep_checkpoints: two\n")
+    code, _, err = _main(capsys, "train", str(path))
+    assert code == 2
+    _assert_one_line(err, "train", str(path), "train.keep_checkpoints")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = _main(capsys, "train", str(tmp_path / "nope.yaml"))
+    assert code == 2
+    _assert_one_line(err, "train", "nope.yaml")
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    code, _, err = _main(capsys, "eval", str(tmp_path / "checkpoint.pt"))
+    assert code == 2
+    _assert_one_line(err, "eval", str(tmp_path / "checkpoint.pt"), "does not exist")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "text"])
+def test_corrupt_checkpoint_for_eval(capsys, tmp_path, damage):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.randn(2000)}, "config": {}})
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 3] ^= 0x01
+    else:
+        data = bytearray(b"model weights, honest\n")
+    path.write_bytes(data)
+    code, _, err = _main(capsys, "eval", str(path))
+    assert code == 2
+    why = {"truncate": "truncated", "flip": "corrupt", "text": "not a checkpoint"}[damage]
+    _assert_one_line(err, "eval", str(path), why)
+
+
+def test_unknown_option_is_a_one_line_usage_error(capsys):
+    code, _, err = _main(capsys, "eval", "x.pt", "--frobnicate")
+    assert code == 2
+    _assert_one_line(err, "eval", "--frobnicate", "mixtail eval --help")
+
+
+def test_unknown_command_and_benchmark(capsys):
+    code, _, err = _main(capsys, "trian")
+    assert code == 2 and err.strip().splitlines() == [
+        "mixtail: error: unknown command 'trian'; choose one of train | eval | bench (see mixtail --help)"]
+    code, _, err = _main(capsys, "bench", "nope")
+    assert code == 2
+    _assert_one_line(err, "bench", "unknown benchmark 'nope'", "loss | loader")
+
+
+def test_help_still_works(capsys):
+    code, out, _ = _main(capsys, "--help")
+    assert code == 0 and "mixtail train" in out
+    code, out, _ = _main(capsys, "eval", "--help")
+    assert code == 0 and "checkpoint" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Injected failures: each kind of exception, from inside a command
+# --------------------------------------------------------------------------------------------------
+
+OS_ERRORS = [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl"),
+     f"error: {os.strerror(errno.ENOSPC)} (ENOSPC): /runs/x/metrics.jsonl"),
+    (OSError(errno.EROFS, os.strerror(errno.EROFS), "/runs/x"), "(EROFS): /runs/x"),
+    (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/train"), "(EACCES): /data/train"),
+    (FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/data/list.txt"), "(ENOENT): /data/list.txt"),
+    (OSError(errno.EXDEV, os.strerror(errno.EXDEV), "/a", None, "/b"), "(EXDEV): /a -> /b"),  # rename(a, b)
+    (FileNotFoundError("--resume: no checkpoint at runs/x/checkpoint.pt"),
+     "error: --resume: no checkpoint at runs/x/checkpoint.pt"),
+]
+
+
+@pytest.mark.parametrize("exc,expected", OS_ERRORS, ids=[type(e).__name__ + str(e.errno) for e, _ in OS_ERRORS])
+def test_os_error_inside_a_command(injected, exc, expected):
+    injected(exc, 2, expected)
+
+
+def test_mixtail_error_with_a_stray_newline_stays_one_line(injected):
+    injected(DataError("data/train/class_a/3.jpg: cannot be decoded\n(truncated JPEG)"), 2,
+             "error: data/train/class_a/3.jpg: cannot be decoded (truncated JPEG)")
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (KeyError("config"), "internal error: KeyError: 'config' (run with --debug for the traceback)"),
+    (RuntimeError("shape mismatch\n  at line 3\n  more"), "internal error: RuntimeError: shape mismatch (run"),
+    (AssertionError(), "internal error: AssertionError (run with --debug for the traceback)"),
+], ids=["KeyError", "multiline", "empty"])
+def test_a_bug_is_one_line_with_its_type(injected, exc, expected):
+    injected(exc, 1, expected)
+
+
+def test_keyboard_interrupt_exits_130(injected):
+    injected(KeyboardInterrupt(), 130, "interrupted")
+
+
+def test_debug_flag_anywhere_or_env_reraises(injected, monkeypatch):
+    injected(KeyError("config"), 1, "internal error: KeyError")  # without --debug: one line
+    for argv in (["--debug", "boom"], ["boom", "--debug"]):
+        with pytest.raises(KeyError):
+            cli.main(argv)
+    monkeypatch.setenv("MIXTAIL_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["boom"])
+    monkeypatch.setenv("MIXTAIL_DEBUG", "0")
+    injected(KeyError("config"), 1, "internal error: KeyError")
+
+
+def test_debug_is_removed_before_dispatch(monkeypatch):
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "echo", lambda argv: seen.append(argv) or 0)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["echo", "a", "--debug", "--x.y=1"])
+    assert info.value.code == 0 and seen == [["a", "--x.y=1"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: a real process, and torchrun
+# --------------------------------------------------------------------------------------------------
+
+
+def test_real_process_one_line_and_debug_traceback(tmp_path):
+    missing = tmp_path / "checkpoint.pt"
+    res = _run("-m", "mixtail", "eval", str(missing))
+    assert res.returncode == 2
+    _assert_one_line(res.stderr, "eval", str(missing))
+    res = _run("-m", "mixtail", "eval", str(missing), env={"MIXTAIL_DEBUG": "1"})
+    assert res.returncode == 1
+    assert "Traceback (most recent call last)" in res.stderr and "CheckpointError" in res.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_summary_shows_the_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: -1\n")
+    res = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mixtail", "train", str(bad), timeout=300)
+    assert res.returncode != 0
+    ours = [line for line in res.stderr.splitlines() if line.startswith("mixtail train: ")]
+    assert len(ours) == 2 and all("optim.lr" in line and "error: " in line for line in ours)  # one per rank
+    summary = res.stderr[res.stderr.index("Root Cause"):]
+    assert "error_file: <N/A>" not in summary
+    root = [line for line in summary.splitlines() if line.strip().startswith("traceback :")]
+    assert root and root[0].split("traceback :", 1)[1].strip() == ours[0]
+    assert "exitcode  : 2" in summary
