@@ -1,6 +1,6 @@
 """The `mixtail` command line.
 
-    mixtail train [CONFIG] [--resume] [--section.key=value ...]   train (default CONFIG: the built-in demo)
+    mixtail train [CONFIG] [--resume | --overwrite] [--section.key=value ...]   train (default: the built-in demo)
     mixtail eval CHECKPOINT [--section.key=value ...]             evaluate a checkpoint, print the table
     mixtail bench loss|loader [ARGS ...]                          throughput benchmarks (see --help of each)
 
@@ -56,12 +56,13 @@ def _train(argv: list[str]) -> int:
     rest, overrides = _split_overrides(argv)
     p = _Parser(prog="mixtail train", description="Train SMC. Overrides: --section.key=value.")
     p.add_argument("config", nargs="?", default="demo", help="YAML path or bundled config name (default: demo)")
-    p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last good checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start again in a train.out_dir that already holds a run")
     args, unknown = p.parse_known_args(rest)
     if unknown:
         p.error(f"unrecognized arguments {unknown}; overrides look like --optim.lr=0.05")
     cfg = load_config(args.config, overrides)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtail.trainer import train as train_module
+from train_hooks import wrap_train_loader
+from mixtail.errors import ConfigError
 from mixtail.trainer.config import load_config
 from mixtail.trainer.train import lr_at, train
 
@@ -84,31 +85,14 @@ class _Crash(RuntimeError):
 
 def _crash_after(batches: int, monkeypatch):
     """Make the training loader raise after `batches` batches in total, like a process dying mid-epoch."""
-    real_build = train_module.build_loader
     seen = {"n": 0}
 
-    class CrashingLoader:
-        def __init__(self, inner):
-            self.inner = inner
+    def count(_batch):
+        if seen["n"] == batches:
+            raise _Crash("simulated crash")
+        seen["n"] += 1
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def __len__(self):
-            return len(self.inner)
-
-        def __iter__(self):
-            for batch in self.inner:
-                if seen["n"] == batches:
-                    raise _Crash("simulated crash")
-                seen["n"] += 1
-                yield batch
-
-    def build(*args, split, **kwargs):
-        loader = real_build(*args, split=split, **kwargs)
-        return CrashingLoader(loader) if split == "train" else loader
-
-    monkeypatch.setattr(train_module, "build_loader", build)
+    wrap_train_loader(monkeypatch, count)
 
 
 # 3 steps per epoch, a checkpoint every 2 steps and at every epoch end. Crashing when the 6th batch is
@@ -197,3 +181,31 @@ def test_cli_cifar10_lt_from_the_jpeg_tree(cifar10_jpeg_root, tmp_path):
     assert "12406 training images in 10 classes (5000..50 per class)" in res.stdout
     final = json.loads((out / "final_eval.json").read_text())
     assert final["num_test_images"] == 10000 and final["group_sizes"] == {"many": 8, "medium": 2, "few": 0}
+
+
+def test_a_run_directory_is_never_overwritten_silently(tmp_path):
+    train(_smoke(tmp_path))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
+        train(_smoke(tmp_path))
+    assert (tmp_path / "metrics.jsonl").read_text() == before, "the refused run must not touch the directory"
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train(_smoke(tmp_path), resume=True, overwrite=True)
+    train(_smoke(tmp_path, "--train.epochs=1"), overwrite=True)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "loss" in r] == [1]
+
+
+def test_resume_from_a_moved_directory_and_with_more_epochs(tmp_path):
+    first = tmp_path / "first"
+    train(_smoke(first, "--train.epochs=2"))
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    # Only what changes the trajectory is compared: the new out_dir and a longer schedule are fine.
+    train(_smoke(moved, "--train.epochs=3"), resume=True)
+    state = torch.load(moved / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 3 and state["extended"] == [{"from_epochs": 2, "to_epochs": 3, "at_epoch": 2}]
+    with pytest.raises(ConfigError, match="already trained 3 epochs"):
+        train(_smoke(moved, "--train.epochs=2"), resume=True)
+    with pytest.raises(ConfigError, match="mix.mix_prob"):
+        train(_smoke(moved, "--train.epochs=4", "--mix.mix_prob=0.9"), resume=True)

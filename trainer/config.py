@@ -76,6 +76,10 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the GPU has it
     channels_last: bool = True
     compile: bool = False
+    # The whole step as CUDA graphs (trainer/step.py); null: on where CUDA is and the run is one process.
+    cuda_graphs: bool | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its step is skipped
+    tensorboard: bool = False  # also write loss parts, lr, images/s and evaluations as TensorBoard events
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     keep_checkpoints: int = 2  # checkpoint.pt plus this many - 1 older ones to fall back on (issue 10)
     max_steps_per_epoch: int | None = None  # truncate epochs (smoke tests)

@@ -26,3 +26,27 @@ def logit_adjusted_soft_ce(logits: torch.Tensor, targets: torch.Tensor, log_prio
     if log_prior is not None:
         logits = logits + log_prior
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def mean_mix_ratio(mix) -> float:
+    """E[λ'] of the normalized ratio λ' = lo + (hi − lo)·Beta(α, α): the midpoint (Beta(α, α) is symmetric).
+    The pasted area rounds the box to whole pixels, which moves E[λ] by well under a percent at 32 px."""
+    lo, hi = mix.ratio_range
+    return lo + (hi - lo) * 0.5
+
+
+def mixed_prior(counts: np.ndarray, fg_class_probs: np.ndarray, mean_lam: float, mix_prob: float) -> np.ndarray:
+    """π(k) = p·(E[λ]·q(k) + (1 − E[λ])·P_Y(k)) + (1 − p)·P_Y(k): the marginal of the soft labels ỹ when a
+    pair is mixed with probability p, its foreground drawn with class probabilities q and its background
+    uniformly (SPEC Eq. 5 extension, loss.prior=mixed)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    p_y = counts / counts.sum()
+    q = np.asarray(fg_class_probs, dtype=np.float64)
+    return mix_prob * (mean_lam * q + (1 - mean_lam) * p_y) + (1 - mix_prob) * p_y
+
+
+def log_prior_vector(prior: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """log of a class distribution as float32 on `device`; an empty class counts as a tenth of the smallest."""
+    prior = np.asarray(prior, dtype=np.float64)
+    floor = prior[prior > 0].min() / 10 if (prior > 0).any() else 1.0
+    return torch.from_numpy(np.log(np.maximum(prior, floor))).float().to(device)

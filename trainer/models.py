@@ -104,7 +104,10 @@ class SMCNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.backbone(x)
-        return self.classifier(feat), F.normalize(self.head(feat).float(), dim=1)
+        h = self.head(feat)
+        # The norm in fp32, the embedding back in the head's dtype: under bf16 autocast the fused SMC kernel
+        # then reads bf16 (half the traffic, tensor cores) and accumulates in fp32 (kernels/smc_loss.py).
+        return self.classifier(feat), F.normalize(h.float(), dim=1).to(h.dtype)
 
 
 def build_model(cfg, num_classes: int) -> SMCNet:

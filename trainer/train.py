@@ -6,33 +6,38 @@
     torchrun --standalone --nproc_per_node 8 -m mixtail train configs/cifar100_lt_r100.yaml
 
 A run directory (train.out_dir) receives config.yaml (the resolved config), metrics.jsonl (one line per
-epoch and per evaluation), checkpoint.pt (atomic; every epoch and every train.checkpoint_every_steps)
-and per_class_accuracy.png. A resumed run reaches the same final weights as an uninterrupted one:
-every batch's randomness is a function of (seed, epoch, rank, batch), so nothing but the model,
-optimizer and position needs saving.
+epoch and per evaluation), checkpoint.pt and the previous train.keep_checkpoints − 1 (checksummed, atomic;
+every epoch and every train.checkpoint_every_steps), final_eval.json and per_class_accuracy.png. A run
+directory that holds a run is never overwritten silently: pass --resume to continue it or --overwrite to
+start again. A resumed run reaches the same final weights as an uninterrupted one: every batch is a
+function of (seed, epoch, rank, batch), so nothing but the model, optimizer and position needs saving.
+Non-finite losses are detected on the device every step and read where the loop synchronizes anyway
+(train.on_nonfinite: stop | skip); a checkpoint is never written from non-finite weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
+import shutil
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mixtail.kernels import distributed_smc_loss
+from mixtail.errors import ConfigError, NonFiniteCheckpointError
 from mixtail.pipelines.base import build_loader
-from mixtail.trainer.checkpoint import load_checkpoint, save_checkpoint
-from mixtail.trainer.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict,
-                                    dump_config)
+from mixtail.pipelines.sampling import foreground_class_probs
+from mixtail.trainer.checkpoint import CheckpointStore, load_checkpoint
+from mixtail.trainer.config import (RunConfig, apply_overrides, config_from_dict, config_to_dict, dump_config)
 from mixtail.trainer.dist import DistInfo, barrier, cleanup, init_distributed
 from mixtail.trainer.evaluate import evaluate, format_table, plot_per_class
-from mixtail.trainer.losses import log_class_prior, logit_adjusted_soft_ce
+from mixtail.trainer.losses import log_prior_vector, mean_mix_ratio, mixed_prior
 from mixtail.trainer.models import build_model
+from mixtail.trainer.step import SGD, Health, NonFiniteError, Objective, TrainStep
 
 
 def lr_at(optim, step: int, steps_per_epoch: int) -> float:
@@ -57,72 +62,153 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-def contrastive_loss(z: torch.Tensor, y_f: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, loss_cfg) -> torch.Tensor:
-    """SMC over this rank's anchors; under DDP they score against the gathered features of all ranks."""
-    return distributed_smc_loss(z, y_f, y_b, lam, tau=loss_cfg.tau, weighting=loss_cfg.weighting, impl=loss_cfg.impl)
+def class_priors(cfg: RunConfig, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P_Y, π): the dataset prior and the marginal of the soft labels inside the mixing window (losses.py)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    p_y = counts / counts.sum()
+    q = foreground_class_probs(counts, cfg.data.fg_sampling, cfg.data.fg_gamma)
+    return p_y, mixed_prior(counts, q, mean_mix_ratio(cfg.mix), cfg.mix.mix_prob)
+
+
+def adjustment_prior(cfg: RunConfig, counts: np.ndarray, epoch: int) -> np.ndarray | None:
+    """The prior the CE adjusts by in `epoch`: None without logit adjustment; log P_Y (loss.prior=dataset);
+    with loss.prior=mixed, π inside the mixing window and P_Y outside it (no pair is mixed there)."""
+    if not cfg.loss.logit_adjust:
+        return None
+    p_y, pi = class_priors(cfg, counts)
+    if cfg.loss.prior == "mixed" and cfg.mix.active(epoch, cfg.train.epochs):
+        return pi
+    return p_y
 
 
 class RunLog:
-    """metrics.jsonl, written by rank 0 only; truncated to the checkpoint's length on resume."""
+    """metrics.jsonl (and, with train.tensorboard, TensorBoard events), written by rank 0 only; on resume
+    metrics.jsonl is cut back to the lines the checkpoint had seen."""
 
-    def __init__(self, path: Path, enabled: bool, keep_lines: int | None):
+    def __init__(self, path: Path, enabled: bool, keep_lines: int | None, tensorboard: bool):
         self.path, self.enabled, self.lines = path, enabled, 0
+        self.tb = None
         if not enabled:
             return
-        if keep_lines is None:
-            self.path.write_text("")
-        else:
-            kept = self.path.read_text().splitlines()[:keep_lines] if self.path.exists() else []
-            self.path.write_text("".join(line + "\n" for line in kept))
-            self.lines = len(kept)
+        kept = self.path.read_text().splitlines()[:keep_lines] if keep_lines and self.path.exists() else []
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.lines = len(kept)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError(f"key 'train.tensorboard': needs the tensorboard package "
+                                  f"(pip install 'mixtail[tensorboard]'): {err}") from None
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=None)
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.lines += 1
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for key in ("loss", "ce", "smc", "lr", "img_per_s"):
+                if key in record:
+                    self.tb.add_scalar(f"train/{key}", record[key], step)
+            for key, value in record.get("eval", {}).items():
+                if value is not None:
+                    self.tb.add_scalar(f"eval/top1_{key}", value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
-def _check_resume_config(cfg: RunConfig, saved: dict, path: Path) -> None:
+# Keys that do not change a run's trajectory: a resumed run may differ in them (a moved run or data
+# directory, other logging). train.epochs may grow (the schedule is recomputed and the checkpoint says so).
+RESUME_FREE_KEYS = {
+    ("train", "out_dir"), ("train", "eval_every_epochs"), ("train", "log_every_steps"),
+    ("train", "checkpoint_every_steps"), ("train", "keep_checkpoints"), ("train", "tensorboard"),
+    ("train", "epochs"), ("train", "cuda_graphs"), ("data", "root"), ("data", "train_list"),
+    ("data", "test_list"), ("data", "download"), ("data", "num_threads"), ("data", "eval_batch_size"),
+}
+
+
+def check_resume_config(cfg: RunConfig, saved: dict, path: Path, done_epochs: int) -> None:
+    """--resume: refuse a config that would change the trajectory of the run in `path`."""
     saved_cfg = config_from_dict(saved, f"{path} (saved config)")
-    if saved_cfg != cfg:
-        mine, theirs = config_to_dict(cfg), config_to_dict(saved_cfg)
-        diffs = [f"{s}.{k}: checkpoint {theirs[s][k]!r} vs now {mine[s][k]!r}"
-                 for s in mine for k in mine[s] if mine[s][k] != theirs[s][k]]
+    mine, theirs = config_to_dict(cfg), config_to_dict(saved_cfg)
+    diffs = [f"{s}.{k}: checkpoint {theirs[s][k]!r} vs now {mine[s][k]!r}"
+             for s in mine for k in mine[s] if mine[s][k] != theirs[s][k] and (s, k) not in RESUME_FREE_KEYS]
+    if diffs:
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with: " + "; ".join(diffs))
+    if cfg.train.epochs < done_epochs:
+        raise ConfigError(f"--resume: key 'train.epochs': {path} has already trained {done_epochs} epochs, "
+                          f"more than train.epochs={cfg.train.epochs}")
 
 
-def train(cfg: RunConfig, *, resume: bool = False) -> dict:
+def prepare_run_dir(out_dir: Path, store: CheckpointStore, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """A run directory that holds a run needs --resume or --overwrite; --overwrite clears its outputs."""
+    holds_run = bool(store.paths()) or (out_dir / "metrics.jsonl").exists()
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if holds_run and not (resume or overwrite):
+        raise ConfigError(f"run directory {out_dir} already holds a run (checkpoint or metrics.jsonl): pass --resume "
+                          f"to continue it, --overwrite to start again, or another --train.out_dir")
+    if overwrite and holds_run and is_main:
+        for p in store.paths() + [out_dir / n for n in ("metrics.jsonl", "final_eval.json", "per_class_accuracy.png")]:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+
+
+def resolve_cuda_graphs(cfg: RunConfig, device: torch.device, world_size: int) -> bool:
+    """train.cuda_graphs: null means on for a single CUDA process. Graphs are not used under DDP here (its
+    gradient all-reduce and the gathered SMC features would have to be captured too)."""
+    wanted = cfg.train.cuda_graphs
+    if wanted is None:
+        return device.type == "cuda" and world_size == 1 and not cfg.train.compile
+    if wanted and device.type != "cuda":
+        raise ConfigError("key 'train.cuda_graphs': true needs a CUDA device (train.device)")
+    if wanted and world_size > 1:
+        raise ConfigError("key 'train.cuda_graphs': not supported under DDP yet; set it to false or null")
+    return wanted
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train (or resume) the run described by cfg; returns the final evaluation."""
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, info, resume)
+        return _train(cfg, info, resume, overwrite)
     finally:
         cleanup()
 
 
-def _train(cfg: RunConfig, info: DistInfo, resume: bool) -> dict:
+def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
     out_dir = Path(cfg.train.out_dir)
-    ckpt_path = out_dir / "checkpoint.pt"
     device = info.device
-    state = None
+    log_line = (lambda msg: tqdm.write(msg)) if info.is_main else (lambda msg: None)
+    store = CheckpointStore(out_dir, keep=cfg.train.keep_checkpoints, log=log_line)
+    prepare_run_dir(out_dir, store, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    barrier()
+    state, ckpt_path = None, store.latest
     if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = load_checkpoint(ckpt_path, map_location=device)
-        _check_resume_config(cfg, state["config"], ckpt_path)
+        found = store.load_latest(map_location=device)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir}")
+        ckpt_path, state = found
+        check_resume_config(cfg, state["config"], ckpt_path, state["epoch"])
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        store.clean_stale()
         (out_dir / "config.yaml").write_text(dump_config(cfg))
     barrier()
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    loader_kw = dict(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.train.seed)
+    loader_kw = dict(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.train.seed,
+                     channels_last=cfg.train.channels_last)
     train_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", num_epochs=cfg.train.epochs, **loader_kw)
     test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **loader_kw)
     num_classes = train_loader.num_classes
     counts = train_loader.class_counts
-    classes = list(getattr(train_loader, "classes", [str(k) for k in range(num_classes)]))
+    classes = list(train_loader.classes)
 
     raw_model = build_model(cfg.model, num_classes).to(device)
     if cfg.train.channels_last:
@@ -133,38 +219,62 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     o = cfg.optim
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=o.lr, momentum=o.momentum,
-                                weight_decay=o.weight_decay, nesterov=o.nesterov)
-    log_prior = log_class_prior(counts, device) if cfg.loss.logit_adjust else None
+    sgd = SGD(raw_model.parameters(), momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
     autocast = autocast_for(cfg.train.precision, device)
+    prior = adjustment_prior(cfg, counts, 0)
+    log_prior = log_prior_vector(prior, device) if prior is not None else None
+    objective = Objective(num_classes=num_classes, log_prior=log_prior, eta=cfg.loss.eta, tau=cfg.loss.tau,
+                          weighting=cfg.loss.weighting, impl=cfg.loss.impl, autocast=autocast)
+    health = Health(device)
+    step_fn = TrainStep(model, sgd, objective, health=health, skip_nonfinite=cfg.train.on_nonfinite == "skip",
+                        cuda_graphs=resolve_cuda_graphs(cfg, device, info.world_size), state_modules=[raw_model])
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
 
     start_epoch, start_batch, step = 0, 0, 0
     epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, ce, smc summed over steps
-    epoch_time = 0.0
+    epoch_time, extended = 0.0, []
     if state is not None:
         raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        sgd.load_state_dict(state["optimizer"])
         start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         epoch_sums = state["epoch_sums"].to(device)
         epoch_time = state["epoch_time"]
-    log = RunLog(out_dir / "metrics.jsonl", info.is_main, state["metrics_lines"] if state else None)
+        extended = list(state.get("extended", []))
+        saved_epochs = state["config"]["train"]["epochs"]
+        if saved_epochs != cfg.train.epochs:
+            extended.append({"from_epochs": saved_epochs, "to_epochs": cfg.train.epochs, "at_epoch": start_epoch})
+    health.sync_step(step)
+    log = RunLog(out_dir / "metrics.jsonl", info.is_main, state["metrics_lines"] if state else None,
+                 cfg.train.tensorboard)
+    recent: deque = deque(maxlen=max(cfg.train.log_every_steps, cfg.train.checkpoint_every_steps or 1) + 1)
+
+    def describe(bad_step: int) -> str:
+        for s, e, b, plan in recent:
+            if s == bad_step:
+                idx = plan["bg_index"][:8].tolist() if plan is not None else []
+                return f"epoch {e}, step {s}, batch {b} (background indices {idx}...)"
+        return f"step {bad_step}"
 
     def checkpoint(epoch: int, batch: int) -> None:
+        health.check(cfg.train.on_nonfinite, describe)  # never write what a non-finite step produced
         if info.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "batch": batch, "step": step, "epoch_sums": epoch_sums.cpu(),
-                "epoch_time": epoch_time, "metrics_lines": log.lines, "config": config_to_dict(cfg),
-                "class_counts": np.asarray(counts), "classes": classes,
-            })
+            state = {"model": raw_model.state_dict(), "optimizer": sgd.state_dict(),
+                     "epoch": epoch, "batch": batch, "step": step, "epoch_sums": epoch_sums.cpu(),
+                     "epoch_time": epoch_time, "metrics_lines": log.lines, "config": config_to_dict(cfg),
+                     "class_counts": np.asarray(counts), "classes": classes, "extended": extended}
+            try:
+                store.save(state)
+            except NonFiniteCheckpointError as err:  # finite losses, but the weights (or BN statistics) blew up
+                raise NonFiniteError(f"non-finite model at epoch {epoch}, step {step}, batch {batch}: {err}; the "
+                                     f"previous checkpoint in {out_dir} is kept") from None
 
     if info.is_main:
         print(f"{cfg.data.dataset}: {int(counts.sum())} training images in {num_classes} classes "
               f"({int(counts.max())}..{int(counts.min())} per class), {steps_per_epoch} steps/epoch, "
-              f"device {device}, world size {info.world_size}")
+              f"device {device}, world size {info.world_size}"
+              + (", CUDA graphs" if step_fn.cuda_graphs else ""))
         if state is not None:
             print(f"resuming {ckpt_path} at epoch {start_epoch}, batch {start_batch} (step {step})")
 
@@ -172,6 +282,8 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool) -> dict:
     images_per_step = cfg.data.batch_size * cfg.data.num_views
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
+        if log_prior is not None:
+            log_prior.copy_(log_prior_vector(adjustment_prior(cfg, counts, epoch), device))
         train_loader.set_epoch(epoch, start_batch)
         bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not info.is_main, dynamic_ncols=True, leave=False)
@@ -180,29 +292,18 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool) -> dict:
         for b in range(start_batch, steps_per_epoch):
             batch = next(batches)
             lr = lr_at(o, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                logits, z = model(batch.images)
-            v = batch.num_views
-            ce = logit_adjusted_soft_ce(logits, batch.soft_targets(num_classes), log_prior)
-            smc = contrastive_loss(z.float(), batch.y_f.repeat(v), batch.y_b.repeat(v), batch.lam.repeat(v), cfg.loss)
-            loss = ce + cfg.loss.eta * smc
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            parts = step_fn(batch, lr)
+            recent.append((step, epoch, b, batch.plan))
             step += 1
             steps_since += 1
-            epoch_sums += torch.stack([loss.detach(), ce.detach(), smc.detach()]).double()
+            epoch_sums += parts.double()
             bar.update(1)
             if steps_since == cfg.train.log_every_steps or b + 1 == steps_per_epoch:
-                now = time.perf_counter()  # .item() below synchronizes, so the interval is honest
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}")
+                health.check(cfg.train.on_nonfinite, describe)  # synchronizes, so the interval is honest
+                now = time.perf_counter()
                 rate = steps_since * images_per_step / (now - t_last)
                 epoch_time += now - t_last
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
+                bar.set_postfix(loss=f"{float(parts[0]):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
                 t_last, steps_since = now, 0
             if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
                 checkpoint(epoch, b + 1)
@@ -213,22 +314,22 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool) -> dict:
                   "lr": lr_at(o, step - 1, steps_per_epoch), "train_time_s": epoch_time,
                   "img_per_s": steps_per_epoch * images_per_step / max(epoch_time, 1e-9)}
         log.write(record)
-        if info.is_main:
-            tqdm.write(f"epoch {epoch + 1}: loss {sums[0]:.4f} (ce {sums[1]:.4f}, smc {sums[2]:.4f}), "
-                       f"{record['img_per_s']:,.0f} img/s")
+        log_line(f"epoch {epoch + 1}: loss {sums[0]:.4f} (ce {sums[1]:.4f}, smc {sums[2]:.4f}), "
+                 f"{record['img_per_s']:,.0f} img/s")
         epoch_sums.zero_()
         epoch_time = 0.0
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
             # Without the DDP wrapper: ranks may see different numbers of test batches.
             results = evaluate(net, test_loader, counts, device, autocast)
-            log.write({"epoch": epoch + 1, "step": step, "eval": {k: results[k] for k in ("all", "many", "medium", "few")}})
-            if info.is_main:
-                tqdm.write(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%")
+            log.write({"epoch": epoch + 1, "step": step,
+                       "eval": {k: results[k] for k in ("all", "many", "medium", "few")}})
+            log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%")
         checkpoint(epoch + 1, 0)
 
     if results is None:  # resumed a finished run: evaluate its final weights
         results = evaluate(net, test_loader, counts, device, autocast)
+    log.close()
     if info.is_main:
         plot_per_class(results, counts, classes, out_dir / "per_class_accuracy.png")
         (out_dir / "final_eval.json").write_text(json.dumps(results, indent=1))
