@@ -41,7 +41,7 @@ import argparse
 import contextlib
 import operator
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,7 +58,7 @@ from mixtail.errors import ConfigError, DataError
 # `_keep_torch_threads` puts the trainer's setting back each time.
 _TORCH_THREADS = torch.get_num_threads()
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.rgb_image import IMAGE_MODES, encode_jpeg, resizer
+from ffcv.fields.rgb_image import encode_jpeg, resizer
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader
 from ffcv.memory_allocator import MemoryAllocator
@@ -70,7 +70,7 @@ from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 from ffcv.traversal_order.base import TraversalOrder
-from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE, DatasetWriter
 
 torch.set_num_threads(_TORCH_THREADS)
 
@@ -78,17 +78,35 @@ WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 FIELDS = ("image", "label", "index")
 # RGBImageField stores width and height as uint16.
 MAX_SIDE = np.iinfo(np.uint16).max
-# `smart` stores an image as JPEG when its raw pixels exceed this many bytes: 64×64×3. CIFAR-sized images
-# stay raw (a memcpy to read, 3 KB each), photos become JPEG (a 256 px photo is 196 KB raw, about 10× less
-# as JPEG). The read and write speeds behind this choice are in the report of issue 9's FFCV foundation.
-DEFAULT_SMART_THRESHOLD = 64 * 64 * 3
-# FFCV's default page (8 MiB) must hold the largest stored image: raw 2400×2400×3 is 17 MB.
-_PAGE_SIZE = 4 * MIN_PAGE_SIZE
+# `smart` stores an image as JPEG when its raw pixels exceed this many bytes: 128×128×3. Measured on the
+# 2-core CPU development machine (shared, so indicative), one numba thread: up to 128 px raw reads 3 to 8
+# times faster than JPEG (CIFAR-10 at 32 px 234k vs 28k img/s; the real photos at 128 px 26k vs 9k) at
+# 3 to 35 KiB per image; at 256 px JPEG is 8.5 times smaller (16 vs 138 KiB) and reads at 1.3k to 2.8k
+# img/s against raw's 2.4k to 3.6k, while a 100k-image set at 256 px takes 14 GB raw.
+DEFAULT_SMART_THRESHOLD = 128 * 128 * 3
+# RGBImageField's per-sample storage modes, as FFCV 1.0.2 writes them (ffcv/fields/rgb_image.py IMAGE_MODES).
+# Plain ints: IMAGE_MODES is a numba typed dict, and its first lookup costs a numba compile (about 1 s).
+JPG, RAW = 0, 1
 
 
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
+
+
+def page_size(max_resolution: int | None) -> int:
+    """FFCV's page size for a file: the smallest power of two that holds twice a raw image of max_resolution²
+    pixels (a JPEG of noise can outgrow the raw pixels), at least FFCV's 2 MiB minimum; FFCV's default of
+    8 MiB when the resolution is unbounded.
+
+    A sample must fit in one page, and a file ends on a whole page (the last one is written padded): a
+    small page keeps small files small (2,000 CIFAR images take 6 MB raw; 8 MiB pages make that 16 MiB).
+    OS-cache reading (BetonReader) maps the file and does not depend on the page size.
+    """
+    if max_resolution is None:
+        return 4 * MIN_PAGE_SIZE
+    raw_bytes = 3 * max_resolution * max_resolution
+    return min(max(MIN_PAGE_SIZE, 1 << (2 * raw_bytes - 1).bit_length()), MAX_PAGE_SIZE // 2)
 
 
 def _check_options(write_mode: str, max_resolution: int | None, jpeg_quality: int, smart_threshold: int,
@@ -136,13 +154,13 @@ def write_beton(path: str | os.PathLike, samples: Iterable[tuple[np.ndarray, int
       jpg         JPEG at `jpeg_quality` (lossy);
       smart       JPEG when the raw pixels take more than `smart_threshold` bytes, raw otherwise. FFCV's own
                   `smart` needs `smart_threshold` too: without it FFCV writes everything raw (ENV.md), so
-                  here it always has a value (DEFAULT_SMART_THRESHOLD, 64×64×3 bytes);
+                  here it always has a value (DEFAULT_SMART_THRESHOLD, 128×128×3 bytes);
       proportion  JPEG with probability `compress_probability`, raw otherwise. FFCV draws this from numpy's
                   global generator; here the draw comes from `seed`, so a conversion is reproducible.
     max_resolution: shrink images whose longer side exceeds it to that side (FFCV's own resizer, cv2
       INTER_AREA), aspect ratio kept; smaller images are stored as they are.
 
-    The file is written under a temporary name in the target directory (`.<name>.partial-XXXX`) and
+    The file is written under a temporary name in the target directory (`.<name>.partial-<pid>-<random>`) and
     renamed to `path` only once complete, so an interrupted or failed write never leaves a `.beton` at
     `path`; a failure removes the temporary file, a kill leaves it under its `.partial-` name.
     Encoding runs in this process, in the order of `samples`: the caller parallelizes the source decoding
@@ -158,9 +176,10 @@ def write_beton(path: str | os.PathLike, samples: Iterable[tuple[np.ndarray, int
     # Which images `proportion` compresses, drawn up front so the result depends on the seed only.
     compress = np.random.default_rng(seed).random(num_samples) < compress_probability
 
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
-    os.close(fd)
-    writer = DatasetWriter(tmp_name, fields, page_size=_PAGE_SIZE, num_workers=1)
+    # Beside the target, so the rename stays on one file system; FFCV creates it (with the umask's mode,
+    # unlike mkstemp's 0600).
+    tmp_name = str(path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    writer = DatasetWriter(tmp_name, fields, page_size=page_size(max_resolution), num_workers=1)
     writer.num_samples = num_samples
     try:
         writer.prepare()  # header and field descriptors
@@ -180,6 +199,11 @@ def write_beton(path: str | os.PathLike, samples: Iterable[tuple[np.ndarray, int
         with open(tmp_name, "rb+") as fp:
             os.fsync(fp.fileno())
         os.replace(tmp_name, path)
+        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -207,14 +231,14 @@ def _write_samples(path: Path, samples, num_samples: int, metadata: np.ndarray, 
                       or (write_mode == "proportion" and compress[i]))
             data = encode_jpeg(image, jpeg_quality) if as_jpg else np.ascontiguousarray(image).reshape(-1)
             if data.nbytes > allocator.page_size:
-                raise DataError(f"{where}: {data.nbytes} bytes do not fit FFCV's {allocator.page_size}-byte "
-                                "page; lower max_resolution")
+                raise DataError(f"{where}: {image.shape[0]}×{image.shape[1]} image takes {data.nbytes} bytes, "
+                                f"more than FFCV's {allocator.page_size}-byte page; set or lower max_resolution")
             # One allocation per sample, so FFCV's retry for samples split across pages never triggers.
             allocator.set_current_sample(i)
             ptr, storage = allocator.malloc(data.nbytes)
             storage[:] = data
             record = f_image[i]
-            record["mode"] = IMAGE_MODES["jpg" if as_jpg else "raw"]
+            record["mode"] = JPG if as_jpg else RAW
             record["height"], record["width"] = image.shape[:2]
             record["data_ptr"] = ptr
             count += 1
@@ -263,7 +287,7 @@ def beton_info(path: str | os.PathLike) -> BetonInfo:
     image = meta["f0"]
     return BetonInfo(path=path, labels=meta["f1"].astype(np.int64), indices=meta["f2"].astype(np.int64),
                      heights=image["height"].astype(np.int64), widths=image["width"].astype(np.int64),
-                     jpeg=image["mode"] == IMAGE_MODES["jpg"])
+                     jpeg=image["mode"] == JPG)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,7 +320,7 @@ class _CanvasDecoder(Operation):
     def declare_state_and_memory(self, previous_state: State):
         meta = self.metadata
         h, w = meta["height"].astype(np.uint64), meta["width"].astype(np.uint64)
-        jpg = meta["mode"] == IMAGE_MODES["jpg"]
+        jpg = meta["mode"] == JPG
         # Scratch sized to what the file needs, not to the largest height × the largest width (FFCV's
         # ResizedCrop decoders allocate max_h·max_w·3 per sample): one byte where a buffer is never used.
         decode_bytes = int((h * w * 3)[jpg].max()) if jpg.any() else 1
@@ -314,7 +338,7 @@ class _CanvasDecoder(Operation):
         imdecode_c = Compiler.compile(imdecode)
         resize_c = Compiler.compile(resize_crop)
         fit_c = Compiler.compile(fit_size)
-        jpg = IMAGE_MODES["jpg"]
+        jpg = JPG
         canvas = self.canvas
 
         def decode(batch_indices, buffers, metadata, storage_state):

@@ -28,7 +28,7 @@ from PIL import Image  # noqa: E402
 
 from mixtail.errors import ConfigError, DataError  # noqa: E402
 from mixtail.pipelines.ffcv_io import (  # noqa: E402
-    BetonReader, beton_info, fit_size, read_all, write_beton,
+    JPG, RAW, BetonReader, beton_info, fit_size, page_size, read_all, write_beton,
 )
 
 pytestmark = pytest.mark.ffcv
@@ -104,6 +104,9 @@ def _check_canvas(canvas: np.ndarray, expected: np.ndarray) -> None:
 
 def test_raw_round_trip_is_exact(data, raw_beton, raw_reader):
     images, labels, indices = data
+    umask = os.umask(0)
+    os.umask(umask)
+    assert raw_beton.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes
     info = beton_info(raw_beton)
     np.testing.assert_array_equal(info.labels, labels)
     np.testing.assert_array_equal(info.indices, indices)
@@ -164,6 +167,11 @@ def test_modes_smart_and_proportion(data, tmp_path):
                              smart_threshold=threshold))
     np.testing.assert_array_equal(info.jpeg, [im.nbytes > threshold for im in images])
     assert 0 < info.jpeg.sum() < N
+    # The default threshold is 128×128×3 bytes (FFCV's own smart mode without a threshold stores all raw).
+    sides = [(128, 128), (129, 128), (40, 500)]
+    info = beton_info(write_beton(tmp_path / "default.beton", ((np.zeros((*hw, 3), np.uint8), 0, i)
+                                                              for i, hw in enumerate(sides)), num_samples=3))
+    np.testing.assert_array_equal(info.jpeg, [False, True, True])
     # proportion: the draw comes from the seed, so the same seed gives the same file.
     first, again, other = (beton_info(_write(tmp_path / f"p{k}.beton", images, labels, indices,
                                              write_mode="proportion", seed=seed)).jpeg
@@ -266,6 +274,16 @@ def test_canvas_smaller_than_images_shrinks_them(data, raw_beton):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_page_size_and_modes_match_ffcv():
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.writer import MIN_PAGE_SIZE
+
+    assert (JPG, RAW) == (IMAGE_MODES["jpg"], IMAGE_MODES["raw"])
+    assert page_size(None) == 4 * MIN_PAGE_SIZE and page_size(32) == page_size(512) == MIN_PAGE_SIZE
+    assert page_size(1024) == 8 * 2**20 > 2 * 3 * 1024**2 and page_size(2400) == 64 * 2**20 > 2 * 3 * 2400**2
+    assert page_size(65535) == 2**31  # FFCV's limit is below 2**32
+
+
 def test_failed_write_leaves_no_file(data, tmp_path):
     images, labels, indices = data
     path = tmp_path / "out.beton"
@@ -336,6 +354,11 @@ def test_bad_input_is_one_error_naming_it(tmp_path):
                             ({"compress_probability": 2.0}, "compress_probability")]:
         with pytest.raises(ConfigError, match=message):
             write_beton(path, [(good, 0, 0)], num_samples=1, **option)
+    # FFCV stores a sample within one page: 8 MiB when max_resolution does not bound the images.
+    with pytest.raises(DataError, match="sample 1: 1700×1700 image takes 8670000 bytes, more than FFCV's "
+                                        "8388608-byte page; set or lower max_resolution"):
+        write_beton(path, [(good, 0, 0), (np.zeros((1700, 1700, 3), np.uint8), 0, 1)], num_samples=2,
+                    write_mode="raw")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "foreign.beton").write_bytes(b"\0" * 100)
     with pytest.raises(DataError, match="foreign.beton"):
