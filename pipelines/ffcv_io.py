@@ -78,11 +78,12 @@ WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 FIELDS = ("image", "label", "index")
 # RGBImageField stores width and height as uint16.
 MAX_SIDE = np.iinfo(np.uint16).max
-# `smart` stores an image as JPEG when its raw pixels exceed this many bytes: 128×128×3. Measured on the
-# 2-core CPU development machine (shared, so indicative), one numba thread: up to 128 px raw reads 3 to 8
-# times faster than JPEG (CIFAR-10 at 32 px 234k vs 28k img/s; the real photos at 128 px 26k vs 9k) at
-# 3 to 35 KiB per image; at 256 px JPEG is 8.5 times smaller (16 vs 138 KiB) and reads at 1.3k to 2.8k
-# img/s against raw's 2.4k to 3.6k, while a 100k-image set at 256 px takes 14 GB raw.
+# `smart` stores an image as JPEG when its raw pixels exceed this many bytes: 128×128×3. Raw always reads
+# faster; what JPEG buys is size, and size decides whether a dataset stays in the page cache. Measured on
+# the 2-core CPU development machine (shared, so ranges over 3 runs), one numba thread, img/s raw vs JPEG:
+# CIFAR-10 at 32 px 234k-247k vs 28k-61k (3.0 vs 1.0 KiB per image); the real photos at 64 px 47k-81k vs
+# 25k (8.8 vs 2.0 KiB), at 128 px 11k-30k vs 8k-10k (35 vs 5 KiB), at 256 px 3.6k-7.0k vs 1.3k-3.1k
+# (138 vs 16 KiB: 100k images take 14 GB raw, 1.6 GB as JPEG).
 DEFAULT_SMART_THRESHOLD = 128 * 128 * 3
 # RGBImageField's per-sample storage modes, as FFCV 1.0.2 writes them (ffcv/fields/rgb_image.py IMAGE_MODES).
 # Plain ints: IMAGE_MODES is a numba typed dict, and its first lookup costs a numba compile (about 1 s).
