@@ -50,6 +50,7 @@ try:
 except ImportError as err:  # build_loader turns this into an install hint
     raise ImportError(f"the DALI backend needs nvidia-dali (pip install 'mixtail[dali]'): {err}") from err
 
+from mixtail.errors import ConfigError
 from mixtail.pipelines.base import Batch
 from mixtail.pipelines.datasets import ImageArrays, ImageFiles
 from mixtail.pipelines.plan import BatchPlan, component_names
@@ -327,6 +328,9 @@ class DaliExecutor:
             raise ValueError(f"the DALI backend runs on cpu or cuda, got device {self.target}")
         self.device = None  # plans are read on the host
         self.planner = planner
+        if train and planner.aug.policy != "simclr":
+            raise ConfigError(f"key 'aug.policy': {planner.aug.policy} is not in the DALI graph yet; use "
+                              f"data.backend=torch (the in-memory backend runs every policy)")
         self.channels_last = channels_last
         self.num_threads, self.prefetch = num_threads, prefetch
         aug = planner.aug

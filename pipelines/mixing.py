@@ -119,7 +119,27 @@ def render_component(images: torch.Tensor, plan, name: str, out_size: int, valid
     colour = plan.colour and f"{name}.colour_m" in plan.layout
     m = plan[f"{name}.colour_m"].reshape(-1, 3, 3) if colour else None
     t = plan[f"{name}.colour_t"] if colour else None
-    return augment_tensors(x, crop, plan[f"{name}.flip"], m, t, out_size)
+    x = augment_tensors(x, crop, plan[f"{name}.flip"], m, t, out_size)
+    if f"{name}.aa_op" in plan.layout:
+        x = _policy_ops(x, plan, name)
+    return x
+
+
+def _policy_ops(x: torch.Tensor, plan, name: str) -> torch.Tensor:
+    """aug.policy's AutoAugment ops, then Cutout, on a cropped and flipped view (pipelines/autoaugment.py;
+    AutoAugment rows drew no colour jitter, so jitter-then-policy is the policy's own order). Which rows take
+    which op is read from the host copy of the plan, as apply_autoaugment wants."""
+    from mixtail.pipelines.autoaugment import AutoAugmentParams, apply_autoaugment
+
+    host = getattr(plan, "host", plan)
+    op = host[f"{name}.aa_op"]
+    params = AutoAugmentParams(np.full(len(op), -1, np.int8), op.astype(np.int8), host[f"{name}.aa_mag"],
+                               host[f"{name}.aa_affine"].reshape(-1, 2, 2, 3))
+    x = apply_autoaugment(x, params)
+    box = plan[f"{name}.cutout"].long()
+    if bool((host[f"{name}.cutout"][:, 2:] > 0).any()):
+        x = torch.where(box_mask(box, x.shape[2], x.shape[3]), torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return x
 
 
 def whole_image(images: torch.Tensor, out_size: int, valid_hw: torch.Tensor | None = None) -> torch.Tensor:

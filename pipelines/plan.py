@@ -39,6 +39,7 @@ from threading import Lock
 import numpy as np
 
 from mixtail.pipelines.augment import AugParams, colour_matrices, sample_aug_params
+from mixtail.pipelines.autoaugment import PolicyParams, cutout_boxes, sample_policy_params, without_colour
 from mixtail.pipelines.mixing import MixParams, sample_mix_params
 from mixtail.pipelines.sampling import batch_generator, batch_mixed, batches_per_epoch, sample_order
 
@@ -117,8 +118,10 @@ def component_names(aug_order: str, num_views: int) -> list[str]:
     return [f"{c}{v}" for v in range(num_views) for c in ("fg", "bg")]
 
 
-def plan_layout(*, train: bool, aug_order: str = "before_mix", num_views: int = 2, colour: bool = True) -> PlanLayout:
-    """The columns of a training or test plan. `colour`: whether colour parameters are carried at all."""
+def plan_layout(*, train: bool, aug_order: str = "before_mix", num_views: int = 2, colour: bool = True,
+                policy: str = "simclr") -> PlanLayout:
+    """The columns of a training or test plan. `colour`: whether colour parameters are carried at all;
+    `policy` (aug.policy): autoaugment and cmo_randaug add each component's AutoAugment ops and Cutout box."""
     if not train:
         return PlanLayout((Column("index", 1, _I4), Column("y", 1, _I4), Column("crop", 4, _F4)))
     cols = [Column("fg_index", 1, _I4), Column("bg_index", 1, _I4), Column("y_f", 1, _I4), Column("y_b", 1, _I4),
@@ -129,6 +132,11 @@ def plan_layout(*, train: bool, aug_order: str = "before_mix", num_views: int = 
                  Column(f"{p}.flip", 1, _I4)]
         if colour:
             cols += [Column(f"{p}.colour_m", 9, _F4), Column(f"{p}.colour_t", 3, _F4)]  # x' = M·x + t in [0, 1]
+        if policy != "simclr":  # pipelines/autoaugment.py: two op slots applied in order, then Cutout
+            cols += [Column(f"{p}.aa_op", 2, _I4),  # op ids, -1 where a slot does not fire
+                     Column(f"{p}.aa_mag", 2, _F4),  # signed magnitudes in each op's own units
+                     Column(f"{p}.aa_affine", 12, _F4),  # per slot the 2×3 destination-to-source map
+                     Column(f"{p}.cutout", 4, _I4)]  # top, left, height, width on the S×S view; 0 if none
     return PlanLayout(tuple(cols))
 
 
@@ -228,7 +236,7 @@ class Planner:
             self.fg_weights = w
             self.colour_possible = colour_possible(aug)
             self.layout = plan_layout(train=True, aug_order=mix.aug_order, num_views=num_views,
-                                      colour=self.colour_possible)
+                                      colour=self.colour_possible, policy=aug.policy)
         else:
             self.layout = plan_layout(train=False)
         self._orders: _EpochOrders | None = None
@@ -314,7 +322,7 @@ class Planner:
         # An unmixed batch reads no foreground: no executor decodes, resizes or pastes one.
         fg_idx = np.where(mixed, orders.fg[b * n:(b + 1) * n], bg_idx) if mixed.any() else bg_idx
         mp = sample_mix_params(rng, n, s, s, self.mix, mixed)
-        augs, sizes = {}, {}
+        augs, sizes, policies = {}, {}, {}
         for p in component_names(self.mix.aug_order, self.num_views):
             if p.startswith("fg") and not mixed.any():
                 continue
@@ -325,16 +333,21 @@ class Planner:
             else:
                 sizes[p] = self._size_of(fg_idx if p.startswith("fg") else bg_idx)
             augs[p] = sample_aug_params(rng, n, *sizes[p], self.aug, crop=self.mix.aug_order != "none")
+            if self.aug.policy != "simclr":  # AutoAugment and Cutout act on the S×S view, after the crop
+                policies[p] = sample_policy_params(rng, n, s, s, self.aug)
+                augs[p] = without_colour(augs[p], policies[p].autoaugment)
         return pack_train_plan(self.layout, epoch=epoch, batch=b, fg_index=fg_idx, bg_index=bg_idx,
-                               labels=self.labels, mix=mp, augs=augs, sizes=sizes)
+                               labels=self.labels, mix=mp, augs=augs, sizes=sizes, policies=policies, view_size=s)
 
 
 def pack_train_plan(layout: PlanLayout, *, epoch: int, batch: int, fg_index: np.ndarray, bg_index: np.ndarray,
                     labels: np.ndarray, mix: MixParams, augs: dict[str, AugParams],
-                    sizes: dict[str, tuple[np.ndarray, np.ndarray]]) -> BatchPlan:
+                    sizes: dict[str, tuple[np.ndarray, np.ndarray]],
+                    policies: dict[str, PolicyParams] | None = None, view_size: int = 0) -> BatchPlan:
     """Lay out one training batch's decisions as a plan. augs: the AugParams of each component of the layout,
-    with windows in pixels of the image sizes in `sizes` ((heights, widths) per component); a foreground
-    component may be left out when no pair mixes (it is never read)."""
+    with windows in pixels of the image sizes in `sizes` ((heights, widths) per component); policies: each
+    component's AutoAugment/Cutout draws when the layout carries them, on view_size × view_size views; a
+    foreground component may be left out when no pair mixes (it is never read)."""
     n = len(bg_index)
     table = layout.empty(n)
     write = layout.write
@@ -357,6 +370,12 @@ def pack_train_plan(layout: PlanLayout, *, epoch: int, batch: int, fg_index: np.
             write(table, f"{p}.colour_m", m.reshape(n, 9))
             write(table, f"{p}.colour_t", t)
             colour_any = colour_any or not aug.is_identity_colour()
+        if policies and p in policies:
+            pol = policies[p]
+            write(table, f"{p}.aa_op", pol.aa.op)
+            write(table, f"{p}.aa_mag", pol.aa.magnitude)
+            write(table, f"{p}.aa_affine", pol.aa.affine.reshape(n, 12))
+            write(table, f"{p}.cutout", cutout_boxes(pol.cutout_centre, pol.cutout_px, view_size, view_size))
     return BatchPlan(epoch=epoch, batch=batch, train=True, mixed=bool(mix.mixed.any()), colour=colour_any,
                      table=table, layout=layout)
 

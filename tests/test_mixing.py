@@ -316,3 +316,33 @@ def test_identity_plan_reproduces_the_images():
     mp = sample_mix_params(np.random.default_rng(0), n, size, size, MixConfig(), False)
     views = views_of(None, bg, make_plan(size, mp, ident, ident), size)
     torch.testing.assert_close(views[1], bg.float() / 255, atol=tol(size), rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["autoaugment", "cmo_randaug"])
+def test_policy_views_equal_autoaugment_reference(policy):
+    """aug.policy's columns: each component rendered from the plan equals autoaugment.augment_view (crop,
+    flip, jitter on SimCLR rows, AutoAugment + Cutout on the others) on the same draws, then the paste."""
+    from mixtail.pipelines.autoaugment import augment_view, sample_policy_params, without_colour
+
+    size, n = 32, 24
+    aug = AugConfig(policy=policy, grayscale_prob=0.3)
+    fg, bg = random_uint8(n, size, 20), random_uint8(n, size, 21)
+    rng = np.random.default_rng(4)
+    mp = sample_mix_params(rng, n, size, size, MixConfig(), True)
+    augs, pols = {}, {}
+    for p in ("fg0", "bg0", "fg1", "bg1"):
+        a = sample_aug_params(rng, n, size, size, aug)
+        pols[p] = sample_policy_params(rng, n, size, size, aug)
+        augs[p] = without_colour(a, pols[p].autoaugment)
+    full = (np.full(n, float(size)), np.full(n, float(size)))
+    plan = pack_train_plan(plan_layout(train=True, num_views=2, policy=policy), epoch=0, batch=0,
+                           fg_index=np.arange(n), bg_index=np.arange(n), labels=np.zeros(n, np.int64), mix=mp,
+                           augs=augs, sizes={p: full for p in augs}, policies=pols, view_size=size)
+    views = views_of(fg, bg, plan, size)
+    for v in range(2):
+        expected = paste(augment_view(fg, augs[f"fg{v}"], pols[f"fg{v}"], size),
+                         augment_view(bg, augs[f"bg{v}"], pols[f"bg{v}"], size), torch.from_numpy(mp.box), "resize")
+        torch.testing.assert_close(views[v], expected, atol=1e-5, rtol=0)
+    chosen = pols["bg0"].autoaugment
+    assert chosen.all() if policy == "autoaugment" else 0 < chosen.sum() < n
+    assert (plan["bg0.cutout"][chosen, 2:] > 0).all() and (plan["bg0.cutout"][~chosen, 2:] == 0).all()
