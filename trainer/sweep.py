@@ -22,7 +22,7 @@ and is started again with --resume runs only what is missing.
 
 The table, sweep.md and sweep.json in --out (rewritten after every run), has one row per run: its overrides,
 top-1 All / Many / Medium / Few at the final epoch (final_eval.json), its wall time (the sweep's own clock, over
-every attempt it saw finish), and the paper's number where the paper has one for exactly that experiment
+every attempt it saw end), and the paper's number where the paper has one for exactly that experiment
 (`paper_top1`). A failed run is reported with its one-line error and log, the sweep goes on, and `mixtail
 sweep` exits with an error naming the failures at the end. The table lists the runs of this sweep's grid
 (another grid in the same --out keeps its run directories but not its table). --dry-run lists the runs, the
@@ -456,7 +456,7 @@ class Sweep:
         for i, (run, state) in enumerate(zip(self.runs, states)):
             self.rows[i] = make_row(run, "done" if state == "done" else "pending")
             if state == "done":
-                self.log(f"[{i + 1}/{n}] skip   {run.label}: finished earlier: {_result_text(self.rows[i])}")
+                self.log(f"[{i + 1}/{n}] skip    {run.label}: finished earlier: {_result_text(self.rows[i])}")
         self._write()
         todo = [(i, s) for i, s in enumerate(states) if s != "done"]
         pool = ThreadPoolExecutor(max_workers=self.jobs)
@@ -495,7 +495,7 @@ class Sweep:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run.run_dir / "train.log"
         how = {"checkpoint": "resume", "started": "restart"}.get(state, "start")
-        self.log(f"[{i + 1}/{n}] {how:<6} {run.label} (log: {log_path})")
+        self.log(f"[{i + 1}/{n}] {how:<7} {run.label} (log: {log_path})")
         t0 = time.perf_counter()
         with open(log_path, "a") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n")
@@ -514,10 +514,11 @@ class Sweep:
             {"wall_s": record.get("wall_s", 0.0) + wall, "attempts": record.get("attempts", 0) + 1}) + "\n")
         if returncode == 0 and (run.run_dir / "final_eval.json").exists():
             row = make_row(run, "done")
-            self.log(f"[{i + 1}/{n}] done   {run.label}: {_result_text(row)} in {_duration(wall)}")
+            self.log(f"[{i + 1}/{n}] done    {run.label}: {_result_text(row)} in {_duration(wall)}")
         else:
-            row = make_row(run, "failed", _error_line(log_path, returncode))
-            self.log(f"[{i + 1}/{n}] FAILED {run.label}: {row['error']} (log: {log_path})")
+            status = "interrupted" if self.stopping else "failed"  # stopped by the sweep, or failed by itself
+            row = make_row(run, status, _error_line(log_path, returncode))
+            self.log(f"[{i + 1}/{n}] {status.upper()} {run.label}: {row['error']} (log: {log_path})")
         self.rows[i] = row
         self._write()
 
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = sweep.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    failed = [r for r in rows if r["status"] == "failed"]
+    failed = [r for r in rows if r["status"] != "done"]
     print(f"sweep: {len(rows) - len(failed)} of {len(rows)} runs finished; table: {out / 'sweep.md'}")
     if failed:
         first = failed[0]
