@@ -119,11 +119,13 @@ def test_several_configs_and_no_set(tmp_path):
                                       "demo,loss.eta=0.1"]
     assert runs[2].cfg.model.arch == "resnet8" and runs[2].cfg.train.epochs == 30  # demo's own values
     (single,) = expand_grid(["smoke_cpu"], [], [], tmp_path)
-    assert single.name == "smoke_cpu" and single.cfg == load_config("smoke_cpu", [f"--train.out_dir={tmp_path}/smoke_cpu"])
+    assert single.name == "smoke_cpu"
+    assert single.cfg == load_config("smoke_cpu", [f"--train.out_dir={tmp_path}/smoke_cpu"])
 
 
 def test_run_names_are_filesystem_safe():
-    name = run_name(None, (("data.root", "../a b/c"), ("mix.ratio_range", (0.0, 1.0)), ("train.max_steps_per_epoch", None)))
+    name = run_name(None, (("data.root", "../a b/c"), ("mix.ratio_range", (0.0, 1.0)),
+                           ("train.max_steps_per_epoch", None)))
     assert name == "data.root=.._a_b_c,mix.ratio_range=0.0_1.0,train.max_steps_per_epoch=null"
     assert re.fullmatch(r"[A-Za-z0-9._=+,-]+", name)
     assert run_name(None, (("loss.logit_adjust", False),)) == "loss.logit_adjust=false"
@@ -190,7 +192,8 @@ def _paper(config: str, *overrides: str):
     ("cifar100_lt_r100", ["--loss.eta=0.1", "--mix.ratio_range=[0.2,0.8]"], 48.9, "Table 5: eta 0.1"),
     # Keys that do not make another experiment: the data's place, the seed, the device, the backend, logging.
     ("cifar100_lt_r100", ["--data.root=/elsewhere", "--train.seed=3", "--train.device=cpu", "--data.backend=dali",
-                          "--train.precision=fp32", "--train.out_dir=x", "--loss.impl=reference"], 48.9, "Table 1: SMC"),
+                          "--train.precision=fp32", "--train.out_dir=x", "--loss.impl=reference"],
+     48.9, "Table 1: SMC"),
 ])
 def test_paper_number_where_the_run_is_that_experiment(config, overrides, top1, source):
     match = _paper(config, *overrides)
