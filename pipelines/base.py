@@ -88,7 +88,7 @@ def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, devi
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    dataset = build_dataset(data, split, decoded=data.backend == "torch")
+    dataset = build_dataset(data, split, decoded=False)
     return loader_for_dataset(dataset, data, aug, mix, split=split, rank=rank, world_size=world_size, device=device,
                               seed=seed, num_epochs=num_epochs, channels_last=channels_last)
 
@@ -96,19 +96,27 @@ def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, devi
 def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int, world_size: int, device: torch.device,
                        seed: int, num_epochs: int | None = None, channels_last: bool = True) -> "Loader":
     """The loader of an already built dataset (ImageArrays or ImageFiles); `data` gives batch sizes, views,
-    sampling, normalization and the backend. build_loader is this after reading the dataset."""
+    sampling, normalization and the backend. build_loader is this after reading the dataset.
+
+    Plans are drawn on each image's true size (ImageFiles.sizes, from the image check), whatever copy a
+    backend holds, so every backend crops the same part of each photo; the torch backend decodes files into
+    memory here (datasets.decode_in_memory).
+    """
     from mixtail.pipelines.config import normalization
+    from mixtail.pipelines.datasets import ImageFiles, decode_in_memory
     from mixtail.pipelines.loader import Loader
     from mixtail.pipelines.plan import Planner
     from mixtail.pipelines.sampling import class_counts, foreground_weights, samples_per_rank
 
     train = split == "train"
+    sizes = getattr(dataset, "sizes", None)  # true sizes of files; the valid canvas region of in-memory images
+    if data.backend == "torch" and isinstance(dataset, ImageFiles):
+        dataset = decode_in_memory(dataset, data.image_size, desc=f"decoding {split}")
     batch_size = rank_batch_size(data, split, world_size)
     if train and samples_per_rank(len(dataset), world_size) < batch_size:
         raise ConfigError(f"key 'data.batch_size': {len(dataset)} training images over {world_size} ranks do not "
                           f"fill one batch of {batch_size} pairs per rank")
     counts = class_counts(dataset.labels, len(dataset.classes))
-    sizes = getattr(dataset, "sizes", None)
     if train:
         planner = Planner.for_training(dataset.labels, sizes, aug=aug, mix=mix, image_size=data.image_size,
                                        batch_size=batch_size, num_views=data.num_views,
