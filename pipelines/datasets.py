@@ -34,7 +34,7 @@ import numpy as np
 
 from mixtail.errors import DataError
 from mixtail.pipelines.images import (IMAGE_EXTENSIONS, bad_files_message, check_images, decode_images,
-                                      is_hidden)
+                                      decode_to_canvas, is_hidden)
 
 
 class DataNotFound(DataError, FileNotFoundError):
@@ -391,7 +391,7 @@ def build_dataset(data, split: str, *, decoded: bool = True,
     folder datasets are balanced on disk); test splits are kept whole. Every image file is checked
     (data.image_check) and bad ones stop the run or are skipped (data.on_error). With decoded=False,
     file-based datasets come back as ImageFiles (with sizes) for loaders that decode themselves; with
-    decoded=True they are decoded and squashed to data.image_size (images.decode_images).
+    decoded=True they are decoded into memory (decode_in_memory).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -430,9 +430,25 @@ def build_dataset(data, split: str, *, decoded: bool = True,
     if isinstance(ds, ImageFiles):
         ds = check_files(ds, data.on_error, what=what, level=data.image_check)
         if decoded:
-            ds = ImageArrays(decode_images(ds.files, data.image_size, desc=f"decoding {split}"), ds.labels,
-                             ds.classes, skipped=ds.skipped)
+            ds = decode_in_memory(ds, data.image_size, desc=f"decoding {split}")
     return ds
+
+
+def decode_in_memory(ds: ImageFiles, image_size: int, desc: str = "decoding") -> ImageArrays:
+    """The images of `ds` decoded into memory for the torch backend.
+
+    Files that all are S×S (the CIFAR JPEG tree) are stored as they are. Others go onto a canvas that keeps
+    each photo's aspect ratio (images.decode_to_canvas): the shorter side at S, or at round(S·8/7) above
+    64 px (the test protocol's resize, so a centre crop or a small RandomResizedCrop window reads real
+    pixels), the longer side at most 3/2 of that (3:2 is the common camera aspect; only wider photos shrink
+    below that scale, and lose detail DALI's crops of the original keep). Crop windows are relative to
+    each image, so they land on the same part of the photo as DALI's crops of the original file.
+    """
+    if ds.sizes is not None and (np.asarray(ds.sizes) == image_size).all():
+        return ImageArrays(decode_images(ds.files, image_size, desc=desc), ds.labels, ds.classes, skipped=ds.skipped)
+    short = image_size if image_size <= 64 else round(image_size * 8 / 7)
+    pixels, sizes = decode_to_canvas(ds.files, short_side=short, max_side=round(short * 3 / 2), desc=desc)
+    return ImageArrays(pixels, ds.labels, ds.classes, sizes=sizes, skipped=ds.skipped)
 
 
 def main(argv: list[str] | None = None) -> None:

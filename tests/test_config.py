@@ -322,3 +322,11 @@ def test_mix_defaults_follow_spec():
     assert [e for e in range(200) if m.active(e, 200)] == [e for e in range(200) if 3 < e < 200 - 3]
     assert DataConfig().fg_sampling == "instance" and DataConfig().fg_gamma == 1.0
     assert DataConfig().lt_subset == "ldam"
+
+
+@pytest.mark.parametrize("override", ["--optim.lr=.inf", "--optim.lr=-.inf", "--optim.lr=.nan", "--loss.tau=.inf",
+                                      "--mix.ratio_range=[0,.inf]", "--data.fg_gamma=.nan"])
+def test_nonfinite_numbers_are_config_errors(override):
+    key = override[2:].split("=")[0]
+    msg = load_error(None, [override])
+    assert f"'{key}" in msg and "finite" in msg, msg

@@ -303,8 +303,10 @@ def test_build_dataset_folder_long_tailed(tmp_path):
     assert np.array_equal(decoded.images[0], np.asarray(Image.open(train.files[0])))
     test = build_dataset(data, "test", decoded=False)
     assert len(test) == 6 and all("/val/" in f for f in test.files)
+    # Files that are not S×S keep their aspect ratio on a canvas (shorter side S, longer at most 3/2·S).
     small = build_dataset(DataConfig(dataset="folder", root=str(root), test_dir="val", image_size=8), "test")
-    assert small.images.shape == (6, 8, 8, 3)
+    assert small.images.shape == (6, 12, 12, 3) and (small.sizes == 8).all()
+    assert (small.images[:, 8:] == 0).all() and (small.images[:, :, 8:] == 0).all()
 
 
 # --------------------------------------------------------------------------------------------------

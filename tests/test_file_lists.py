@@ -88,8 +88,9 @@ def test_build_dataset_lists_are_not_subsampled(dataset, train_list, test_list):
     assert test.classes == train.classes == training_classes(data)
     # The fixtures' true sizes (some are not square) are recorded by the check.
     assert train.sizes[:4].tolist() == [[32, 32], [40, 48], [32, 32], [36, 24]]
-    decoded = build_dataset(data, "train", decoded=True)  # the torch backend's path
-    assert decoded.images.shape == (10, 32, 32, 3)
+    decoded = build_dataset(data, "train", decoded=True)  # the torch backend's path: aspect kept on a canvas
+    assert decoded.images.shape == (10, 48, 48, 3)
+    assert decoded.sizes[:4].tolist() == [[32, 32], [32, 38], [32, 32], [48, 32]]
 
 
 def test_build_dataset_empty_list_key_names_the_key():
