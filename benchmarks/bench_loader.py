@@ -9,7 +9,11 @@ pair with both views, what one row of the trainer's batch needs.
   --device cuda, everything on the CPU otherwise).
 - torch: the photos are decoded once, up front, at --size px into memory (datasets.decode_images), as the
   torch backend keeps CIFAR-scale data; its rate excludes decoding. The table says so.
-- ffcv: not built yet (pipelines/ffcv_loader.py); asking for it fails with a clear message.
+- ffcv: the photos are first converted to a temporary .beton (ffcv_io.write_beton, `--beton-mode`, jpg by
+  default, longer side at most the executor's canvas: ffcv_loader.canvas_cap), outside the timing, as
+  `mixtail convert --to ffcv --max-resolution` would; FFCV then decodes every batch and the shared torch ops
+  crop, mix and normalize (pipelines/ffcv_loader.py). The table says so. Those ops are the reference
+  itself, so there is no graph to verify first; tests/test_ffcv_loader.py checks the decoding.
 
 The photos (../shared/data/photos, 334 ImageNet JPEGs, one per class) get fake long-tailed labels: class k
 holds n_k = n_max·(1/ρ)^(k/(C−1)) consecutive photos (sorted by name), as CIFAR-LT is built.
@@ -22,14 +26,17 @@ the table gives the median and p20/p80 over windows. Results go to
 
     python -m mixtail.benchmarks.bench_loader --backend dali torch --device cuda --photos ../shared/data/photos
     mixtail bench loader --backend dali --device cpu --num-photos 32 --size 64 --batch-size 16
+    mixtail bench loader --backend ffcv torch --device cpu --num-photos 16 --size 64 --batch-size 8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,20 +89,36 @@ def _importable(name: str) -> bool:
 
 def available_backends() -> list[str]:
     """Backends whose module exists here (and, for DALI, whose library is installed)."""
-    return [b for b in BACKENDS if _importable(_MODULES[b]) and (b != "dali" or _importable("nvidia.dali"))]
+    libraries = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+    return [b for b in BACKENDS if _importable(_MODULES[b]) and (b not in libraries or _importable(libraries[b]))]
 
 
 BENCH_AUG = AugConfig(crop="resized")
 BENCH_MIX = MixConfig(mix_prob=1.0, start_epoch=0)  # every batch mixed: the loader's full job
 
 
-def make_loader(backend: str, ds: ImageFiles, args, device: torch.device):
+def photos_to_beton(ds: ImageFiles, folder: Path, args) -> tuple["object", str]:
+    """The photos written to a .beton in `folder` as the FFCV backend reads them: (BetonDataset, note)."""
+    from mixtail.pipelines.ffcv_io import write_beton
+    from mixtail.pipelines.ffcv_loader import beton_dataset, canvas_cap
+    from mixtail.pipelines.images import load_rgb
+
+    t0 = time.perf_counter()
+    side = canvas_cap(args.size)
+    samples = ((load_rgb(f), int(y), i) for i, (f, y) in enumerate(zip(ds.files, ds.labels)))
+    path = write_beton(folder / "photos.beton", samples, num_samples=len(ds), write_mode=args.beton_mode,
+                       max_resolution=side)
+    mib = path.stat().st_size / 2**20
+    note = (f"converted once to a {args.beton_mode} .beton, longer side <= {side} px ({mib:.1f} MiB, "
+            f"{time.perf_counter() - t0:.1f} s, excluded); FFCV decode every batch")
+    return beton_dataset(path, ds.classes), note
+
+
+def make_loader(backend: str, ds: ImageFiles, args, device: torch.device, cleanup: contextlib.ExitStack):
+    """The backend's loader over the photos and the table's note on its data; temporary files go on `cleanup`."""
     from mixtail.pipelines.base import loader_for_dataset
     from mixtail.pipelines.config import DataConfig
 
-    if backend not in ("dali", "torch"):
-        raise SystemExit(f"backend {backend!r} is not built yet: pipelines/ffcv_loader.py does not exist "
-                         f"(available: {', '.join(available_backends())})")
     data = DataConfig(backend=backend, batch_size=args.batch_size, image_size=args.size, mean=IMAGENET_MEAN,
                       std=IMAGENET_STD, num_threads=args.threads)
     note = "JPEG decode every batch"
@@ -103,6 +126,9 @@ def make_loader(backend: str, ds: ImageFiles, args, device: torch.device):
         t0 = time.perf_counter()
         ds = ImageArrays(decode_images(ds.files, args.size, desc="decoding photos"), ds.labels, ds.classes)
         note = f"decoded once in memory at {args.size} px ({time.perf_counter() - t0:.1f} s, excluded)"
+    elif backend == "ffcv":
+        folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mixtail_bench_beton_")))
+        ds, note = photos_to_beton(ds, folder, args)
     loader = loader_for_dataset(ds, data, BENCH_AUG, BENCH_MIX, split="train", rank=0, world_size=1, device=device,
                                 seed=0)
     return loader, note
@@ -180,7 +206,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=5, help="batches before timing")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--window-batches", type=int, default=10)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 4, help="DALI CPU threads")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 4, help="DALI CPU threads, FFCV decoding threads")
+    p.add_argument("--beton-mode", default="jpg", choices=["raw", "jpg", "smart"],
+                   help="ffcv: how the photos are stored in the temporary .beton (default jpg)")
     p.add_argument("--out", default=None, help="folder for the JSON result (default: benchmarks/results)")
     args = p.parse_args(argv)
 
@@ -204,13 +232,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"dali graph vs torch reference on {device}: max error {verify_err:.4f} grey levels")
     rows = []
     for backend in args.backend:
-        loader, note = make_loader(backend, ds, args, device)
-        rates = time_loader(loader, device, args.warmup, args.windows, args.window_batches)
+        with contextlib.ExitStack() as cleanup:
+            loader, note = make_loader(backend, ds, args, device, cleanup)
+            cleanup.callback(loader.close)  # before the temporary files go (callbacks run last-in first-out)
+            rates = time_loader(loader, device, args.warmup, args.windows, args.window_batches)
         rows.append({"backend": backend, "device": str(device), "pairs_per_s": float(np.median(rates)),
                      "p20": float(np.percentile(rates, 20)), "p80": float(np.percentile(rates, 80)),
                      "windows_pairs_per_s": rates, "note": note})
-        if hasattr(loader, "close"):
-            loader.close()
         del loader
     print(format_table([{"backend": r["backend"], "device": r["device"], "pairs/s (median)": round(r["pairs_per_s"]),
                          "p20": round(r["p20"]), "p80": round(r["p80"]), "views/s": round(2 * r["pairs_per_s"]),

@@ -493,10 +493,16 @@ class BetonReader:
             return self._batches(iter(self._loader))
 
     def _batches(self, it) -> Iterator[BetonBatch]:
-        for outputs in it:
-            out = dict(zip(self._outputs, outputs))
-            yield BetonBatch(images=out["image"], sizes=out["image_size"], labels=out["label"][:, 0],
-                             indices=out["index"][:, 0])
+        try:
+            for outputs in it:
+                out = dict(zip(self._outputs, outputs))
+                yield BetonBatch(images=out["image"], sizes=out["image_size"], labels=out["label"][:, 0],
+                                 indices=out["index"][:, 0])
+        finally:
+            # An epoch left part-way (a loader restart, `close()` on this generator, its garbage collection)
+            # must stop FFCV's producer thread: the thread holds the EpochIterator alive, so its __del__ never
+            # runs, and it would otherwise wait forever on a full queue with its batch buffers.
+            it.close()
 
 
 def read_all(path: str | os.PathLike, *, batch_size: int = 256,

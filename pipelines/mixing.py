@@ -153,6 +153,19 @@ def whole_image(images: torch.Tensor, out_size: int, valid_hw: torch.Tensor | No
     return augment_tensors(x, crop, torch.zeros(n, dtype=torch.bool, device=x.device), None, None, out_size)
 
 
+def render_test_view(images: torch.Tensor, plan, out_size: int, valid_hw: torch.Tensor | None = None) -> torch.Tensor:
+    """A test plan's view: uint8 or float (n, 3, H, W) canvas images -> float (n, 3, S, S) in [0, 1], each
+    image's window (the plan's "crop", relative to its valid region `valid_hw` or the whole canvas) resized to
+    S. Images that already are S×S, fill their canvas and are asked for whole (CIFAR) are used as they are."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    n, _, h, w = x.shape
+    host = getattr(plan, "host", plan)  # the window test reads the host copy: no device sync
+    if valid_hw is None and h == w == out_size and np.array_equal(host["crop"], np.tile([0, 0, 1, 1], (n, 1))):
+        return x
+    crop = _pixel_windows(plan["crop"], valid_hw, (h, w))
+    return augment_tensors(x, crop, torch.zeros(n, dtype=torch.bool, device=x.device), None, None, out_size)
+
+
 def render_views(fg: torch.Tensor | None, bg: torch.Tensor, plan, *, out_size: int, mix_op: str, aug_order: str,
                  num_views: int, fg_hw: torch.Tensor | None = None, bg_hw: torch.Tensor | None = None,
                  ) -> list[torch.Tensor]:

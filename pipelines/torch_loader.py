@@ -18,8 +18,7 @@ import torch
 
 from mixtail.pipelines.base import Batch, normalize_views
 from mixtail.pipelines.datasets import ImageArrays
-from mixtail.pipelines.augment import augment_tensors
-from mixtail.pipelines.mixing import render_views
+from mixtail.pipelines.mixing import render_test_view, render_views
 from mixtail.pipelines.plan import DevicePlan
 
 
@@ -29,8 +28,7 @@ class TorchExecutor:
     def __init__(self, dataset: ImageArrays, *, device: torch.device | str, image_size: int, mean, std,
                  train: bool, mix_op: str = "resize", aug_order: str = "before_mix", num_views: int = 1,
                  channels_last: bool = True):
-        n, h, w, c = dataset.images.shape
-        if c != 3:
+        if dataset.images.shape[-1] != 3:
             raise ValueError(f"the torch backend needs RGB images, got (N, H, W, C) = {dataset.images.shape}")
         self.device = torch.device(device)
         self.image_size = image_size
@@ -40,8 +38,6 @@ class TorchExecutor:
         self.images = torch.from_numpy(dataset.images).to(self.device).permute(0, 3, 1, 2).contiguous()
         sizes = getattr(dataset, "sizes", None)
         self.sizes = None if sizes is None else torch.from_numpy(np.asarray(sizes, np.int32)).to(self.device)
-        # Test images that already are S×S and fill their canvas need no resampling at all (CIFAR).
-        self._whole_canvas_is_test_view = sizes is None and h == w == image_size
 
     def batches(self, stream, count: int) -> Iterator[Batch]:
         for _ in range(count):
@@ -71,13 +67,7 @@ class TorchExecutor:
 
     def _test_batch(self, plan: DevicePlan) -> Batch:
         idx = plan["index"].long()
-        x = self.images[idx].float() / 255.0
-        if not (self._whole_canvas_is_test_view and np.array_equal(plan.host["crop"], np.tile([0, 0, 1, 1], (len(idx), 1)))):
-            hw = self._hw(idx)
-            hw = hw.float() if hw is not None else x.new_tensor([x.shape[2], x.shape[3]]).expand(len(idx), 2)
-            crop = plan["crop"] * torch.cat([hw, hw], dim=1)
-            x = augment_tensors(x, crop, torch.zeros(len(idx), dtype=torch.bool, device=x.device), None, None,
-                                self.image_size)
+        x = render_test_view(self.images[idx], plan, self.image_size, self._hw(idx))
         y = plan["y"].long()
         return Batch(normalize_views([x], self.mean, self.std, self.channels_last), y, y,
                      torch.ones(len(idx), device=self.device), plan=plan.host)

@@ -14,6 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +226,26 @@ def test_two_readers_iterated_at_once(data, raw_beton, raw_reader):
             for canvas, i in zip(batch.images.numpy(), expected):
                 _check_canvas(canvas, images[i])
     assert k == 4
+
+
+def test_an_epoch_left_part_way_stops_ffcvs_thread(data, raw_reader):
+    """A loader restart abandons an epoch: closing its generator must end FFCV's producer thread, which
+    otherwise waits forever on its full queue (its EpochIterator is kept alive by the thread itself)."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    def producers() -> int:
+        return sum(isinstance(t, EpochIterator) and t.is_alive() for t in threading.enumerate())
+
+    before = producers()
+    batches = raw_reader.epoch(np.tile(np.arange(N), 5))  # 17 batches: more than FFCV decodes ahead
+    next(batches)
+    assert producers() == before + 1
+    batches.close()
+    deadline = time.monotonic() + 10  # the thread checks for termination every 0.5 s
+    while producers() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert producers() == before
+    assert _collect(raw_reader.epoch(np.arange(6)))[3].tolist() == data[2][:6].tolist()  # the reader still reads
 
 
 def test_order_is_validated(raw_reader):

@@ -89,6 +89,26 @@ def test_index_columns_are_the_sample_order_streams():
         assert np.array_equal(plan["y_f"], LABELS[fg[4 * b:4 * b + 4]])
 
 
+@pytest.mark.parametrize("mix", [MixConfig(mix_prob=0.5), MixConfig(mix_prob=0.4, mix_per="sample"),
+                                 MixConfig(mix_prob=0.0)], ids=["batch", "sample", "never"])
+def test_indices_are_the_plans_index_columns(mix):
+    """Planner.indices (the FFCV executor's traversal order) skips the plan's other draws; it must still give
+    exactly the plan's indices, and a foreground only when the plan mixes."""
+    p = planner(rank=1, world_size=2, seed=3, batch_size=4, mix=mix, num_epochs=10)
+    mixed = 0
+    for e in range(10):
+        for b in range(len(p)):
+            bg, fg = p.indices(e, b)
+            plan = p.plan(e, b)
+            assert np.array_equal(bg, plan["bg_index"]) and (fg is None) == (not plan.mixed)
+            if fg is not None:
+                assert np.array_equal(fg, plan["fg_index"])
+                mixed += 1
+    assert (mixed > 0) == (mix.mix_prob > 0)
+    with pytest.raises(IndexError, match="outside"):
+        p.indices(0, len(p))
+
+
 def test_batch_level_mixing_is_shared_by_every_rank():
     mix = MixConfig(mix_prob=0.5)
     ranks = [planner(rank=r, world_size=3, mix=mix, batch_size=4) for r in range(3)]
