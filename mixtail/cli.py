@@ -1,8 +1,10 @@
 """The `mixtail` command line.
 
     mixtail train [CONFIG] [--resume | --overwrite] [--section.key=value ...]   train (default: the built-in demo)
-    mixtail eval CHECKPOINT [--section.key=value ...]             evaluate a checkpoint, print the table
+    mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...] [--section.key=value ...]   evaluate a checkpoint
     mixtail bench loss|loader [ARGS ...]                          throughput benchmarks (see --help of each)
+    mixtail sweep CONFIG... --set KEY=V1,V2 [--set ...] [--jobs N] [--out DIR] [--resume]
+                                                                  run a grid of runs, write one table of results
 
 CONFIG is a YAML path or the name of a bundled config (demo, smoke_cpu, cifar10_lt_r100,
 cifar100_lt_r100, ...). Overrides use dotted keys and YAML values: --optim.lr=0.05 --mix.ratio_range=[0,1].
@@ -67,15 +69,27 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from mixtail.trainer.train import evaluate_checkpoint
+    from mixtail.trainer.checkpoint_eval import evaluate_checkpoint
 
     rest, overrides = _split_overrides(argv)
     p = _Parser(prog="mixtail eval", description="Evaluate a checkpoint on its test set.")
     p.add_argument("checkpoint")
+    p.add_argument("--report", metavar="DIR", help="write report.md/report.json, plots and class centres to DIR")
+    p.add_argument("--class-vectors", metavar="NPZ", help="class name vectors (arrays names, vectors) for the "
+                   "semantic similarity score, e.g. ../shared/data/glove/class_vectors_glove6B50d.npz")
+    p.add_argument("--posthoc-tau", metavar="T[,T...]", default="",
+                   help="also report accuracy with the test logits shifted by T·log(P_Y/π), for each T")
     args, unknown = p.parse_known_args(rest)
     if unknown:
         p.error(f"unrecognized arguments {unknown}; overrides look like --data.root=/data")
-    evaluate_checkpoint(args.checkpoint, overrides)
+    try:
+        taus = [float(t) for t in args.posthoc_tau.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--posthoc-tau takes numbers separated by commas, got {args.posthoc_tau!r}")
+    if args.class_vectors and not args.report:
+        p.error("--class-vectors needs --report DIR")
+    evaluate_checkpoint(args.checkpoint, overrides, report_dir=args.report, class_vectors=args.class_vectors,
+                        posthoc_taus=taus)
     return 0
 
 
@@ -93,7 +107,10 @@ def _bench(argv: list[str]) -> int:
 
 
 # name -> function(argv after the name) -> exit status. New commands only add a line here.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "eval": _eval, "bench": _bench}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": _train, "eval": _eval, "bench": _bench,
+    "sweep": lambda argv: importlib.import_module("mixtail.trainer.sweep").main(argv),
+}
 
 
 def describe(err: BaseException) -> tuple[str, int]:

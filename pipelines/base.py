@@ -47,10 +47,16 @@ class Batch:
 
     def soft_targets(self, num_classes: int) -> torch.Tensor:
         """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b), repeated for every view: (V·B, num_classes)."""
-        lam = self.lam[:, None].float()
-        one_hot = torch.nn.functional.one_hot
-        target = lam * one_hot(self.y_f, num_classes) + (1 - lam) * one_hot(self.y_b, num_classes)
-        return target.repeat(self.num_views, 1)
+        return soft_targets(self.y_f, self.y_b, self.lam, num_classes).repeat(self.num_views, 1)
+
+
+def soft_targets(y_f: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b): (B, C) float32. Built with scatter_add, which never reads the
+    labels back to the host (a CUDA graph cannot hold a synchronization; one_hot's range check is one)."""
+    lam = lam.float()[:, None]
+    target = torch.zeros(y_f.shape[0], num_classes, device=lam.device)
+    target.scatter_add_(1, y_f[:, None], lam)
+    return target.scatter_add_(1, y_b[:, None], 1 - lam)
 
 
 def normalize_views(views: list[torch.Tensor], mean, std, channels_last: bool = True) -> torch.Tensor:
@@ -88,7 +94,7 @@ def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, devi
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    dataset = build_dataset(data, split, decoded=data.backend == "torch")
+    dataset = build_dataset(data, split, decoded=False)
     return loader_for_dataset(dataset, data, aug, mix, split=split, rank=rank, world_size=world_size, device=device,
                               seed=seed, num_epochs=num_epochs, channels_last=channels_last)
 
@@ -96,19 +102,27 @@ def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, devi
 def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int, world_size: int, device: torch.device,
                        seed: int, num_epochs: int | None = None, channels_last: bool = True) -> "Loader":
     """The loader of an already built dataset (ImageArrays or ImageFiles); `data` gives batch sizes, views,
-    sampling, normalization and the backend. build_loader is this after reading the dataset."""
+    sampling, normalization and the backend. build_loader is this after reading the dataset.
+
+    Plans are drawn on each image's true size (ImageFiles.sizes, from the image check), whatever copy a
+    backend holds, so every backend crops the same part of each photo; the torch backend decodes files into
+    memory here (datasets.decode_in_memory).
+    """
     from mixtail.pipelines.config import normalization
+    from mixtail.pipelines.datasets import ImageFiles, decode_in_memory
     from mixtail.pipelines.loader import Loader
     from mixtail.pipelines.plan import Planner
     from mixtail.pipelines.sampling import class_counts, foreground_weights, samples_per_rank
 
     train = split == "train"
+    sizes = getattr(dataset, "sizes", None)  # true sizes of files; the valid canvas region of in-memory images
+    if data.backend == "torch" and isinstance(dataset, ImageFiles):
+        dataset = decode_in_memory(dataset, data.image_size, desc=f"decoding {split}")
     batch_size = rank_batch_size(data, split, world_size)
     if train and samples_per_rank(len(dataset), world_size) < batch_size:
         raise ConfigError(f"key 'data.batch_size': {len(dataset)} training images over {world_size} ranks do not "
                           f"fill one batch of {batch_size} pairs per rank")
     counts = class_counts(dataset.labels, len(dataset.classes))
-    sizes = getattr(dataset, "sizes", None)
     if train:
         planner = Planner.for_training(dataset.labels, sizes, aug=aug, mix=mix, image_size=data.image_size,
                                        batch_size=batch_size, num_views=data.num_views,

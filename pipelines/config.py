@@ -52,6 +52,12 @@ class DataConfig:
     fg_gamma: float = 1.0
     num_views: int = 2
     num_threads: int = 4  # CPU threads for the DALI and FFCV backends
+    # A bad image file (missing, zero-byte, truncated, not an image) found when the dataset is built: `stop`
+    # names every one in a single error before training; `skip` drops them and lists them (dataset.skipped).
+    on_error: Literal["stop", "skip"] = "stop"
+    # How files are checked: `header` parses each header and needs JPEG/PNG end markers (~60 us a file);
+    # `decode` decodes every file (~3 ms for a 500x375 photo), catching corrupt data inside a complete file.
+    image_check: Literal["header", "decode"] = "header"
     mean: tuple[float, float, float] | None = None  # None: CIFAR stats for 32 px data, ImageNet stats otherwise
     std: tuple[float, float, float] | None = None
 
@@ -64,6 +70,9 @@ class DataConfig:
         need(self.fg_gamma >= 0, "data.fg_gamma", f"must be >= 0, got {self.fg_gamma}")
         need(self.num_threads > 0, "data.num_threads", f"must be positive, got {self.num_threads}")
         need(self.std is None or min(self.std) > 0, "data.std", f"must be positive, got {self.std}")
+        need(self.on_error in ("stop", "skip"), "data.on_error", f"must be stop or skip, got {self.on_error!r}")
+        need(self.image_check in ("header", "decode"), "data.image_check",
+             f"must be header or decode, got {self.image_check!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

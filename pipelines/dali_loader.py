@@ -203,9 +203,12 @@ def _policy_inputs(plan: BatchPlan, prefix: str, cover: np.ndarray) -> dict[str,
 def plan_inputs(spec: GraphSpec, plan: BatchPlan, sources: Sources) -> dict[str, object]:
     """Every per-sample input of the graph for one plan, by name: the one place the inputs are defined."""
     if not spec.train:
-        out = {"img": sources(plan["index"].astype(np.int64))}
-        out.update(_window_inputs(spec, plan["crop"], None, "test", resized=True))
-        return out
+        # The test protocol resizes then centre-crops (SPEC "Evaluation"): one fn.resize whose relative ROI is
+        # the plan's fractional window, so neither a whole-pixel slice nor an edge clamp moves it.
+        top, left, h, w = (plan["crop"][:, k] for k in range(4))
+        return {"img": sources(plan["index"].astype(np.int64)),
+                "test_roi_start": np.stack([top, left], 1).astype(np.float32),
+                "test_roi_end": np.stack([top + h, left + w], 1).astype(np.float32)}
     n, s = len(plan), spec.size
     cover = covered(plan)
     bg_idx = plan["bg_index"].astype(np.int64)
@@ -269,7 +272,7 @@ def _canvas(spec: GraphSpec, img, dtype=None):
 def _augment(spec: GraphSpec, img, inp: dict, prefix: str, on_canvas: bool = False):
     """Crop window, flip and colour of one component view: float32 (S, S, 3) in 0..255."""
     s = spec.size
-    if spec.crop == "pad" and spec.train and prefix != "test":
+    if spec.crop == "pad":
         x = img if on_canvas else _canvas(spec, img)
         # Pad-and-crop is an integer shift with zero fill: exact, no resampling.
         x = fn.slice(x, start=inp[f"{prefix}_start"], shape=[s, s], axis_names="HW", out_of_bounds_policy="pad")
@@ -285,7 +288,7 @@ def _augment(spec: GraphSpec, img, inp: dict, prefix: str, on_canvas: bool = Fal
         # never larger than S, so they are plain bilinear, as the reference's grid_sample.
         x = fn.resize(x, size=[s, s], roi_start=inp[f"{prefix}_roi_start"], roi_end=inp[f"{prefix}_roi_end"],
                       roi_relative=True, antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
-    if spec.colour and prefix != "test":
+    if spec.colour:
         x = fn.coord_transform(x, M=inp[f"{prefix}_M"], T=inp[f"{prefix}_T"], dtype=types.FLOAT)
         x = dmath.clamp(x, 0.0, 255.0)
     if spec.policy and prefix != "test":
@@ -492,7 +495,10 @@ def train_graph(spec: GraphSpec, inp: dict) -> list:
 
 def eval_graph(spec: GraphSpec, inp: dict) -> list:
     """Output: the normalized (S, S, 3) test view (the plan's centre window, resized to S)."""
-    return [_normalize(spec, _augment(spec, _load(spec, inp["img"]), inp, "test"))]
+    s = spec.size
+    x = fn.resize(_load(spec, inp["img"]), size=[s, s], roi_start=inp["test_roi_start"], roi_end=inp["test_roi_end"],
+                  roi_relative=True, antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
+    return [_normalize(spec, x)]
 
 
 def build_pipeline(spec: GraphSpec, source, names_types, *, batch_size: int, num_threads: int,

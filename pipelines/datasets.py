@@ -1,13 +1,23 @@
-"""Dataset readers and the long-tailed subset construction.
+"""Dataset readers, the long-tailed subset construction, and `build_dataset`, which checks a dataset
+before any training step.
 
 Two kinds of dataset come out of here:
 
 - `ImageArrays`: decoded uint8 images in memory, (N, H, W, 3). CIFAR-10/100, the built-in demo set, and
   any small image-folder tree. The torch loader keeps these on the training device.
-- `ImageFiles`: paths and labels of encoded images, for loaders that decode (DALI).
+- `ImageFiles`: paths and labels of encoded images, for loaders that decode (DALI), with each image's
+  true (height, width) once checked.
+
+One class map per dataset: the training split (or a class list given to `build_dataset`) defines the
+classes, and the test split is read onto them. Different class sets, an empty class, a label outside the
+map or a class only in the test split is a DataError naming the class, file and line, raised when the
+dataset is built, never an accuracy silently computed against shifted labels. Hidden files and folders
+(`.*`, macOS `._*` forks) are never images or classes. Every image file is checked when the dataset is
+built (pipelines/images.py); `data.on_error` says whether a bad one stops the run (all of them named in
+one error) or is skipped (counted and listed in `skipped`).
 
 `long_tailed_indices` builds the standard LT subset; `build_dataset` turns a `DataConfig` into the
-(train, test) pair a run uses.
+split a run uses.
 
     python -m mixtail.pipelines.datasets demo          # print the class counts of a dataset
     python -m mixtail.pipelines.datasets folder --root /data/cifar10 --imbalance-ratio 100
@@ -17,13 +27,21 @@ from __future__ import annotations
 
 import argparse
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+from mixtail.errors import DataError
+from mixtail.pipelines.images import (IMAGE_EXTENSIONS, bad_files_message, check_images, decode_images,
+                                      decode_to_canvas, is_hidden)
+
+
+class DataNotFound(DataError, FileNotFoundError):
+    """A dataset path that does not exist (also a FileNotFoundError, which callers have long caught)."""
+
+
+Skipped = tuple[tuple[str, str], ...]  # (path, reason) of each file that data.on_error=skip dropped
 
 
 @dataclass(frozen=True)
@@ -31,12 +49,17 @@ class ImageArrays:
     images: np.ndarray  # (N, H, W, 3) uint8
     labels: np.ndarray  # (N,) int64
     classes: list[str]
+    # (N, 2) int32 (height, width) of the valid top-left region of each image on its canvas
+    # (images.decode_to_canvas); None when every image fills it (CIFAR, demo, squashed files).
+    sizes: np.ndarray | None = None
+    skipped: Skipped = ()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray) -> "ImageArrays":
-        return replace(self, images=self.images[indices], labels=self.labels[indices])
+        sizes = None if self.sizes is None else self.sizes[indices]
+        return replace(self, images=self.images[indices], labels=self.labels[indices], sizes=sizes)
 
 
 @dataclass(frozen=True)
@@ -44,12 +67,17 @@ class ImageFiles:
     files: list[str]  # absolute paths
     labels: np.ndarray  # (N,) int64
     classes: list[str]
+    # (N, 2) int32 (height, width) of each image as decoded (after its EXIF orientation), recorded by
+    # check_files; None for files not checked yet.
+    sizes: np.ndarray | None = None
+    skipped: Skipped = ()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray) -> "ImageFiles":
-        return replace(self, files=[self.files[i] for i in indices], labels=self.labels[indices])
+        sizes = None if self.sizes is None else self.sizes[indices]
+        return replace(self, files=[self.files[i] for i in indices], labels=self.labels[indices], sizes=sizes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,95 +220,235 @@ def demo_dataset(split: str, size: int = 32, seed: int = 1234) -> ImageArrays:
 
 def cifar_dataset(name: str, root: str, split: str, download: bool) -> ImageArrays:
     """CIFAR-10/100 in torchvision's on-disk format (downloaded by torchvision when `download`)."""
+    from urllib.error import URLError
+
     from torchvision import datasets as tvd
 
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
     if not root:
-        raise FileNotFoundError(f"data.root is empty: give the folder that holds (or will hold) {name}")
+        raise DataNotFound(f"data.root is empty: give the folder that holds (or will hold) {name}")
     try:
         ds = cls(root=root, train=split == "train", download=download)
     except RuntimeError as err:
         hint = "" if download else " Set --data.download=true to let torchvision fetch it (needs internet)."
-        raise FileNotFoundError(f"{name} not found under data.root={root!r}: {err}.{hint}") from None
+        raise DataNotFound(f"{name} not found under data.root={root!r}: {err}.{hint}") from None
+    except (URLError, OSError) as err:  # offline, DNS, proxy, or a refused connection
+        reason = getattr(err, "reason", None) or err
+        raise DataError(f"cannot download {name} from {cls.url} ({reason}): without internet, fetch that file "
+                        f"on a machine that has it and put {cls.filename} (or its extracted {cls.base_folder}/) "
+                        f"in data.root={root!r}, then run with --data.download=false; or train on an "
+                        f"image-folder tree (root/train/<class>/*.jpg, root/test/...) with --data.dataset=folder"
+                        ) from None
     return ImageArrays(np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64), list(ds.classes))
 
 
-def scan_image_folder(root: str | Path) -> ImageFiles:
-    """`root/<class>/<file>`: classes are the sorted folder names, files sorted by name within a class."""
-    root = Path(root)
+def _class_folders(root: Path) -> list[str]:
+    """The sorted names of the class folders of an image-folder split (hidden folders are not classes)."""
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    # Hidden folders (.ipynb_checkpoints, .cache) are not classes.
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        raise DataNotFound(f"image folder {root} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name))
     if not classes:
-        raise FileNotFoundError(f"image folder {root} has no class sub-folders (expected root/<class>/<file>)")
+        raise DataNotFound(f"image folder {root} has no class sub-folders (expected root/<class>/<file>)")
+    return classes
+
+
+def _image_names(folder: Path) -> list[str]:
+    """The image files directly inside a class folder, sorted: hidden files (`._x.jpg`) and other extensions
+    are not images. A broken symlink named like an image is kept, so that the check reports it."""
+    return sorted(e.name for e in os.scandir(folder)
+                  if not is_hidden(e.name) and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.is_dir())
+
+
+def _class_images(folder: Path) -> list[str]:
+    """`_image_names(folder)`, which must not be empty: an empty class is an error, never a silent label."""
+    names = _image_names(folder)
+    if not names:
+        raise DataError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}; hidden files do "
+                        f"not count): remove it or add its images")
+    return names
+
+
+def _compare_class_sets(found: list[str], classes: list[str], root: Path) -> None:
+    extra = sorted(set(found) - set(classes))
+    missing = sorted(set(classes) - set(found))
+    if extra or missing:
+        parts = []
+        if extra:
+            parts.append(f"{len(extra)} class folder(s) not among the training classes: "
+                         + ", ".join(str(root / c) for c in extra[:5]) + (" ..." if len(extra) > 5 else ""))
+        if missing:
+            parts.append(f"no folder for {len(missing)} training class(es): "
+                         + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        raise DataError(f"image folder {root} has a different class set from the training split "
+                        f"({len(classes)} classes): " + "; ".join(parts))
+
+
+def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> ImageFiles:
+    """`root/<class>/<file>`, files sorted by name within a class.
+
+    With classes=None the sorted folder names are the classes (the training split); otherwise the folders
+    must be exactly `classes` (the test split, read onto the training classes). A class folder without an
+    image is an error either way.
+    """
+    root = Path(root)
+    found = _class_folders(root)
+    if classes is None:
+        classes = found
+    else:
+        _compare_class_sets(found, classes, root)
     files, labels = [], []
     for k, name in enumerate(classes):
-        names = sorted(e.name for e in os.scandir(root / name)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        names = _class_images(root / name)
         files += [str(root / name / f) for f in names]
         labels += [k] * len(names)
-    if not files:
-        raise FileNotFoundError(f"image folder {root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return ImageFiles(files, np.asarray(labels, dtype=np.int64), classes)
+    return ImageFiles(files, np.asarray(labels, dtype=np.int64), list(classes))
 
 
-def decode_images(files: list[str], size: int, desc: str = "decoding") -> np.ndarray:
-    """Decode files into one (N, size, size, 3) uint8 array; images of another size are resized."""
-    from PIL import Image
-    from tqdm import tqdm
+def check_files(ds: ImageFiles, on_error: str = "stop", *, what: str = "images", level: str = "header") -> ImageFiles:
+    """Check every file of `ds` (images.check_images) and record its size.
 
-    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
-
-    def load(i: int) -> None:
-        try:
-            with Image.open(files[i]) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im)
-        except OSError as err:
-            raise OSError(f"cannot decode image {files[i]}: {err}") from None
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        list(tqdm(pool.map(load, range(len(files))), total=len(files), desc=desc, unit="img",
-                  disable=len(files) < 2000, leave=False))
-    return out
+    on_error="stop": a DataError names every bad file with its reason (a long list is written to a file the
+    message names). on_error="skip": bad files are dropped and listed in the result's `skipped`.
+    """
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    result = check_images(ds.files, level=level, desc=f"checking {what}")
+    if not result.bad:
+        return replace(ds, sizes=result.sizes)
+    lines = [f"{ds.files[i]}: {reason}" for i, reason in result.bad]
+    if len(result.bad) == len(ds) and all(reason == "does not exist" for _, reason in result.bad):
+        raise DataNotFound(f"none of the {len(ds)} {what} exists (the first is {ds.files[0]}): check data.root")
+    if on_error == "stop":
+        raise DataError(bad_files_message(lines, len(ds), what, "they cannot be used (data.on_error=stop; "
+                                          "--data.on_error=skip trains without them)"))
+    bad = np.zeros(len(ds), bool)
+    bad[[i for i, _ in result.bad]] = True
+    kept = replace(ds, sizes=result.sizes).subset(np.flatnonzero(~bad))
+    empty = [ds.classes[k] for k in np.flatnonzero(np.bincount(kept.labels, minlength=len(ds.classes)) == 0)]
+    if empty:
+        raise DataError(f"skipping the {len(result.bad)} bad {what} leaves class(es) {', '.join(empty[:5])} with "
+                        f"no images: " + bad_files_message(lines, len(ds), what, "bad files"))
+    return replace(kept, skipped=ds.skipped + tuple((ds.files[i], reason) for i, reason in result.bad))
 
 
 # --------------------------------------------------------------------------------------------------
 # From a config
 # --------------------------------------------------------------------------------------------------
 
+LISTED = ("imagenet_lt", "inat2018")
+# Training classes of list datasets, keyed by (dataset, list path, size, mtime): the train split fills it,
+# so building the test split next does not parse a large training list (train2018.json) again.
+_TRAIN_CLASSES: dict[tuple, list[str]] = {}
 
-def build_dataset(data, split: str, *, decoded: bool = True) -> ImageArrays | ImageFiles:
-    """The `split` ("train" or "test") of the dataset named by a DataConfig.
 
+def _list_key(data) -> tuple:
+    path = os.path.abspath(data.train_list)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (data.dataset, path, None, None)
+    return (data.dataset, path, st.st_size, st.st_mtime_ns)
+
+
+def training_classes(data) -> list[str] | None:
+    """The class names the training split of `data` defines, which the test split is read onto; None for
+    CIFAR and the demo set, whose splits share one class list by construction."""
+    if data.dataset in ("demo", "cifar10", "cifar100"):
+        return None
+    if data.dataset == "folder":
+        root = Path(data.root) / "train"
+        classes = _class_folders(root)
+        for name in classes:
+            _class_images(root / name)
+        return classes
+    if data.dataset in LISTED:
+        key = _list_key(data)
+        if key not in _TRAIN_CLASSES:
+            from mixtail.pipelines.file_lists import read_listed_dataset
+
+            _TRAIN_CLASSES[key] = read_listed_dataset(data.dataset, data.train_list, data.root,
+                                                      "data.train_list").classes
+        return list(_TRAIN_CLASSES[key])
+    raise ValueError(f"data.dataset={data.dataset!r} has no reader in this version")
+
+
+def _same_classes(found: list[str], classes: list[str], where: str) -> None:
+    if found != list(classes):
+        diff = next((k for k, (a, b) in enumerate(zip(found, classes)) if a != b), min(len(found), len(classes)))
+        first = (f"label {diff}: {found[diff]!r} here, {classes[diff]!r} given" if diff < min(len(found), len(classes))
+                 else f"label {diff} is on one side only")
+        raise DataError(f"{where} has {len(found)} classes, which differ from the {len(classes)} classes given "
+                        f"(first difference at {first})")
+
+
+def build_dataset(data, split: str, *, decoded: bool = True,
+                  classes: list[str] | None = None) -> ImageArrays | ImageFiles:
+    """The `split` ("train" or "test") of the dataset named by a DataConfig, checked.
+
+    Classes: `classes` (e.g. a manifest's class names) defines the labels of both splits when given;
+    otherwise the training split defines them and the test split is read onto them (training_classes).
     The train split is reduced to its long-tailed subset with data.imbalance_ratio (CIFAR, demo and
-    folder datasets are balanced on disk); test splits are kept whole. With decoded=False, file-based
-    datasets come back as ImageFiles for loaders that decode themselves.
+    folder datasets are balanced on disk); test splits are kept whole. Every image file is checked
+    (data.image_check) and bad ones stop the run or are skipped (data.on_error). With decoded=False,
+    file-based datasets come back as ImageFiles (with sizes) for loaders that decode themselves; with
+    decoded=True they are decoded into memory (decode_in_memory).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if classes is None and split == "test":
+        classes = training_classes(data)
+    what = f"{split} images"
     if data.dataset == "demo":
         ds = demo_dataset(split, size=data.image_size)
     elif data.dataset in ("cifar10", "cifar100"):
         ds = cifar_dataset(data.dataset, data.root, split, data.download)
     elif data.dataset == "folder":
-        ds = scan_image_folder(Path(data.root) / ("train" if split == "train" else data.test_dir))
-    elif data.dataset in ("imagenet_lt", "inat2018"):
+        folder = Path(data.root) / ("train" if split == "train" else data.test_dir)
+        ds = scan_image_folder(folder, classes)
+        what = f"{split} images under {folder}"
+    elif data.dataset in LISTED:
         from mixtail.pipelines.file_lists import read_listed_dataset
 
         key = "data.train_list" if split == "train" else "data.test_list"
-        ds = read_listed_dataset(data.dataset, data.train_list if split == "train" else data.test_list,
-                                 data.root, key)
+        path = data.train_list if split == "train" else data.test_list
+        ds = read_listed_dataset(data.dataset, path, data.root, key, classes=classes)
+        if split == "train" and classes is None:
+            _TRAIN_CLASSES[_list_key(data)] = list(ds.classes)
+        what = f"{split} images of {key}={path}"
     else:
         raise ValueError(f"data.dataset={data.dataset!r} has no reader in this version")
-    if split == "train" and data.dataset not in ("imagenet_lt", "inat2018"):  # those lists are long-tailed already
+    if classes is not None and data.dataset in ("demo", "cifar10", "cifar100"):
+        _same_classes(ds.classes, classes, f"data.dataset={data.dataset}")
+    if split == "train" and data.dataset not in LISTED:  # those lists are long-tailed already
         ds = ds.subset(long_tailed_indices(ds.labels, data.imbalance_ratio, len(ds.classes), data.lt_subset))
-    if decoded and isinstance(ds, ImageFiles):
-        ds = ImageArrays(decode_images(ds.files, data.image_size, desc=f"decoding {split}"), ds.labels, ds.classes)
+        counts = np.bincount(ds.labels, minlength=len(ds.classes))
+        if (counts == 0).any():
+            k = int(np.flatnonzero(counts == 0)[0])
+            raise DataError(f"data.imbalance_ratio={data.imbalance_ratio} leaves {int((counts == 0).sum())} "
+                            f"class(es) without a training image (first: {ds.classes[k]!r}, label {k}; the "
+                            f"largest class has {counts.max()}): lower the ratio")
+    if isinstance(ds, ImageFiles):
+        ds = check_files(ds, data.on_error, what=what, level=data.image_check)
+        if decoded:
+            ds = decode_in_memory(ds, data.image_size, desc=f"decoding {split}")
     return ds
+
+
+def decode_in_memory(ds: ImageFiles, image_size: int, desc: str = "decoding") -> ImageArrays:
+    """The images of `ds` decoded into memory for the torch backend.
+
+    Files that all are S×S (the CIFAR JPEG tree) are stored as they are. Others go onto a canvas that keeps
+    each photo's aspect ratio (images.decode_to_canvas): the shorter side at S, or at round(S·8/7) above
+    64 px (the test protocol's resize, so a centre crop or a small RandomResizedCrop window reads real
+    pixels), the longer side at most 3/2 of that (3:2 is the common camera aspect; only wider photos shrink
+    below that scale, and lose detail DALI's crops of the original keep). Crop windows are relative to
+    each image, so they land on the same part of the photo as DALI's crops of the original file.
+    """
+    if ds.sizes is not None and (np.asarray(ds.sizes) == image_size).all():
+        return ImageArrays(decode_images(ds.files, image_size, desc=desc), ds.labels, ds.classes, skipped=ds.skipped)
+    short = image_size if image_size <= 64 else round(image_size * 8 / 7)
+    pixels, sizes = decode_to_canvas(ds.files, short_side=short, max_side=round(short * 3 / 2), desc=desc)
+    return ImageArrays(pixels, ds.labels, ds.classes, sizes=sizes, skipped=ds.skipped)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,13 +458,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("dataset", choices=["demo", "cifar10", "cifar100", "folder"])
     p.add_argument("--root", default="")
     p.add_argument("--imbalance-ratio", type=float, default=100.0)
+    p.add_argument("--on-error", choices=["stop", "skip"], default="stop")
     args = p.parse_args(argv)
-    data = DataConfig(dataset=args.dataset, root=args.root, imbalance_ratio=args.imbalance_ratio)
+    data = DataConfig(dataset=args.dataset, root=args.root, imbalance_ratio=args.imbalance_ratio,
+                      on_error=args.on_error)
     ds = build_dataset(data, "train", decoded=False)
     counts = np.bincount(ds.labels, minlength=len(ds.classes))
     groups = shot_groups(counts)
     print(f"{len(ds)} train images, {len(ds.classes)} classes, counts {counts.max()}..{counts.min()}; "
-          + ", ".join(f"{g} {len(v)}" for g, v in groups.items()))
+          + ", ".join(f"{g} {len(v)}" for g, v in groups.items())
+          + (f"; {len(ds.skipped)} bad files skipped" if ds.skipped else ""))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ the input of loaders that decode themselves (DALI). Nothing here opens an image.
   excerpts (val-lep.json), and an annotation may spell the id differently from its category
   ("594" vs 594). The label space is the `categories` list; see `category_labels` for the rule.
 
-Malformed input raises ValueError naming the file and the line (lists) or the record (JSON).
+Either reader defines the classes (the training split) or, given `classes`, reads its file onto them (the
+test split): then a label outside them, a class missing from the file, or a categories list that differs
+is an error. Every class needs at least one image either way: a gap in a list's labels (a stray label 9
+in a 4-class list) or a category without images is an error, not a phantom class.
+
+Malformed or inconsistent input raises DataError naming the file and the line (lists) or the record (JSON).
 
     python -m mixtail.pipelines.file_lists ../shared/data/lists/ImageNet_LT_val.txt --root /data/imagenet
     python -m mixtail.pipelines.file_lists ../shared/data/lists/val-lep.json
@@ -29,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from mixtail.pipelines.datasets import ImageFiles
+from mixtail.errors import DataError
+from mixtail.pipelines.datasets import DataNotFound, ImageFiles
 
 
 def _join(root: str | Path, rel: str) -> str:
@@ -37,22 +43,37 @@ def _join(root: str | Path, rel: str) -> str:
     return os.path.abspath(os.path.join(os.fspath(root) or ".", rel))
 
 
-def read_file_list(list_path: str | Path, root: str | Path = "", num_classes: int | None = None) -> ImageFiles:
+def _label_ranges(labels: np.ndarray, limit: int = 5) -> str:
+    """'4..8, 11' for sorted labels, the first `limit` runs."""
+    runs: list[list[int]] = []
+    for y in labels.tolist():
+        if runs and y == runs[-1][1] + 1:
+            runs[-1][1] = y
+        else:
+            runs.append([y, y])
+    text = ", ".join(f"{lo}..{hi}" if hi > lo else f"{lo}" for lo, hi in runs[:limit])
+    return text + (" ..." if len(runs) > limit else "")
+
+
+def read_file_list(list_path: str | Path, root: str | Path = "", classes: list[str] | None = None) -> ImageFiles:
     """Read a `path label` list (ImageNet-LT, iNaturalist18_val.txt) into ImageFiles.
 
-    Labels must be integers in [0, num_classes) (num_classes defaults to the largest label + 1).
-    Class k is named after the folder that holds its images when all of them share one parent folder
-    name (the WordNet id for ImageNet, the category id for iNaturalist), and "k" otherwise.
+    With classes=None (a training list) the labels must be 0..C-1, every one with an image; class k is
+    named after the folder that holds its images when all of them share one parent folder name (the
+    WordNet id for ImageNet, the category id for iNaturalist), and "k" otherwise. With `classes` (a test
+    list read onto the training classes) every label must be below len(classes), every class needs an
+    image, and the names are `classes`.
     """
     list_path = Path(list_path)
     try:
         text = list_path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"file list {list_path} does not exist") from None
+        raise DataNotFound(f"file list {list_path} does not exist") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{list_path}: not UTF-8 text ({err})") from None
+        raise DataError(f"{list_path}: not UTF-8 text ({err})") from None
     files: list[str] = []
     labels: list[int] = []
+    linenos: list[int] = []
     parents: dict[int, set[str]] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -60,33 +81,47 @@ def read_file_list(list_path: str | Path, root: str | Path = "", num_classes: in
             continue
         parts = line.rsplit(None, 1)
         if len(parts) != 2:
-            raise ValueError(f"{list_path}:{lineno}: expected 'path label', got {line!r}")
+            raise DataError(f"{list_path}:{lineno}: expected 'path label', got {line!r}")
         rel, label_text = parts
         try:
             label = int(label_text)
         except ValueError:
-            raise ValueError(f"{list_path}:{lineno}: the label {label_text!r} is not an integer "
-                             f"(expected 'path label', got {line!r})") from None
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            bound = "" if num_classes is None else f" < {num_classes}"
-            raise ValueError(f"{list_path}:{lineno}: label {label} is out of range (need 0 <= label{bound})")
+            raise DataError(f"{list_path}:{lineno}: the label {label_text!r} is not an integer "
+                            f"(expected 'path label', got {line!r})") from None
+        if label < 0:
+            raise DataError(f"{list_path}:{lineno}: label {label} is out of range (need 0 <= label)")
+        if classes is not None and label >= len(classes):
+            raise DataError(f"{list_path}:{lineno}: label {label} is not a training class (the training split "
+                            f"has {len(classes)} classes, labels 0..{len(classes) - 1}): {line!r}")
         files.append(_join(root, rel))
         labels.append(label)
+        linenos.append(lineno)
         parents.setdefault(label, set()).add(Path(rel).parent.name)
     if not files:
-        raise ValueError(f"{list_path}: the list has no entries (expected 'path label' lines)")
-    n_classes = max(labels) + 1 if num_classes is None else num_classes
-    classes = []
-    for k in range(n_classes):
-        names = parents.get(k, set())
-        classes.append(next(iter(names)) if len(names) == 1 and "" not in names else str(k))
-    return ImageFiles(files, np.asarray(labels, dtype=np.int64), classes)
+        raise DataError(f"{list_path}: the list has no entries (expected 'path label' lines)")
+    y = np.asarray(labels, dtype=np.int64)
+    n_classes = int(y.max()) + 1 if classes is None else len(classes)
+    empty = np.flatnonzero(np.bincount(y, minlength=n_classes) == 0)
+    if empty.size and classes is None:
+        above = [f"line {ln} (label {lab})" for ln, lab in zip(linenos, labels) if lab > empty[0]]
+        raise DataError(f"{list_path}: labels {_label_ranges(empty)} have no images, yet larger labels appear: "
+                        f"{', '.join(above[:5])}{' ...' if len(above) > 5 else ''}; a list's labels must be "
+                        f"0..C-1 with an image for each (a stray label?)")
+    if empty.size:
+        raise DataError(f"{list_path}: no images of {empty.size} of the {n_classes} training classes: "
+                        + ", ".join(f"{k} ({classes[k]})" for k in empty[:5]) + (" ..." if empty.size > 5 else ""))
+    if classes is None:
+        classes = []
+        for k in range(n_classes):
+            names = parents[k]
+            classes.append(next(iter(names)) if len(names) == 1 and "" not in names else str(k))
+    return ImageFiles(files, y, list(classes))
 
 
 def _category_key(value: Any, where: str) -> tuple[int, int | str]:
     """A sortable key for a category id: integers (or strings holding one) before other strings."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{where}: a category id must be an integer or a string, got {value!r}")
+        raise DataError(f"{where}: a category id must be an integer or a string, got {value!r}")
     if isinstance(value, int):
         return (0, value)
     try:
@@ -107,21 +142,23 @@ def category_labels(categories: list[dict], where: str) -> tuple[dict[tuple[int,
     keys: dict[tuple[int, int | str], str] = {}
     for i, cat in enumerate(categories):
         if not isinstance(cat, dict) or "id" not in cat:
-            raise ValueError(f"{where}: categories[{i}] has no 'id' (got {cat!r:.120})")
+            raise DataError(f"{where}: categories[{i}] has no 'id' (got {cat!r:.120})")
         key = _category_key(cat["id"], f"{where}: categories[{i}]")
         if key in keys:
-            raise ValueError(f"{where}: categories[{i}] repeats the category id {cat['id']!r}")
+            raise DataError(f"{where}: categories[{i}] repeats the category id {cat['id']!r}")
         keys[key] = str(cat.get("name", cat["id"]))
     order = sorted(keys)
     return {k: label for label, k in enumerate(order)}, [keys[k] for k in order]
 
 
-def read_inat_json(json_path: str | Path, root: str | Path = "") -> ImageFiles:
+def read_inat_json(json_path: str | Path, root: str | Path = "", classes: list[str] | None = None) -> ImageFiles:
     """Read an iNaturalist 2018 COCO-style annotation file into ImageFiles (in `images` order).
 
-    Every image needs exactly one annotation whose category is listed in `categories`; labels follow
-    `category_labels`. file_name is joined onto root (for the official files, the folder that holds
-    train_val2018/).
+    Every image needs exactly one annotation, every annotation an image of this file and a category listed
+    in `categories`, and every category an image; labels follow `category_labels`. With `classes` (a test
+    file read onto the training classes) the file's categories, in label order, must be named exactly
+    `classes` (train2018.json and val2018.json list the same categories). file_name is joined onto root
+    (for the official files, the folder that holds train_val2018/).
     """
     json_path = Path(json_path)
     where = str(json_path)
@@ -129,61 +166,82 @@ def read_inat_json(json_path: str | Path, root: str | Path = "") -> ImageFiles:
         with open(json_path, encoding="utf-8") as f:
             doc = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file {json_path} does not exist") from None
+        raise DataNotFound(f"annotation file {json_path} does not exist") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON: {err}") from None
+        raise DataError(f"{where}: not valid JSON: {err}") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{where}: the top level must be an object with images/annotations/categories")
+        raise DataError(f"{where}: the top level must be an object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key), list):
-            raise ValueError(f"{where}: missing or non-list key '{key}' (COCO-style iNaturalist files have "
-                             f"images, annotations and categories; got keys {sorted(doc)})")
-    label_of, classes = category_labels(doc["categories"], where)
+            raise DataError(f"{where}: missing or non-list key '{key}' (COCO-style iNaturalist files have "
+                            f"images, annotations and categories; got keys {sorted(doc)})")
+    label_of, names = category_labels(doc["categories"], where)
     if not label_of:
-        raise ValueError(f"{where}: 'categories' is empty")
+        raise DataError(f"{where}: 'categories' is empty")
+    if classes is not None and names != list(classes):
+        extra = sorted(set(names) - set(classes))[:3]
+        missing = sorted(set(classes) - set(names))[:3]
+        raise DataError(f"{where}: its {len(names)} categories differ from the {len(classes)} training classes "
+                        f"(here only: {extra or 'none'}; in training only: {missing or 'none'}; or a different "
+                        f"order of ids)")
 
+    image_ids = set()
+    for i, img in enumerate(doc["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise DataError(f"{where}: images[{i}] needs 'id' and a string 'file_name' (got {img!r:.120})")
+        image_ids.add(img["id"])
     image_label: dict[Any, int] = {}
     for i, ann in enumerate(doc["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
-            raise ValueError(f"{where}: annotations[{i}] needs 'image_id' and 'category_id' (got {ann!r:.120})")
+            raise DataError(f"{where}: annotations[{i}] needs 'image_id' and 'category_id' (got {ann!r:.120})")
         key = _category_key(ann["category_id"], f"{where}: annotations[{i}]")
         if key not in label_of:
-            raise ValueError(f"{where}: annotations[{i}]: category_id {ann['category_id']!r} is not among the "
-                             f"{len(label_of)} categories")
+            raise DataError(f"{where}: annotations[{i}]: category_id {ann['category_id']!r} is not among the "
+                            f"{len(label_of)} categories")
         image_id = ann["image_id"]
+        if image_id not in image_ids:
+            raise DataError(f"{where}: annotations[{i}]: image_id {image_id!r} is not among the "
+                            f"{len(image_ids)} images of this file")
         if image_id in image_label:
-            raise ValueError(f"{where}: annotations[{i}]: image {image_id!r} has a second annotation "
-                             f"(one label per image is expected)")
+            raise DataError(f"{where}: annotations[{i}]: image {image_id!r} has a second annotation "
+                            f"(one label per image is expected)")
         image_label[image_id] = label_of[key]
 
     files: list[str] = []
     labels: list[int] = []
     for i, img in enumerate(doc["images"]):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-            raise ValueError(f"{where}: images[{i}] needs 'id' and a string 'file_name' (got {img!r:.120})")
         if img["id"] not in image_label:
-            raise ValueError(f"{where}: images[{i}] (id {img['id']!r}, {img['file_name']}) has no annotation "
-                             f"(test2018.json is unlabelled and cannot be used for training or evaluation)")
+            raise DataError(f"{where}: images[{i}] (id {img['id']!r}, {img['file_name']}) has no annotation "
+                            f"(test2018.json is unlabelled and cannot be used for training or evaluation)")
         files.append(_join(root, img["file_name"]))
         labels.append(image_label[img["id"]])
     if not files:
-        raise ValueError(f"{where}: 'images' is empty")
-    return ImageFiles(files, np.asarray(labels, dtype=np.int64), classes)
+        raise DataError(f"{where}: 'images' is empty")
+    y = np.asarray(labels, dtype=np.int64)
+    empty = np.flatnonzero(np.bincount(y, minlength=len(names)) == 0)
+    if empty.size:
+        ids = {label: key[1] for key, label in label_of.items()}
+        raise DataError(f"{where}: {empty.size} of the {len(names)} categories have no images: "
+                        + ", ".join(f"id {ids[k]!r} ({names[k]})" for k in empty[:5])
+                        + (" ..." if empty.size > 5 else "") + "; every category is a class and needs an image")
+    return ImageFiles(files, y, names)
 
 
-def read_listed_dataset(kind: str, list_path: str, root: str, key: str) -> ImageFiles:
-    """The dataset named by a DataConfig list key (`key` is its name, for errors).
+def read_listed_dataset(kind: str, list_path: str, root: str, key: str,
+                        classes: list[str] | None = None) -> ImageFiles:
+    """The dataset named by a DataConfig list key (`key` is its name, for errors), read onto `classes`
+    when given (see the readers).
 
     imagenet_lt reads a `path label` list; inat2018 reads a COCO-style .json, or a `path label` list
     (iNaturalist18_val.txt style) for any other extension.
     """
     if not list_path:
-        raise FileNotFoundError(f"{key} is empty: give the {kind} "
-                                f"{'annotation .json or ' if kind == 'inat2018' else ''}file list")
+        raise DataNotFound(f"{key} is empty: give the {kind} "
+                           f"{'annotation .json or ' if kind == 'inat2018' else ''}file list")
     if kind == "inat2018" and list_path.lower().endswith(".json"):
-        return read_inat_json(list_path, root)
+        return read_inat_json(list_path, root, classes)
     if kind in ("imagenet_lt", "inat2018"):
-        return read_file_list(list_path, root)
+        return read_file_list(list_path, root, classes)
     raise ValueError(f"data.dataset={kind!r} is not a listed dataset (imagenet_lt | inat2018)")
 
 

@@ -244,6 +244,19 @@ def test_validate_rejects_bad_values_from_file_and_override(tmp_path, text, over
     assert f"'{key}'" in load_error(None, [override])
 
 
+def test_data_on_error_and_image_check():
+    """data.on_error (stop | skip) and data.image_check (header | decode): defaults, choices, validate()."""
+    cfg = load_config(None, [])
+    assert cfg.data.on_error == "stop" and cfg.data.image_check == "header"
+    cfg = load_config(None, ["--data.on_error=skip", "--data.image_check=decode"])
+    assert cfg.data.on_error == "skip" and cfg.data.image_check == "decode"
+    for override, key in (("--data.on_error=ignore", "data.on_error"), ("--data.image_check=full", "data.image_check")):
+        assert f"'{key}'" in load_error(None, [override])
+    for field, value in (("on_error", "ignore"), ("image_check", "none")):
+        with pytest.raises(ConfigError, match=f"'data.{field}'"):
+            DataConfig(**{field: value}).validate()
+
+
 def test_validate_accepts_edge_values():
     cfg = load_config(None, ["--mix.ratio_range=[0,1]", "--mix.mix_prob=0", "--optim.milestones=[]",
                              "--optim.lr_factors=[]", "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0",
@@ -309,3 +322,11 @@ def test_mix_defaults_follow_spec():
     assert [e for e in range(200) if m.active(e, 200)] == [e for e in range(200) if 3 < e < 200 - 3]
     assert DataConfig().fg_sampling == "instance" and DataConfig().fg_gamma == 1.0
     assert DataConfig().lt_subset == "ldam"
+
+
+@pytest.mark.parametrize("override", ["--optim.lr=.inf", "--optim.lr=-.inf", "--optim.lr=.nan", "--loss.tau=.inf",
+                                      "--mix.ratio_range=[0,.inf]", "--data.fg_gamma=.nan"])
+def test_nonfinite_numbers_are_config_errors(override):
+    key = override[2:].split("=")[0]
+    msg = load_error(None, [override])
+    assert f"'{key}" in msg and "finite" in msg, msg

@@ -917,3 +917,44 @@ def test_mixtail_train_cifar10_lt_with_dali_backend(cifar10_jpeg_root, tmp_path)
     """`mixtail train` on CIFAR-10-LT JPEGs (image folder) with the DALI backend on the CPU."""
     final = _train_cli(tmp_path, "--data.dataset=folder", f"--data.root={cifar10_jpeg_root}")
     assert 0.0 <= final["all"] <= 100.0
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_224_test_protocol_on_real_photos(tmp_path, backend):
+    """Test images are resized on the shorter side to 256 and centre-cropped to 224 (SPEC "Evaluation"),
+    never squashed: each backend against PIL doing exactly that, on photos from 97 to 2400 px and aspect
+    ratios from 1:2.4 to 3.4:1. The squashed image is far from both, so the check can tell them apart."""
+    from PIL import Image
+
+    if not PHOTOS.is_dir():
+        pytest.skip(f"real photos {PHOTOS} are absent (tests read ../shared/data beside the repository)")
+    names = ["n01748264_Indian_cobra", "n04238763_slide_rule", "n04254120_soap_dispenser",
+             "n02091032_Italian_greyhound", "n04332243_strainer", "n01440764_tench"]
+    for k, name in enumerate(names):
+        (tmp_path / "test" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "test" / f"c{k % 2}" / f"{k}.jpg").symlink_to(PHOTOS / f"{name}.JPEG")
+    (tmp_path / "train").symlink_to(tmp_path / "test")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = load_config("smoke_cpu", ["--data.dataset=folder", f"--data.root={tmp_path}", "--data.image_size=224",
+                                    "--data.eval_batch_size=6", f"--data.backend={backend}", "--data.num_threads=2"])
+    loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", rank=0, world_size=1, device=torch.device("cpu"),
+                          seed=0)
+    batch = next(iter(loader))
+    got = (batch.images.permute(0, 2, 3, 1).numpy() * np.array(std) + np.array(mean)) * 255  # (6, 224, 224, 3)
+    files = [loader_file for loader_file in sorted((tmp_path / "test").glob("*/*.jpg"))]
+    for i, idx in enumerate(batch.plan["index"]):
+        with Image.open(files[idx]) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = 256 / min(w, h)
+            resized = im.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+            left, top = (resized.width - 224) // 2, (resized.height - 224) // 2
+            protocol = np.asarray(resized.crop((left, top, left + 224, top + 224)), dtype=np.float64)
+            squashed = np.asarray(im.resize((224, 224), Image.BILINEAR), dtype=np.float64)
+        err = np.abs(got[i] - protocol).mean()
+        # Two resamplers (and, for DALI, its own JPEG decoder) differ by a few grey levels on average; a
+        # squashed or shifted crop differs by tens.
+        assert err < 6.0, (files[idx].name, err)
+        if abs(np.log(w / h)) > 0.3:
+            assert np.abs(got[i] - squashed).mean() > 2 * err + 5, files[idx].name

@@ -1,5 +1,8 @@
 """Tests of pipelines/datasets.py: the long-tailed subset on the real CIFAR-100 labels, shot groups, the
-built-in demo set, image-folder trees, and (slow) CIFAR-10-LT built from the real JPEG tree.
+built-in demo set, image-folder trees, one class map per dataset (the test split read onto the training
+classes), bad image files found when the dataset is built (both data.on_error modes, on real CIFAR-10
+JPEGs taken from the archive and broken files the tests write), the offline download error, and (slow)
+CIFAR-10-LT built from the real JPEG tree.
 
     python -m pytest tests/test_datasets.py -q               # fast tests; real-data ones skip if absent
     python -m pytest tests/test_datasets.py -q -m slow       # the CIFAR-10 JPEG extraction (~60k files)
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,12 +20,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mixtail.pipelines.datasets import (DEMO_CLASSES, ImageArrays, ImageFiles, build_dataset, cifar_dataset,
-                                        decode_images, demo_dataset, long_tailed_counts, long_tailed_indices,
-                                        scan_image_folder, shot_groups)
-from mixtail.trainer.config import DataConfig
+from mixtail.errors import DataError
+from mixtail.pipelines.config import DataConfig
+from mixtail.pipelines.datasets import (DEMO_CLASSES, DataNotFound, ImageArrays, ImageFiles, build_dataset,
+                                        check_files, cifar_dataset, decode_images, demo_dataset,
+                                        long_tailed_counts, long_tailed_indices, scan_image_folder, shot_groups,
+                                        training_classes)
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+CIFAR10_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Check caches and bad-file listings go to this test's folder, never to ~/.cache."""
+    monkeypatch.setenv("MIXTAIL_CACHE_DIR", str(tmp_path / "cache"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,13 +240,15 @@ def test_decode_images_exact_and_resized(tiny_tree, tmp_path):
             assert np.array_equal(out[i], pixels[(cls, name)]), f
         else:  # JPEG: lossy but close
             assert np.abs(out[i].astype(int) - pixels[(cls, name)]).mean() < 60
-    # A non-square image is resized (PIL bilinear) to size×size; grayscale and RGBA become RGB.
+    # A non-square image is resized (PIL bilinear) to size×size; grayscale and RGBA become RGB (an opaque
+    # one here: compositing partial alpha onto white is tested in tests/test_images.py).
     rng = np.random.default_rng(1)
     big = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)
     Image.fromarray(big).save(tmp_path / "big.png")
     gray = rng.integers(0, 256, (6, 6), dtype=np.uint8)
     Image.fromarray(gray, "L").save(tmp_path / "gray.png")
     rgba = rng.integers(0, 256, (6, 6, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     out = decode_images([str(tmp_path / n) for n in ("big.png", "gray.png", "rgba.png")], 6)
     expected_big = np.asarray(Image.fromarray(big).resize((6, 6), Image.BILINEAR))
@@ -245,7 +260,7 @@ def test_decode_images_exact_and_resized(tiny_tree, tmp_path):
 def test_decode_images_names_bad_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(OSError, match="broken.jpg"):
+    with pytest.raises(DataError, match="broken.jpg: not an image file"):
         decode_images([str(bad)], 8)
 
 
@@ -257,7 +272,7 @@ def test_image_folder_errors(tmp_path):
         scan_image_folder(tmp_path / "empty")
     (tmp_path / "noimg" / "cls").mkdir(parents=True)
     (tmp_path / "noimg" / "cls" / "a.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match="no images"):
+    with pytest.raises(DataError, match=f"class folder {tmp_path / 'noimg' / 'cls'} holds no images"):
         scan_image_folder(tmp_path / "noimg")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "missing")), "train")
@@ -288,8 +303,240 @@ def test_build_dataset_folder_long_tailed(tmp_path):
     assert np.array_equal(decoded.images[0], np.asarray(Image.open(train.files[0])))
     test = build_dataset(data, "test", decoded=False)
     assert len(test) == 6 and all("/val/" in f for f in test.files)
+    # Files that are not S×S keep their aspect ratio on a canvas (shorter side S, longer at most 3/2·S).
     small = build_dataset(DataConfig(dataset="folder", root=str(root), test_dir="val", image_size=8), "test")
-    assert small.images.shape == (6, 8, 8, 3)
+    assert small.images.shape == (6, 12, 12, 3) and (small.sizes == 8).all()
+    assert (small.images[:, 8:] == 0).all() and (small.images[:, :, 8:] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# One class map per dataset: the test split is read onto the training classes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_jpegs() -> dict[str, list[bytes]]:
+    """The first 8 real train JPEGs of CIFAR-10's first three classes, read from the archive (not unpacked)."""
+    if not CIFAR10_TAR.is_file():
+        pytest.skip(f"real data file {CIFAR10_TAR} is absent (tests read ../shared/data beside the repository)")
+    wanted = ("airplane", "automobile", "bird")
+    out: dict[str, list[bytes]] = {c: [] for c in wanted}
+    with tarfile.open(CIFAR10_TAR, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if len(parts) == 3 and parts[0] == "train" and member.isfile() and parts[1] in out:
+                if len(out[parts[1]]) < 8:
+                    out[parts[1]].append(tar.extractfile(member).read())
+            elif len(parts) >= 2 and parts[1] not in wanted and all(len(v) == 8 for v in out.values()):
+                break
+    assert all(len(v) == 8 for v in out.values())
+    return out
+
+
+def jpeg_tree(root: Path, real_jpegs, train: dict[str, int], test: dict[str, int]) -> Path:
+    """root/train/<class>/NNNN.jpg and root/test/<class>/NNNN.jpg from the real JPEGs (cycled over classes)."""
+    pool = [data for v in real_jpegs.values() for data in v]
+    i = 0
+    for split, layout in (("train", train), ("test", test)):
+        for cls, n in layout.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                (root / split / cls / f"{k:04d}.jpg").write_bytes(pool[i % len(pool)])
+                i += 1
+    return root
+
+
+def folder_config(root: Path, **kw) -> DataConfig:
+    return DataConfig(dataset="folder", root=str(root), imbalance_ratio=1.0, image_size=32, **kw)
+
+
+def test_test_split_uses_the_training_classes(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 3, "cat": 2, "dog": 2}, {"bird": 1, "cat": 2, "dog": 1})
+    data = folder_config(root)
+    train = build_dataset(data, "train", decoded=False)
+    test = build_dataset(data, "test", decoded=False)
+    assert train.classes == test.classes == training_classes(data) == ["bird", "cat", "dog"]
+    assert test.labels.tolist() == [0, 1, 1, 2]
+    assert all(Path(f).parent.name == test.classes[y] for f, y in zip(test.files, test.labels))
+    # Every image's true size is recorded as it is checked.
+    assert train.sizes.tolist() == [[32, 32]] * 7 and test.sizes.dtype == np.int32
+
+
+@pytest.mark.parametrize("case", ["empty_first", "only_in_test", "missing_in_test", "empty_test"])
+def test_class_set_faults_are_errors_before_training(tmp_path, real_jpegs, case):
+    train = {"bird": 2, "cat": 2, "dog": 2}
+    test = {"bird": 1, "cat": 1, "dog": 1}
+    if case == "empty_first":  # issue 10: an empty folder sorting first shifted every test label by one
+        train = {"aaa": 0, **train}
+        test = {"aaa": 1, **test}
+    elif case == "only_in_test":
+        test["zebra"] = 1
+    elif case == "missing_in_test":
+        del test["cat"]
+    elif case == "empty_test":
+        test["dog"] = 0
+    root = jpeg_tree(tmp_path, real_jpegs, train, test)
+    data = folder_config(root)
+    expected = {"empty_first": f"class folder {root / 'train' / 'aaa'} holds no images",
+                "only_in_test": f"not among the training classes: {root / 'test' / 'zebra'}",
+                "missing_in_test": "no folder for 1 training class(es): cat",
+                "empty_test": f"class folder {root / 'test' / 'dog'} holds no images"}[case]
+    splits = ("train", "test") if case == "empty_first" else ("test",)
+    for split in splits:
+        with pytest.raises(DataError) as err:
+            build_dataset(data, split, decoded=False)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+    if case != "empty_first":
+        assert len(build_dataset(data, "train", decoded=False)) == 6  # the training split itself is fine
+
+
+def test_hidden_files_and_folders_are_never_images_or_classes(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
+    fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(100)
+    for split in ("train", "test"):
+        (root / split / "bird" / "._0000.jpg").write_bytes(fork)  # the macOS fork that crashed DALI
+        (root / split / ".ipynb_checkpoints").mkdir()
+        (root / split / ".ipynb_checkpoints" / "x.jpg").write_bytes(real_jpegs["bird"][0])
+        (root / split / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    data = folder_config(root)
+    train = build_dataset(data, "train", decoded=False)
+    assert train.classes == ["bird", "cat"] and len(train) == 4 and train.skipped == ()
+    assert not any(Path(f).name.startswith(".") for f in train.files)
+    assert len(build_dataset(data, "test", decoded=False)) == 2
+
+
+def test_given_classes_define_both_splits(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
+    data = folder_config(root)
+    assert build_dataset(data, "test", decoded=False, classes=["bird", "cat"]).labels.tolist() == [0, 1]
+    with pytest.raises(DataError, match="no folder for 1 training class"):
+        build_dataset(data, "train", decoded=False, classes=["bird", "cat", "dog"])
+    with pytest.raises(DataError, match="differ from the 3 classes given"):
+        build_dataset(DataConfig(dataset="demo"), "test", classes=["a", "b", "c"])
+
+
+def test_lt_ratio_that_empties_a_class_is_an_error(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"a": 8, "b": 8, "c": 8}, {"a": 1, "b": 1, "c": 1})
+    # n_k = int(8 · (1/20)^(k/2)): 8, 1, 0: the tail class would silently vanish from training.
+    with pytest.raises(DataError, match=r"imbalance_ratio=20.0 leaves 1 class\(es\) without a training image.*'c'"):
+        build_dataset(replace(folder_config(root), imbalance_ratio=20.0), "train", decoded=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad image files, found when the dataset is built
+# --------------------------------------------------------------------------------------------------
+
+
+def break_files(root: Path, real_jpegs) -> dict[str, str]:
+    """A truncated real JPEG, a zero-byte file and a text file named .jpg in the train split; their reasons."""
+    jpeg = real_jpegs["airplane"][0]
+    (root / "train" / "bird" / "0000.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    (root / "train" / "cat" / "0001.jpg").write_bytes(b"")
+    (root / "train" / "cat" / "notes.jpg").write_text("label notes, saved with the wrong name\n")
+    return {str(root / "train" / "bird" / "0000.jpg"): "truncated",
+            str(root / "train" / "cat" / "0001.jpg"): "zero-byte file",
+            str(root / "train" / "cat" / "notes.jpg"): "not an image file"}
+
+
+def test_bad_files_stop_the_run_all_named_in_one_error(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 3, "cat": 3}, {"bird": 1, "cat": 1})
+    bad = break_files(root, real_jpegs)
+    for decoded in (False, True):
+        with pytest.raises(DataError) as err:
+            build_dataset(folder_config(root), "train", decoded=decoded)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"3 of 7 train images under {root / 'train'}")
+        for path, reason in bad.items():
+            assert f"{path}: {reason}" in msg
+        assert "data.on_error=skip" in msg
+    assert len(build_dataset(folder_config(root), "test", decoded=False)) == 2  # the test split is intact
+
+
+def test_bad_files_skipped_counted_and_listed(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 3, "cat": 3}, {"bird": 1, "cat": 1})
+    bad = break_files(root, real_jpegs)
+    data = folder_config(root, on_error="skip")
+    train = build_dataset(data, "train", decoded=False)
+    assert len(train) == 4 and sorted(p for p, _ in train.skipped) == sorted(bad)
+    assert all(bad[p] in reason for p, reason in train.skipped)
+    assert not set(train.files) & set(bad) and train.sizes.shape == (4, 2)
+    # Labels still follow the files that remain.
+    assert all(Path(f).parent.name == train.classes[y] for f, y in zip(train.files, train.labels))
+    decoded = build_dataset(data, "train")
+    assert isinstance(decoded, ImageArrays) and decoded.images.shape == (4, 32, 32, 3)
+    assert decoded.skipped == train.skipped
+
+
+def test_broken_symlink_is_reported_not_dropped(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
+    link = root / "train" / "cat" / "moved.jpg"
+    link.symlink_to(tmp_path / "elsewhere" / "moved.jpg")
+    with pytest.raises(DataError, match=f"1 of 5 train images .*: {link}: does not exist"):
+        build_dataset(folder_config(root), "train", decoded=False)
+
+
+def test_skipping_every_image_of_a_class_is_an_error(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 1, "cat": 2}, {"bird": 1, "cat": 1})
+    (root / "train" / "bird" / "0000.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"leaves class\(es\) bird with no images"):
+        build_dataset(folder_config(root, on_error="skip"), "train", decoded=False)
+
+
+def test_many_bad_files_listed_in_a_file(tmp_path, real_jpegs, monkeypatch):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 30}, {"bird": 1})
+    for k in range(25):
+        (root / "train" / "bird" / f"{k:04d}.jpg").write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        build_dataset(folder_config(root), "train", decoded=False)
+    msg = str(err.value)
+    assert msg.startswith("25 of 30 train images") and "... and 15 more" in msg and "\n" not in msg
+    listing = Path(msg.rsplit("listed in ", 1)[1])
+    assert len(listing.read_text().splitlines()) == 25
+
+
+def test_check_files_keeps_earlier_skips_and_validates_mode(tmp_path, real_jpegs):
+    (tmp_path / "a.jpg").write_bytes(real_jpegs["bird"][0])
+    (tmp_path / "b.jpg").write_bytes(real_jpegs["bird"][1][:100])
+    ds = ImageFiles([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), str(tmp_path / "c.jpg")],
+                    np.array([0, 0, 0]), ["x"], skipped=(("/old.jpg", "zero-byte file"),))
+    kept = check_files(ds, "skip")
+    assert kept.files == [str(tmp_path / "a.jpg")] and kept.sizes.tolist() == [[32, 32]]
+    assert [p for p, _ in kept.skipped] == ["/old.jpg", str(tmp_path / "b.jpg"), str(tmp_path / "c.jpg")]
+    assert kept.skipped[2][1] == "does not exist"
+    with pytest.raises(ValueError, match="on_error"):
+        check_files(ds, "ignore")
+    missing = ImageFiles([str(tmp_path / "x.jpg"), str(tmp_path / "y.jpg")], np.array([0, 0]), ["x"])
+    with pytest.raises(DataNotFound, match="none of the 2 images exists .*check data.root"):
+        check_files(missing)
+
+
+def test_sixteen_bit_png_tree_decodes_to_true_values(tmp_path):
+    """issue 10: a 16-bit PNG became all white in the torch backend's decode."""
+    for split in ("train", "test"):
+        for k, value in enumerate((65535, 32768, 0)):
+            (tmp_path / split / f"c{k}").mkdir(parents=True)
+            Image.fromarray(np.full((32, 32), value, np.uint16)).save(tmp_path / split / f"c{k}" / "x.png")
+    test = build_dataset(folder_config(tmp_path), "test")
+    assert [int(test.images[i].mean()) for i in range(3)] == [255, 128, 0]
+
+
+def test_offline_download_says_how_to_get_the_data(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    def offline(*args, **kwargs):
+        raise URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataError) as err:
+        cifar_dataset("cifar10", str(tmp_path), "train", download=True)
+    msg = str(err.value)
+    for part in ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "Name or service not known",
+                 "cifar-10-python.tar.gz", "cifar-10-batches-py/", f"data.root={str(tmp_path)!r}",
+                 "--data.dataset=folder"):
+        assert part in msg, part
+    assert "\n" not in msg
 
 
 # --------------------------------------------------------------------------------------------------

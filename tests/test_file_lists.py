@@ -1,4 +1,6 @@
-"""The ImageNet-LT / iNaturalist 2018 readers (pipelines/file_lists.py) and their build_dataset wiring.
+"""The ImageNet-LT / iNaturalist 2018 readers (pipelines/file_lists.py) and their build_dataset wiring:
+the training list defines the classes and the test list is read onto them; stray labels, classes only in
+the test list, missing classes and annotations of unknown images are errors naming the file and line.
 
 The small fixtures under tests/fixtures/lists are made by tests/fixtures/make_fixtures.py in the real
 formats; the real lists under ../shared/data/lists are read where present (skipped otherwise).
@@ -9,19 +11,27 @@ formats; the real lists under ../shared/data/lists are read where present (skipp
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mixtail.pipelines.datasets import ImageFiles, build_dataset
+from mixtail.errors import DataError
+from mixtail.pipelines.config import DataConfig
+from mixtail.pipelines.datasets import DataNotFound, ImageFiles, build_dataset, training_classes
 from mixtail.pipelines.file_lists import category_labels, read_file_list, read_inat_json, read_listed_dataset
-from mixtail.trainer.config import DataConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 IMAGES = FIXTURES / "images"
 LISTS = FIXTURES / "lists"
 REAL_LISTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lists"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Check caches and bad-file listings go to this test's folder, never to ~/.cache."""
+    monkeypatch.setenv("MIXTAIL_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def _real(name: str) -> Path:
@@ -75,15 +85,21 @@ def test_build_dataset_lists_are_not_subsampled(dataset, train_list, test_list):
     # ρ=100 would cut 6/3/1 down to 6/0/0 if the LT subset were applied: the lists are long-tailed already.
     assert np.bincount(train.labels).tolist() == [6, 3, 1]
     assert np.bincount(test.labels).tolist() == [2, 2, 2]
-    decoded = build_dataset(data, "train", decoded=True)  # the torch backend's path
-    assert decoded.images.shape == (10, 32, 32, 3)
+    assert test.classes == train.classes == training_classes(data)
+    # The fixtures' true sizes (some are not square) are recorded by the check.
+    assert train.sizes[:4].tolist() == [[32, 32], [40, 48], [32, 32], [36, 24]]
+    decoded = build_dataset(data, "train", decoded=True)  # the torch backend's path: aspect kept on a canvas
+    assert decoded.images.shape == (10, 48, 48, 3)
+    assert decoded.sizes[:4].tolist() == [[32, 32], [32, 38], [32, 32], [48, 32]]
 
 
 def test_build_dataset_empty_list_key_names_the_key():
     data = DataConfig(dataset="imagenet_lt", root=str(IMAGES))
-    with pytest.raises(FileNotFoundError, match="data.train_list"):
+    with pytest.raises(DataNotFound, match="data.train_list"):
         build_dataset(data, "train", decoded=False)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataNotFound, match="data.train_list"):  # the test split needs the training classes
+        build_dataset(replace(data, test_list=str(LISTS / "imagenet_lt_test.txt")), "test", decoded=False)
+    with pytest.raises(DataNotFound, match="does not exist"):
         read_listed_dataset("imagenet_lt", str(LISTS / "missing.txt"), "", "data.test_list")
 
 
@@ -100,7 +116,7 @@ def test_build_dataset_empty_list_key_names_the_key():
 def test_malformed_list_names_file_and_line(tmp_path, text, line, match):
     path = tmp_path / "list.txt"
     path.write_text(text)
-    with pytest.raises(ValueError, match=match) as err:
+    with pytest.raises(DataError, match=match) as err:
         read_file_list(path)
     assert f"{path}:{line}:" in str(err.value)
 
@@ -133,7 +149,7 @@ def test_malformed_inat_json_names_file_and_record(tmp_path, mutate, match):
     mutate(doc)
     path = tmp_path / "val.json"
     path.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=match) as err:
+    with pytest.raises(DataError, match=match) as err:
         read_inat_json(path)
     assert str(path) in str(err.value)
 
@@ -149,7 +165,7 @@ def test_inat_json_mixed_id_spellings(tmp_path):
 def test_not_json(tmp_path):
     path = tmp_path / "val.json"
     path.write_text("{not json")
-    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
+    with pytest.raises(DataError, match=f"{path}: not valid JSON"):
         read_inat_json(path)
 
 
@@ -179,11 +195,15 @@ def test_real_imagenet_lt_test_list():
 def test_real_inaturalist_val_list():
     data = DataConfig(dataset="inat2018", root="/inat", train_list=str(_real("iNaturalist18_val.txt")),
                       test_list=str(_real("iNaturalist18_val.txt")))
-    ds = build_dataset(data, "test", decoded=False)
-    assert len(ds) == 24_426 and len(ds.classes) == 8142
+    classes = training_classes(data)
+    ds = read_listed_dataset("inat2018", data.test_list, data.root, "data.test_list", classes=classes)
+    assert len(ds) == 24_426 and len(ds.classes) == 8142 and ds.classes == classes
     assert np.bincount(ds.labels, minlength=8142).tolist() == [3] * 8142
     assert ds.files[0] == "/inat/train_val2018/Plantae/7291/9f8ecb39e5f767e39e9b28e34488f179.jpg"
     assert ds.labels[0] == 7291 and ds.classes[7291] == "7291"  # the category-id folder names the class
+    # The images themselves are not here: building the split says so in one line, naming data.root.
+    with pytest.raises(DataNotFound, match=r"none of the 24426 test images .* exists .*check data.root"):
+        build_dataset(data, "test", decoded=False)
 
 
 @pytest.mark.data
@@ -226,3 +246,110 @@ def test_real_inat_categories_ids_are_labels():
     assert len(names) == 8142
     assert all(label_of[(0, int(c["id"]))] == int(c["id"]) for c in cats)
     assert names[0] == "Hermodice carunculata"
+
+
+# --------------------------------------------------------------------------------------------------
+# One class map: the training list defines the classes, the test list is read onto them
+# --------------------------------------------------------------------------------------------------
+
+
+def write_list(path: Path, entries: list[tuple[str, int]]) -> Path:
+    path.write_text("".join(f"{rel} {y}\n" for rel, y in entries))
+    return path
+
+
+def fixture_entries(split: str) -> list[tuple[str, int]]:
+    return [tuple(line.rsplit(None, 1)) for line in (LISTS / f"imagenet_lt_{split}.txt").read_text().splitlines()]
+
+
+def list_config(tmp_path: Path, train: list, test: list) -> DataConfig:
+    return DataConfig(dataset="imagenet_lt", root=str(IMAGES),
+                      train_list=str(write_list(tmp_path / "train.txt", train)),
+                      test_list=str(write_list(tmp_path / "test.txt", test)))
+
+
+def test_stray_label_in_a_training_list_is_named_by_line(tmp_path):
+    """issue 10: one stray label 9 in a 4-class list invented 6 phantom classes."""
+    train = [(rel, int(y)) for rel, y in fixture_entries("train")]
+    train.insert(4, ("train/class_a/5.jpg", 9))  # line 5
+    data = list_config(tmp_path, train, fixture_entries("test"))
+    with pytest.raises(DataError) as err:
+        build_dataset(data, "train", decoded=False)
+    assert f"{tmp_path / 'train.txt'}: labels 3..8 have no images" in str(err.value)
+    assert "line 5 (label 9)" in str(err.value)
+    with pytest.raises(DataError, match="labels 3..8 have no images"):  # the test split needs the same classes
+        build_dataset(data, "test", decoded=False)
+
+
+def test_test_list_class_outside_the_training_classes(tmp_path):
+    test = fixture_entries("test") + [("test/class_c/0.jpg", 3)]  # a fourth class only in the test list
+    data = list_config(tmp_path, fixture_entries("train"), test)
+    assert len(build_dataset(data, "train", decoded=False).classes) == 3
+    with pytest.raises(DataError, match=rf"{tmp_path / 'test.txt'}:7: label 3 is not a training class "
+                                        rf"\(the training split has 3 classes, labels 0..2\)"):
+        build_dataset(data, "test", decoded=False)
+
+
+def test_test_list_missing_a_class(tmp_path):
+    test = [(rel, y) for rel, y in fixture_entries("test") if int(y) != 1]
+    data = list_config(tmp_path, fixture_entries("train"), test)
+    with pytest.raises(DataError, match=rf"{tmp_path / 'test.txt'}: no images of 1 of the 3 training classes: "
+                                        rf"1 \(class_b\)"):
+        build_dataset(data, "test", decoded=False)
+
+
+def test_bad_image_in_a_list_is_named(tmp_path):
+    root = tmp_path / "images"
+    (root / "train").mkdir(parents=True)
+    for rel, _ in fixture_entries("train"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes((IMAGES / rel).read_bytes())
+    (root / "train/class_b/1.jpg").write_bytes((IMAGES / "train/class_b/1.jpg").read_bytes()[:200])
+    (root / "train/class_a/2.jpg").unlink()
+    data = DataConfig(dataset="imagenet_lt", root=str(root), train_list=str(LISTS / "imagenet_lt_train.txt"),
+                      test_list=str(LISTS / "imagenet_lt_test.txt"))
+    with pytest.raises(DataError) as err:
+        build_dataset(data, "train", decoded=False)
+    msg = str(err.value)
+    assert msg.startswith(f"2 of 10 train images of data.train_list={LISTS / 'imagenet_lt_train.txt'}")
+    assert f"{root / 'train/class_a/2.jpg'}: does not exist" in msg
+    assert f"{root / 'train/class_b/1.jpg'}: truncated" in msg
+    train = build_dataset(replace(data, on_error="skip"), "train", decoded=False)
+    assert len(train) == 8 and len(train.skipped) == 2 and np.bincount(train.labels).tolist() == [5, 2, 1]
+
+
+def _write_json(path: Path, doc: dict) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_inat_annotation_of_an_unknown_image_is_an_error(tmp_path):
+    doc = _inat_doc()
+    doc["annotations"].append({"id": 3, "image_id": 99, "category_id": 5})
+    path = _write_json(tmp_path / "train.json", doc)
+    with pytest.raises(DataError, match=rf"{path}: annotations\[2\]: image_id 99 is not among the 2 images"):
+        read_inat_json(path)
+
+
+def test_inat_category_without_images_is_an_error(tmp_path):
+    doc = _inat_doc()
+    doc["categories"].append({"id": 11, "name": "eleven"})
+    path = _write_json(tmp_path / "train.json", doc)
+    with pytest.raises(DataError, match=rf"{path}: 1 of the 3 categories have no images: id 11 \(eleven\)"):
+        read_inat_json(path)
+
+
+def test_inat_test_file_read_onto_the_training_categories(tmp_path):
+    train = json.loads((LISTS / "inat_train.json").read_text())
+    val = json.loads((LISTS / "inat_val.json").read_text())
+    data = DataConfig(dataset="inat2018", root=str(IMAGES), train_list=str(LISTS / "inat_train.json"),
+                      test_list=str(_write_json(tmp_path / "val.json", val)))
+    assert build_dataset(data, "test", decoded=False).classes == ["Species 594", "Species 595", "Species 1000"]
+    # A category only in the test file (with an image) changes the class set: an error, not a new label.
+    val["categories"].append({"id": "2000", "name": "Species 2000"})
+    val["annotations"][0]["category_id"] = 2000
+    _write_json(tmp_path / "val.json", val)
+    with pytest.raises(DataError, match=r"val.json: its 4 categories differ from the 3 training classes "
+                                        r"\(here only: \['Species 2000'\]"):
+        build_dataset(data, "test", decoded=False)
+    assert len(train["categories"]) == 3

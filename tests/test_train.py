@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,3 +210,36 @@ def test_resume_from_a_moved_directory_and_with_more_epochs(tmp_path):
         train(_smoke(moved, "--train.epochs=2"), resume=True)
     with pytest.raises(ConfigError, match="mix.mix_prob"):
         train(_smoke(moved, "--train.epochs=4", "--mix.mix_prob=0.9"), resume=True)
+
+
+def test_eval_report_and_posthoc_shift(tmp_path):
+    """`mixtail eval CKPT --report DIR --posthoc-tau 0,1 --class-vectors ...` on a short run: the report has
+    the issue's keys, T = 0 reproduces the plain accuracy, and the shift equals T·log(P_Y/π) (recomputed)."""
+    from mixtail.pipelines.sampling import foreground_class_probs
+    from mixtail.trainer.checkpoint_eval import evaluate_checkpoint, posthoc_shift
+
+    run = tmp_path / "run"
+    train(_smoke(run, "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0"))
+    vectors = tmp_path / "vectors.npz"
+    from mixtail.pipelines.datasets import DEMO_CLASSES
+    np.savez(vectors, names=np.array(DEMO_CLASSES), vectors=np.random.default_rng(0).normal(size=(10, 6)))
+    res = evaluate_checkpoint(run / "checkpoint.pt", report_dir=tmp_path / "report", class_vectors=vectors,
+                              posthoc_taus=[0.0, 1.0])
+    assert res["posthoc"][0]["all"] == pytest.approx(res["all"])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert set(report["top1"]) == {"all", "many", "medium", "few"}
+    for key in ("inter_class_score", "semantic_similarity_score"):
+        assert set(report[key]) == {"all", "many", "medium", "few"} and report[key]["all"] is not None
+    centres = np.load(tmp_path / "report" / "class_centres.npy")
+    assert centres.shape == (10, 64) and centres.dtype == np.float32
+    assert report["best_epoch"]["epoch"] in (1, 2)
+    for name in ("report.md", "per_class_accuracy.png"):
+        assert (tmp_path / "report" / name).is_file()
+    cfg = _smoke(run, "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0")
+    counts = np.asarray(torch.load(run / "checkpoint.pt", weights_only=False)["class_counts"], np.float64)
+    p_y = counts / counts.sum()
+    q = foreground_class_probs(counts, "instance", 1.0)
+    pi = 0.5 * (0.5 * q + 0.5 * p_y) + 0.5 * p_y  # mix_prob 0.5, E[λ] 0.5 for ratio_range [0.2, 0.8]
+    np.testing.assert_allclose(posthoc_shift(cfg, counts, [2.0]).numpy()[0], 2 * np.log(p_y / pi), rtol=1e-5)
+    out = _run_cli("eval", str(run / "checkpoint.pt"), "--posthoc-tau", "0,0.5")
+    assert out.returncode == 0 and "post-hoc shift" in out.stdout, out.stderr

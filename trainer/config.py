@@ -13,6 +13,7 @@ dotted command-line overrides (`--optim.lr=0.05`) go through the same checks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -202,6 +203,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
+        if not math.isfinite(value):  # no knob of a run is meaningful at inf or NaN (issue 10: --optim.lr=.inf)
+            fail("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

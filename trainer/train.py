@@ -31,8 +31,8 @@ from tqdm import tqdm
 from mixtail.errors import ConfigError, NonFiniteCheckpointError
 from mixtail.pipelines.base import build_loader
 from mixtail.pipelines.sampling import foreground_class_probs
-from mixtail.trainer.checkpoint import CheckpointStore, load_checkpoint
-from mixtail.trainer.config import (RunConfig, apply_overrides, config_from_dict, config_to_dict, dump_config)
+from mixtail.trainer.checkpoint import CheckpointStore
+from mixtail.trainer.config import RunConfig, config_from_dict, config_to_dict, dump_config
 from mixtail.trainer.dist import DistInfo, barrier, cleanup, init_distributed
 from mixtail.trainer.evaluate import evaluate, format_table, plot_per_class
 from mixtail.trainer.losses import log_prior_vector, mean_mix_ratio, mixed_prior
@@ -58,7 +58,9 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     use_bf16 = precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # No cast cache: a CUDA graph must not capture it (PyTorch's CUDA graph notes), and a CNN uses each
+        # weight once per forward anyway.
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -336,25 +338,3 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
         print(format_table(results))
         print(f"run directory: {out_dir}")
     return results
-
-
-def evaluate_checkpoint(path: str | Path, overrides: list[str] = ()) -> dict:
-    """Rebuild the model of a checkpoint and evaluate it on its test set (`mixtail eval`)."""
-    state = load_checkpoint(path)
-    cfg = apply_overrides(config_from_dict(state["config"], f"{path} (saved config)"), overrides)
-    info = init_distributed(cfg.train.device)
-    try:
-        test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", rank=info.rank,
-                                   world_size=info.world_size, device=info.device, seed=cfg.train.seed)
-        counts = np.asarray(state["class_counts"])
-        model = build_model(cfg.model, len(counts)).to(info.device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model.load_state_dict(state["model"])
-        results = evaluate(model, test_loader, counts, info.device, autocast_for(cfg.train.precision, info.device))
-        if info.is_main:
-            print(f"{path}: epoch {state['epoch']}, {results['num_test_images']} test images")
-            print(format_table(results))
-        return results
-    finally:
-        cleanup()
