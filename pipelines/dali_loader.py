@@ -291,7 +291,7 @@ def _augment(spec: GraphSpec, img, inp: dict, prefix: str, on_canvas: bool = Fal
     if spec.colour:
         x = fn.coord_transform(x, M=inp[f"{prefix}_M"], T=inp[f"{prefix}_T"], dtype=types.FLOAT)
         x = dmath.clamp(x, 0.0, 255.0)
-    if spec.policy and prefix != "test":
+    if spec.policy:
         for k in (0, 1):
             x = _autoaugment_slot(spec, x, inp[f"{prefix}_aa{k}_op"], inp[f"{prefix}_aa{k}_mag"],
                                   inp[f"{prefix}_aa{k}_affine"])
