@@ -4,21 +4,25 @@
     stats = summarize(time_fn(step, device=torch.device("cuda"), reps=20))   # {"median_ms", "p20_ms", ...}
     print(format_table(rows))
     write_json("kernel", rows, config={"D": 128})   # -> benchmarks/results/kernel_<gpu-or-cpu>_<yyyymmdd>.json
+    mixtail bench compare A.json B.json          # B / A for every metric of the rows both files hold (`compare`)
 
 Timing on CUDA brackets each repeat with CUDA events and flushes the L2 cache before it (writing a buffer
 larger than any current L2), so a repeat never reads what the previous one left in cache; on the CPU it
-uses perf_counter. Nothing here knows what is being benchmarked.
+uses perf_counter. Nothing here knows what is being benchmarked, except `compare`'s default key columns
+for the files written before benchmarks named their own (config["keys"]).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import argparse
 import json
 import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -229,6 +233,109 @@ def write_json(bench: str, rows: Sequence[dict[str, Any]], *, config: dict[str, 
     return path
 
 
+# --------------------------------------------------------------------------------------------------
+# Comparing two result files
+# --------------------------------------------------------------------------------------------------
+
+# Key columns of the benchmarks that wrote their JSON before each record named them in config["keys"].
+DEFAULT_KEYS = {"kernel": ["dtype", "N", "D", "impl"], "loader": ["backend", "device"]}
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    """A write_json record; a DataError naming the file if it is not one."""
+    from mixtail.errors import DataError
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise DataError(f"cannot read benchmark result {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"benchmark result {path} is not JSON: {err}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+        raise DataError(f"benchmark result {path} has no 'rows' list (not written by benchmarks/common.write_json)")
+    return record
+
+
+def key_columns(record: dict[str, Any]) -> list[str]:
+    """The columns that name a row: the record's own config["keys"], the bench's default, else its text columns."""
+    keys = (record.get("config") or {}).get("keys") or DEFAULT_KEYS.get(record.get("bench", ""))
+    if keys:
+        return list(keys)
+    rows = record["rows"]
+    columns = dict.fromkeys(k for row in rows for k in row)
+    return [c for c in columns if all(isinstance(row.get(c), (str, bool)) or row.get(c) is None for row in rows)]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], *, keys: Sequence[str] | None = None,
+            metrics: Sequence[str] | None = None, names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
+    """Rows of A and B matched on the key columns; for each metric both hold, A, B and B / A.
+
+    keys: default A's key columns (key_columns); metrics: default A's config["metrics"], else every numeric
+    column of both rows. Returns {"keys", "rows", "only_a", "only_b"}: one output row per (matched row,
+    metric), and the keys of the rows found in one file only.
+    """
+    from mixtail.errors import DataError
+
+    keys = list(keys or key_columns(a))
+    wanted = metrics or (a.get("config") or {}).get("metrics")
+
+    def index(record: dict[str, Any], name: str) -> dict[tuple, dict[str, Any]]:
+        out: dict[tuple, dict[str, Any]] = {}
+        for row in record["rows"]:
+            key = tuple(row.get(k) for k in keys)
+            if key in out:
+                raise DataError(f"{name}: two rows share the key {dict(zip(keys, key))}; "
+                                f"name more key columns with --keys")
+            out[key] = row
+        return out
+
+    rows_a, rows_b = index(a, names[0]), index(b, names[1])
+    out = []
+    for key, ra in rows_a.items():
+        rb = rows_b.get(key)
+        if rb is None:
+            continue
+        columns = wanted or [c for c in ra if c not in keys and _number(ra.get(c)) and _number(rb.get(c))]
+        for metric in columns:
+            va, vb = ra.get(metric), rb.get(metric)
+            if not (_number(va) and _number(vb)):
+                continue
+            out.append({**dict(zip(keys, key)), "metric": metric, names[0]: float(va), names[1]: float(vb),
+                        "ratio": float(vb) / float(va) if va else None})
+    return {"keys": keys, "rows": out, "only_a": [k for k in rows_a if k not in rows_b],
+            "only_b": [k for k in rows_b if k not in rows_a]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`mixtail bench compare A.json B.json`: the ratios B / A of the matching rows, as a table."""
+    p = argparse.ArgumentParser(prog="mixtail bench compare",
+                                description="Ratios B / A of the metrics of matching rows of two benchmark results.")
+    p.add_argument("a", help="the baseline result (JSON from write_json)")
+    p.add_argument("b", help="the result compared with it")
+    p.add_argument("--keys", nargs="+", default=None, help="columns that match rows (default: A's key columns)")
+    p.add_argument("--metrics", nargs="+", default=None, help="columns to compare (default: A's metrics)")
+    args = p.parse_args(argv)
+    a, b = read_result(args.a), read_result(args.b)
+    result = compare(a, b, keys=args.keys, metrics=args.metrics)
+    print(f"A = {args.a} ({a.get('bench')}, {(a.get('environment') or {}).get('gpu') or 'cpu'})")
+    print(f"B = {args.b} ({b.get('bench')}, {(b.get('environment') or {}).get('gpu') or 'cpu'})")
+    print(format_table(result["rows"], [*result["keys"], "metric", "A", "B", "ratio"]) if result["rows"]
+          else f"no rows match on the key columns {result['keys']}")
+    for name, missing in (("A", result["only_a"]), ("B", result["only_b"])):
+        if missing:
+            print(f"only in {name}: " + "; ".join(", ".join(f"{k}={v}" for k, v in zip(result["keys"], key))
+                                                  for key in missing))
+    return result
+
+
 __all__ = ["time_fn", "summarize", "reps_for", "synchronize", "reset_peak_memory", "peak_memory_since",
            "free_memory_bytes", "environment", "device_slug", "gpu_name", "format_table", "write_json",
-           "RESULTS_DIR"]
+           "RESULTS_DIR", "read_result", "key_columns", "compare"]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

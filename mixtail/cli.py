@@ -2,7 +2,7 @@
 
     mixtail train [CONFIG] [--resume | --overwrite] [--section.key=value ...]   train (default: the built-in demo)
     mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...] [--section.key=value ...]   evaluate a checkpoint
-    mixtail bench loss|loader [ARGS ...]                          throughput benchmarks (see --help of each)
+    mixtail bench loss|loader|step|train|compare [ARGS ...]       benchmarks (see --help of each)
     mixtail sweep CONFIG... --set KEY=V1,V2 [--set ...] [--jobs N] [--out DIR] [--resume]
                                                                   run a grid of runs, write one table of results
 
@@ -33,6 +33,9 @@ _OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
 BENCHES = {
     "loss": "mixtail.benchmarks.bench_kernel",
     "loader": "mixtail.benchmarks.bench_loader",
+    "step": "mixtail.benchmarks.bench_step",
+    "train": "mixtail.benchmarks.bench_train",
+    "compare": "mixtail.benchmarks.common",
 }
 
 EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130

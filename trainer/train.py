@@ -22,6 +22,7 @@ import json
 import shutil
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,43 @@ def resolve_cuda_graphs(cfg: RunConfig, device: torch.device, world_size: int) -
     return wanted
 
 
+@dataclass
+class Training:
+    """What a training process runs, built by `build_training`; the loop reaches the DDP-wrapped forward model
+    as step.model, the autocast and the (in place updated) log prior through objective."""
+
+    raw_model: torch.nn.Module  # parameters, state_dict, BatchNorm statistics
+    net: torch.nn.Module  # raw_model or its torch.compile wrapper: what evaluation runs
+    sgd: SGD
+    objective: Objective
+    health: Health
+    step: TrainStep
+
+
+def build_training(cfg: RunConfig, num_classes: int, counts: np.ndarray, device: torch.device,
+                   world_size: int = 1) -> Training:
+    """The model, SGD, objective and step of a run, as `mixtail train` uses them; `mixtail bench step | train`
+    time exactly these. The initial weights come from torch's generator: seed it first."""
+    raw_model = build_model(cfg.model, num_classes).to(device)
+    if cfg.train.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    net = torch.compile(raw_model) if cfg.train.compile else raw_model
+    model = net
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    o = cfg.optim
+    sgd = SGD(raw_model.parameters(), momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    prior = adjustment_prior(cfg, counts, 0)
+    objective = Objective(num_classes=num_classes, log_prior=log_prior_vector(prior, device) if prior is not None
+                          else None, eta=cfg.loss.eta, tau=cfg.loss.tau, weighting=cfg.loss.weighting,
+                          impl=cfg.loss.impl, autocast=autocast_for(cfg.train.precision, device))
+    health = Health(device)
+    step = TrainStep(model, sgd, objective, health=health, skip_nonfinite=cfg.train.on_nonfinite == "skip",
+                     cuda_graphs=resolve_cuda_graphs(cfg, device, world_size), state_modules=[raw_model])
+    return Training(raw_model, net, sgd, objective, health, step)
+
+
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train (or resume) the run described by cfg; returns the final evaluation."""
     info = init_distributed(cfg.train.device)
@@ -212,24 +250,10 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     counts = train_loader.class_counts
     classes = list(train_loader.classes)
 
-    raw_model = build_model(cfg.model, num_classes).to(device)
-    if cfg.train.channels_last:
-        raw_model = raw_model.to(memory_format=torch.channels_last)
-    net = torch.compile(raw_model) if cfg.train.compile else raw_model
-    model = net
-    if info.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+    run = build_training(cfg, num_classes, counts, device, info.world_size)
+    raw_model, net, model, sgd, health, step_fn = run.raw_model, run.net, run.step.model, run.sgd, run.health, run.step
+    autocast, log_prior = run.objective.autocast, run.objective.log_prior
     o = cfg.optim
-    sgd = SGD(raw_model.parameters(), momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-    autocast = autocast_for(cfg.train.precision, device)
-    prior = adjustment_prior(cfg, counts, 0)
-    log_prior = log_prior_vector(prior, device) if prior is not None else None
-    objective = Objective(num_classes=num_classes, log_prior=log_prior, eta=cfg.loss.eta, tau=cfg.loss.tau,
-                          weighting=cfg.loss.weighting, impl=cfg.loss.impl, autocast=autocast)
-    health = Health(device)
-    step_fn = TrainStep(model, sgd, objective, health=health, skip_nonfinite=cfg.train.on_nonfinite == "skip",
-                        cuda_graphs=resolve_cuda_graphs(cfg, device, info.world_size), state_modules=[raw_model])
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
