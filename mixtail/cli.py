@@ -3,6 +3,8 @@
     mixtail train [CONFIG] [--resume | --overwrite] [--section.key=value ...]   train (default: the built-in demo)
     mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...] [--section.key=value ...]   evaluate a checkpoint
     mixtail bench loss|loader [ARGS ...]                          throughput benchmarks (see --help of each)
+    mixtail sweep CONFIG... --set KEY=V1,V2 [--set ...] [--jobs N] [--out DIR] [--resume]
+                                                                  run a grid of runs, write one table of results
 
 CONFIG is a YAML path or the name of a bundled config (demo, smoke_cpu, cifar10_lt_r100,
 cifar100_lt_r100, ...). Overrides use dotted keys and YAML values: --optim.lr=0.05 --mix.ratio_range=[0,1].
@@ -105,7 +107,10 @@ def _bench(argv: list[str]) -> int:
 
 
 # name -> function(argv after the name) -> exit status. New commands only add a line here.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "eval": _eval, "bench": _bench}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": _train, "eval": _eval, "bench": _bench,
+    "sweep": lambda argv: importlib.import_module("mixtail.trainer.sweep").main(argv),
+}
 
 
 def describe(err: BaseException) -> tuple[str, int]:

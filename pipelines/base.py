@@ -47,10 +47,16 @@ class Batch:
 
     def soft_targets(self, num_classes: int) -> torch.Tensor:
         """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b), repeated for every view: (V·B, num_classes)."""
-        lam = self.lam[:, None].float()
-        one_hot = torch.nn.functional.one_hot
-        target = lam * one_hot(self.y_f, num_classes) + (1 - lam) * one_hot(self.y_b, num_classes)
-        return target.repeat(self.num_views, 1)
+        return soft_targets(self.y_f, self.y_b, self.lam, num_classes).repeat(self.num_views, 1)
+
+
+def soft_targets(y_f: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b): (B, C) float32. Built with scatter_add, which never reads the
+    labels back to the host (a CUDA graph cannot hold a synchronization; one_hot's range check is one)."""
+    lam = lam.float()[:, None]
+    target = torch.zeros(y_f.shape[0], num_classes, device=lam.device)
+    target.scatter_add_(1, y_f[:, None], lam)
+    return target.scatter_add_(1, y_b[:, None], 1 - lam)
 
 
 def normalize_views(views: list[torch.Tensor], mean, std, channels_last: bool = True) -> torch.Tensor:

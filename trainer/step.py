@@ -26,10 +26,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mixtail.errors import MixtailError
 from mixtail.kernels import distributed_smc_loss
+from mixtail.pipelines.base import soft_targets
 from mixtail.trainer.losses import logit_adjusted_soft_ce
 
 
@@ -121,9 +121,7 @@ class Objective:
         v = images.shape[0] // y_f.shape[0]
         with self.autocast:
             logits, z = model(images)
-        lam_col = lam[:, None].float()
-        target = lam_col * F.one_hot(y_f, self.num_classes) + (1 - lam_col) * F.one_hot(y_b, self.num_classes)
-        ce = logit_adjusted_soft_ce(logits, target.repeat(v, 1), self.log_prior)
+        ce = logit_adjusted_soft_ce(logits, soft_targets(y_f, y_b, lam, self.num_classes).repeat(v, 1), self.log_prior)
         if self.eta == 0:
             smc = ce.new_zeros(())  # plain (LA-)CE baselines do not pay for the contrastive term
         else:

@@ -58,7 +58,9 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     use_bf16 = precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # No cast cache: a CUDA graph must not capture it (PyTorch's CUDA graph notes), and a CNN uses each
+        # weight once per forward anyway.
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
