@@ -6,9 +6,9 @@
 On the first attempt (torchrun's TORCHELASTIC_RESTART_COUNT=0) the worker whose RANK is MIXTAIL_TEST_KILL_RANK
 sends itself SIGKILL when the training loop asks for the batch after step MIXTAIL_TEST_KILL_AT_STEP: with
 train.checkpoint_every_steps=1, rank 0 has written that step's checkpoint by then. torchrun sees the worker
-die, stops the group and starts it again; on every restart this wrapper adds --resume, so the new group
-continues from the last checkpoint (the first attempt must not pass it: there is nothing to resume yet).
-Without the MIXTAIL_TEST_* variables it is the plain CLI.
+die, stops the group and starts it again, and the same command (with --resume, which starts the run when
+there is no checkpoint yet) continues from the last checkpoint. Without the MIXTAIL_TEST_* variables it is
+the plain CLI.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ def main() -> None:
     argv = sys.argv[1:]
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     kill_rank = os.environ.get("MIXTAIL_TEST_KILL_RANK")
-    if attempt > 0 and argv[:1] == ["train"] and "--resume" not in argv:
-        argv.append("--resume")
     if attempt == 0 and kill_rank is not None and os.environ.get("RANK") == kill_rank:
         steps_done = int(os.environ["MIXTAIL_TEST_KILL_AT_STEP"])
         asked = {"n": 0}

@@ -1,6 +1,6 @@
 """Elastic restart on the CPU (issue 8): torchrun runs 2 gloo workers with --max-restarts 1, one worker is
 killed with SIGKILL mid-run after a checkpoint, torchrun restarts the group, the restarted workers resume
-from the last checkpoint (tests/elastic_worker.py adds --resume on restarts), and the run ends with exactly
+from the last checkpoint (one command with --resume for every attempt), and the run ends with exactly
 the weights of an uninterrupted 2-process run.
 
     python -m pytest tests/test_elastic.py -q -m slow
@@ -21,8 +21,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "elastic_worker.py"
 # 3 epochs of 4 steps, a checkpoint after every step, one evaluation at the end.
+# --resume on every attempt: it starts the run when there is no checkpoint yet (docs/scaling.md).
 RUN = ["train", "smoke_cpu", "--train.epochs=3", "--train.max_steps_per_epoch=4", "--train.checkpoint_every_steps=1",
-       "--train.eval_every_epochs=10"]
+       "--train.eval_every_epochs=10", "--resume"]
 KILL_AT_STEP = 6  # epoch 1, after its second step
 # By default torchrun's workers build their process group on the rendezvous store the agent keeps across
 # restarts, and a restarted gloo group can read the dead group's peer addresses from it: measured here

@@ -317,9 +317,6 @@ def test_sharded_evaluation_equals_one_process(sharded_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="trainer/checkpoint_eval._report builds top_confusions from rank 0's "
-                                        "EvalOutputs only: under 2 ranks report.json's confusions count half the "
-                                        "test set (evaluate() all-reduces accuracies, not per-sample outputs)")
 def test_sharded_report_equals_one_process(sharded_runs):
     import json
 

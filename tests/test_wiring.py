@@ -615,9 +615,7 @@ ROWS: dict[str, list[Row]] = {
         Row("dali", check_backend("nvidia.dali", "mixtail.pipelines.dali_loader", "DaliExecutor"),
             ("--data.num_threads=1",)),
         Row("ffcv", check_backend("ffcv", "mixtail.pipelines.ffcv_loader", "FfcvExecutor"),
-            ("--data.num_threads=1",),
-            xfail="data.backend=ffcv is accepted by the config, but pipelines/ffcv_loader.py (FfcvExecutor) does not "
-                  "exist on main: build_loader raises 'ffcv needs FFCV: pip install' even with FFCV installed"),
+            ("--data.num_threads=1",)),
     ],
     "data.batch_size": [Row(16, check_batch_size)],
     "data.eval_batch_size": [Row(100, check_eval_batch_size)],

@@ -96,6 +96,17 @@ def posthoc_table(posthoc: list[tuple[float, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _gather(local: np.ndarray) -> np.ndarray:
+    """This rank's per-sample array concatenated with every other rank's (the confusions need all of them)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return np.asarray(local)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, np.asarray(local))
+    return np.concatenate(parts)
+
+
 def _report(out: Path, path: Path, state: dict, cfg, model, results: dict, posthoc, counts, classes,
             class_vectors, autocast, kw: dict, is_main: bool) -> None:
     """Table 4 scores from the training images' pooled features, confusions, the best epoch: report_dir."""
@@ -104,14 +115,14 @@ def _report(out: Path, path: Path, state: dict, cfg, model, results: dict, posth
     train_loader = loader_for_dataset(train_images, cfg.data, cfg.aug, cfg.mix, split="test", **kw)
     centres, _ = feature_centres(model, train_loader, len(counts), kw["device"], autocast)
     classes = classes or list(train_images.classes)
+    labels, preds = _gather(results["outputs"].labels), _gather(results["outputs"].preds)  # every rank's shard
     if not is_main:
         return
     is_k = inter_class_scores(centres)
     ss = semantic_similarity_rows(centres, load_class_vectors(class_vectors, classes)) if class_vectors else None
-    outputs = results["outputs"]
     metrics = path.parent / "metrics.jsonl"
     write_report(out, final=results, best=best_eval(metrics) if metrics.exists() else None, train_counts=counts,
-                 class_names=classes, confusions=top_confusions(outputs.labels, outputs.preds, classes),
+                 class_names=classes, confusions=top_confusions(labels, preds, classes),
                  scores={"inter_class_score": is_k, "semantic_similarity_score": ss}, centres=centres,
                  meta={"checkpoint": str(path), "epoch": int(state["epoch"]), "dataset": cfg.data.dataset,
                        "epochs_configured": cfg.train.epochs, "class_vectors": str(class_vectors or "")},

@@ -231,10 +231,16 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     state, ckpt_path = None, store.latest
     if resume:
         found = store.load_latest(map_location=device)
+        if found is None and (out_dir / "metrics.jsonl").exists():
+            raise FileNotFoundError(f"--resume: {out_dir} holds a run (metrics.jsonl) but no checkpoint to resume")
         if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir}")
-        ckpt_path, state = found
-        check_resume_config(cfg, state["config"], ckpt_path, state["epoch"])
+            # Nothing to resume yet: start the run. So one command serves a first attempt and every restart
+            # (torchrun --max-restarts; docs/scaling.md).
+            if info.is_main:
+                print(f"--resume: no checkpoint in {out_dir} yet, starting the run")
+        else:
+            ckpt_path, state = found
+            check_resume_config(cfg, state["config"], ckpt_path, state["epoch"])
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         store.clean_stale()
