@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             for r in read_rows]))
     config = {**vars(args), "sources": [s[0] for s in sources],
               "metric": "images written per second by one whole mixtail convert run (median of --reps)"}
-    path = write_json("convert", rows + read_rows, config=config, env=environment(), out_dir=args.out_dir)
+    path = write_json("convert_dali_read" if read_rows else "convert", rows + read_rows, config=config,
+                      env=environment(), out_dir=args.out_dir)
     print(f"wrote {path}")
     return rows
 

@@ -29,31 +29,38 @@ Targets:
   the DALI backend reads through fn.io.file.read (and the torch backend decodes into memory). What is stored:
   raw keeps a source file's own bytes when it is a plain 8-bit RGB or grey JPEG/PNG that needs no resize, and
   writes PNG (lossless) otherwise; jpg re-encodes every image as JPEG at --jpeg-quality; smart keeps the
-  plain files that need no resize and re-encodes the rest as JPEG above 128×128×3 bytes of pixels, PNG below
-  (proportion is FFCV's only). Every other pixel format (16-bit, CMYK, palette, alpha) is stored as
-  images.load_rgb decodes it, so every backend reads the same RGB.
+  plain files that need no resize and re-encodes the rest as JPEG (proportion is FFCV's only). Other pixel
+  formats (16-bit, CMYK, palette, alpha) are stored as images.load_rgb decodes them, so every backend reads
+  the same RGB.
 - --max-resolution N shrinks every image whose longer side exceeds N to N (aspect ratio kept; PIL bilinear,
   antialiased, as datasets.decode_in_memory resizes), for both targets; smaller images are never enlarged.
 Both write manifest.json (schema: pipelines/manifest.py) and a per-split table of labels, source indices and
 stored sizes, so the samplers and the Many/Medium/Few split read classes and counts without rescanning.
 
-Why these files for DALI, measured with the DALI executor on the 2-core CPU development machine (DaliExecutor
-+ Loader, training pairs with two views and mixing, 2 threads; median of 3 runs of 28 batches of 64;
-`mixtail bench convert --dali-read` measures it again):
+Why these files for DALI: measured with the DALI executor on the 2-core CPU development machine (shared, so
+runs vary by about 10%), through bench_loader.make_loader: training pairs with two views and every batch mixed,
+batch 64, 2 threads, median of 3 windows of 10 batches; `mixtail bench convert --dali-read`, results in
+benchmarks/results/convert_dali_read_*_cpu_20261201.json. Mixed pairs per second:
 
-    source                          stored as                        file list      packed blob
-    334 photos (68-2400 px), S=64   the original JPEGs (34 MB)       310 pairs/s    317 pairs/s
-                                    JPEG copies <= 256 px (5.0 MB)   758            797
-                                    JPEG copies <= 96 px (1.0 MB)    1,307          1,380
-    2,000 CIFAR-10 JPEGs, S=32      the original files (1.8 MB)      3,000-3,180    3,450-3,650
+    source                          stored as                          file list   packed blob   MiB
+    334 photos (100-2400 px), S=64  the original JPEGs                    302          305       33.9
+                                    JPEG copies <= 256 px (smart)         720          765        5.0
+                                    PNG copies <= 256 px (raw)            453          472       25.4
+                                    JPEG copies <= 96 px (smart)        1,257        1,418        1.1
+                                    PNG copies <= 96 px (raw)           1,069        1,060        4.1
+    2,000 CIFAR-10 JPEGs, S=32      the original files                  2,774        3,153        1.9
+                                    JPEG copies (jpg)                   2,832        3,405        2.1
 
-The decode is the cost: bounded copies read 2.4× (256 px) to 4.2× (96 px) faster than the originals, so
---max-resolution is where the speed is (at 224 px training, 384 keeps the torch backend's in-memory scale:
-the shorter side at 256, the longer at most 3/2 of it). Packing the same bytes into one blob with an offset
-index, fed through external_source instead of read by fn.io.file.read, gained 2-6% on photos and 15-20% on
-32 px images: not enough for a second source path through every executor, and plain files stay readable by
-the torch backend, PIL, DALI's own fn.readers.file and `--format filelist`. (For CIFAR-size data the in-memory
-arrays of the torch backend need no decode at all.)
+The decode is the cost: bounded JPEG copies read 2.4× (256 px) to 4.2× (96 px) faster than the originals, so
+--max-resolution is where the speed is (for 224 px training, 384 keeps the torch backend's in-memory scale:
+the shorter side at 256, the longer at most 3/2 of it). PNG copies are lossless but 4-5× larger and 15-40%
+slower to read than JPEG ones, hence smart's JPEG. Packing the same bytes into one blob with an offset
+index, fed through external_source instead of read by fn.io.file.read, changed photos by -1 to +13% and
+32 px images by +14 to +29% (3 runs of each): not enough for a second source path through every executor,
+while plain files stay readable by the torch backend, PIL, DALI's own fn.readers.file and `--format
+filelist`; and CIFAR-size data needs no decode at all in the torch backend's in-memory arrays. Not measured:
+DALI's GPU decode (no GPU with DALI was lent to this work), where per-file reads weigh more next to a faster
+decode.
 
 Failure behaviour:
 - Every source file is checked first (images.check_images: zero-byte, truncated, not an image, unsupported
@@ -159,7 +166,8 @@ class ConvertOptions:
         """The options the manifest records (every one that changes what is written)."""
         return {"split": self.split, "imbalance_ratio": self.imbalance_ratio, "lt_subset": self.lt_subset,
                 "write_mode": self.write_mode, "max_resolution": self.max_resolution,
-                "jpeg_quality": self.jpeg_quality, "smart_threshold": SMART_THRESHOLD, "on_error": self.on_error}
+                "jpeg_quality": self.jpeg_quality, "on_error": self.on_error,
+                "smart_threshold": SMART_THRESHOLD if self.to == "ffcv" else None}  # dali's smart has none
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +280,7 @@ def prepare(fmt: str, source: str, splits: list[str], *, image_root: str, test_l
         ds, index = _subset(ds, name, imbalance_ratio, lt_subset)
         bad: tuple[tuple[str, str], ...] = ()
         if isinstance(ds, ImageFiles):
-            if skipped is None:
+            if skipped is None:  # check every file; the kept ones come back with their sizes
                 checked = check_files(ds, on_error, what=f"{name} images of {source}",
                                       stop_hint="they cannot be converted (--on-error stop; --on-error skip "
                                                 "converts without them); nothing was written")
@@ -281,7 +289,7 @@ def prepare(fmt: str, source: str, splits: list[str], *, image_root: str, test_l
                 bad = tuple((s["path"], s["reason"]) for s in skipped if s["split"] == name)
             gone = {path for path, _ in bad}
             keep = np.flatnonzero([f not in gone for f in ds.files])
-            ds = (checked if skipped is None else ds.subset(keep))
+            ds = replace(checked, skipped=()) if skipped is None else ds.subset(keep)
             index = index[keep]
         out[name] = PreparedSplit(name, ds, index, total, bad)
     return classes, out
@@ -352,8 +360,9 @@ def decode_bytes(data: bytes) -> np.ndarray:
 
 def jpeg_round_trip(rgb: np.ndarray, quality: int, target: str) -> np.ndarray:
     """`rgb` encoded as JPEG and decoded again by the target's own codecs: PIL for dali outputs (what convert
-    writes and load_rgb reads), FFCV's encoder (OpenCV) and its libjpeg-turbo decoder for .beton files. Their
-    decoders differ: FFCV's gives CIFAR images about 2 dB less PSNR than PIL's on the same bytes."""
+    writes and load_rgb reads), FFCV's encoder (OpenCV) and its libjpeg-turbo decoder for .beton files. The two
+    decoders differ: on the same FFCV-written bytes at quality 90, FFCV's decode is 1.4 dB (CIFAR-10, mean of 50)
+    and 0.8 dB (30 photos) further from the source than PIL's, more than the tolerance."""
     if target == "dali":
         return decode_bytes(encode(rgb, "jpeg", quality))
     from ffcv.fields.rgb_image import encode_jpeg
@@ -461,7 +470,9 @@ def _write_dali(split: PreparedSplit, tmp: Path, opts: ConvertOptions) -> tuple[
             kind, ext, size = "original", Path(ds.files[i]).suffix.lower(), (h, w)
         else:
             rgb = bound(source_pixels(ds, i), opts.max_resolution)
-            jpeg = mode == "jpg" or (mode == "smart" and rgb.nbytes > SMART_THRESHOLD)
+            # smart re-encodes as JPEG at any size: DALI decodes PNG, unlike FFCV's raw pixels, and reads it slower
+            # than JPEG (module docstring), so FFCV's small-images-lossless threshold would cost speed here.
+            jpeg = mode in ("jpg", "smart")
             kind, ext, size = ("jpeg", ".jpg", rgb.shape[:2]) if jpeg else ("png", ".png", rgb.shape[:2])
             data = encode(rgb, kind, quality)
         rel = f"{folder}/{int(ds.labels[i]):05d}/{int(split.source_index[i]):07d}{ext}"
@@ -657,10 +668,11 @@ def sample_positions(n: int, sample: int | None) -> np.ndarray:
 
 
 def _stored_images(manifest: Manifest, name: str, table, positions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(position, stored pixels) for the given positions, decoded as the backend reads them."""
+    """(position, stored pixels) for the given positions, decoded as the backend reads them; for dali outputs
+    (position, None): _compare_pixels reads the file, which an original needs only as bytes."""
     if manifest.target == "dali":
         for p in positions:
-            yield int(p), load_rgb(table.files[p])
+            yield int(p), None
         return
     from mixtail.pipelines.ffcv_io import BetonReader
 
@@ -704,15 +716,14 @@ def verify(path: str | os.PathLike, *, sample: int | None = VERIFY_SAMPLE) -> st
         n = len(want.data)
         if len(table) != n:
             raise DataError(f"{root}: the {name} split holds {len(table)} images; its source gives {n}")
-        labels, index, sizes, jpeg = table.labels, table.source_index, table.sizes, None
-        if manifest.target == "ffcv":
+        labels, index = table.labels, table.source_index  # dali: split_table checked them against the list
+        if manifest.target == "ffcv":  # what the FFCV backend reads is the .beton's own table
             from mixtail.pipelines.ffcv_io import beton_info
 
             beton = beton_info(root / info.data)
             if len(beton) != n:
                 raise DataError(f"{beton.path}: {len(beton)} samples; its source gives {n}")
-            labels, index, jpeg = beton.labels, beton.indices, beton.jpeg
-            sizes = np.stack([beton.heights, beton.widths], 1)
+            labels, index = beton.labels, beton.indices
         if not np.array_equal(index, want.source_index):
             k = _first(index != want.source_index)
             raise DataError(f"{where} {k}: source index {index[k]}, expected {want.source_index[k]} "
@@ -721,16 +732,8 @@ def verify(path: str | os.PathLike, *, sample: int | None = VERIFY_SAMPLE) -> st
             k = _first(labels != want.data.labels)
             raise DataError(f"{where} {k} ({_describe(want, k)}): label {labels[k]} in the output, "
                             f"{want.data.labels[k]} ({classes[want.data.labels[k]]!r}) in the source")
-        for mine, theirs, what in ((table.labels, labels, "label"), (table.source_index, index, "source index")):
-            if not np.array_equal(mine, theirs):  # the .beton against the table the loader reads beside it
-                k = _first(mine != theirs)
-                raise DataError(f"{where} {k}: {info.index} gives {what} {mine[k]}, {info.data} {theirs[k]}")
-        if not np.array_equal(sizes, table.sizes):
-            k = _first((sizes != table.sizes).any(1))
-            raise DataError(f"{where} {k}: stored as {tuple(sizes[k])}, its .index.npz says {tuple(table.sizes[k])}")
-        if jpeg is not None and not np.array_equal(jpeg, table.kinds == _KIND["jpeg"]):
-            raise DataError(f"{where} {_first(jpeg != (table.kinds == _KIND['jpeg']))}: stored kind differs from "
-                            f"its .index.npz")
+        if manifest.target == "ffcv":
+            _same_tables(beton, table, f"{where}", info)
         counts = np.bincount(labels, minlength=len(classes))
         if counts.tolist() != info.class_counts:
             k = _first(counts != np.asarray(info.class_counts))
@@ -749,6 +752,18 @@ def verify(path: str | os.PathLike, *, sample: int | None = VERIFY_SAMPLE) -> st
             + f"{len(manifest.outputs)} checksums match")
 
 
+def _same_tables(beton, table, where: str, info: SplitInfo) -> None:
+    """The .beton's metadata and the .index.npz beside it (which mixtail train reads first) must agree."""
+    sizes = np.stack([beton.heights, beton.widths], 1)
+    for what, mine, theirs in (("label", table.labels, beton.labels), ("source index", table.source_index,
+                                                                          beton.indices),
+                               ("size", table.sizes, sizes), ("JPEG flag", table.kinds == _KIND["jpeg"], beton.jpeg)):
+        differs = (mine != theirs).reshape(len(mine), -1).any(1)
+        if differs.any():
+            k = _first(differs)
+            raise DataError(f"{where} {k}: {info.index} gives {what} {mine[k]}, {info.data} {theirs[k]}")
+
+
 def _describe(split: PreparedSplit, k: int) -> str:
     if isinstance(split.data, ImageFiles):
         return split.data.files[k]
@@ -759,10 +774,18 @@ def _compare_pixels(manifest: Manifest, want: PreparedSplit, table, p: int, stor
                     where: str) -> float | None:
     """Compare one stored image with its source; returns the JPEG margin in dB (None for exact kinds)."""
     kind = STORED_KINDS[table.kinds[p]]
-    if kind == "original":
-        if Path(table.files[p]).read_bytes() != Path(want.data.files[p]).read_bytes():
-            raise DataError(f"{where}: {table.files[p]} should hold the source file's bytes, and does not")
-        return None
+    if stored is None:  # a dali output's file
+        path = table.files[p]
+        if not os.path.isfile(path):
+            raise DataError(f"{where}: its stored file {path} does not exist")
+        if kind == "original":
+            if Path(path).read_bytes() != Path(want.data.files[p]).read_bytes():
+                raise DataError(f"{where}: {path} should hold the source file's bytes, and does not")
+            return None
+        try:
+            stored = load_rgb(path)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
     expected = bound(source_pixels(want.data, p), manifest.options["max_resolution"])
     if stored.shape != expected.shape:
         raise DataError(f"{where}: stored {stored.shape[0]}×{stored.shape[1]}, the source resized "
@@ -821,7 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", default=str(VERIFY_SAMPLE), help="--verify: images per split whose pixels are "
                    f"compared, or 'all' (default {VERIFY_SAMPLE}, plus the first and last)")
     p.add_argument("--to", choices=TARGETS)
-    p.add_argument("--out", metavar="PATH", help="the folder to write (made under a temporary name, renamed at the end)")
+    p.add_argument("--out", metavar="PATH",
+                   help="the folder to write (made under a temporary name, renamed at the end)")
     p.add_argument("--format", choices=FORMATS, help="the source's format (default: detected)")
     p.add_argument("--image-root", default="", help="filelist, inat-json: the folder the paths are relative to")
     p.add_argument("--test-list", default="", help="filelist, inat-json: the test split's list or .json")

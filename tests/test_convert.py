@@ -449,7 +449,7 @@ def test_verify_catches_tampered_dali_outputs(cifar_tree, tmp_path, capsys):
     fresh()
     # A file gone.
     Path(split_table(read_manifest(out), "train").files[0]).unlink()
-    _verify_fails(capsys, out, "does not exist")
+    _verify_fails(capsys, out, "train image 0", "stored file", "does not exist")
 
 
 @pytest.mark.ffcv
@@ -479,6 +479,13 @@ def test_verify_catches_tampered_beton(photo_tree, tmp_path, capsys):
     data[at + 100] ^= 0x80
     beton.write_bytes(bytes(data))
     _verify_fails(capsys, out, "train image 2", "pixel (y=", "exactly")
+    # The table beside the .beton, which mixtail train reads for counts, must agree with it.
+    beton.write_bytes(clean)
+    with np.load(out / "train.index.npz") as npz:
+        table = {k: npz[k] for k in npz.files}
+    table["sizes"][4, 1] += 1
+    np.savez(out / "train.index.npz", **table)
+    _verify_fails(capsys, out, "train image 4", "train.index.npz gives size")
 
 
 def test_manifest_edits_are_refused(cifar_tree, tmp_path):
