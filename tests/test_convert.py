@@ -548,6 +548,45 @@ def test_train_from_a_converted_dali_output(cifar_tree, tmp_path, backend):
     assert final["num_test_images"] == 16
 
 
+@pytest.mark.ffcv
+def test_a_converted_beton_is_the_ffcv_backends_data_source(cifar_tree, tmp_path):
+    """build_dataset gives the FFCV backend's BetonDataset (pipelines/ffcv_loader.py, issue 9 §4) with the labels,
+    sizes and LT subset build_dataset takes from the source, at .beton positions that hold those images."""
+    pytest.importorskip("ffcv")
+    ffcv_loader = pytest.importorskip("mixtail.pipelines.ffcv_loader", reason="the FFCV backend is not merged yet")
+    out = tmp_path / "beton"
+    _convert(cifar_tree, out, "ffcv", write_mode="raw")
+    with pytest.raises(ConfigError, match="data.backend.*--to ffcv.*data.backend=ffcv"):
+        build_dataset(DataConfig(dataset="converted", root=str(out)), "train")
+    for split in ("train", "test"):
+        direct = build_dataset(DataConfig(dataset="folder", root=str(cifar_tree), imbalance_ratio=4.0), split,
+                               decoded=False)
+        conv = build_dataset(DataConfig(dataset="converted", root=str(out), backend="ffcv", imbalance_ratio=4.0),
+                             split, decoded=False)
+        assert isinstance(conv, ffcv_loader.BetonDataset) and conv.classes == direct.classes
+        assert np.array_equal(conv.labels, direct.labels) and np.array_equal(conv.sizes, direct.sizes)
+        _, index = _stored_order(out, split)
+        source = scan_image_folder(cifar_tree / split, CLASSES if split == "test" else None)
+        assert [source.files[i] for i in index[conv.positions]] == direct.files
+
+
+@pytest.mark.slow
+@pytest.mark.ffcv
+def test_train_from_a_converted_beton(cifar_tree, tmp_path):
+    pytest.importorskip("ffcv")
+    pytest.importorskip("mixtail.pipelines.ffcv_loader", reason="the FFCV backend is not merged yet")
+    out = tmp_path / "beton"
+    _convert(cifar_tree, out, "ffcv", write_mode="jpg", imbalance_ratio=4.0)
+    res = subprocess.run([sys.executable, "-m", "mixtail", "train", "smoke_cpu", "--data.dataset=converted",
+                          f"--data.root={out}", "--data.backend=ffcv", "--data.num_threads=1",
+                          "--data.imbalance_ratio=4", "--data.batch_size=8", "--data.eval_batch_size=8",
+                          "--train.epochs=1", "--train.max_steps_per_epoch=2", f"--train.out_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "26 training images in 4 classes (12..3 per class)" in res.stdout
+    assert json.loads((tmp_path / "run" / "final_eval.json").read_text())["num_test_images"] == 16
+
+
 def test_bench_convert_writes_a_table_and_json(cifar_tree, tmp_path, capsys):
     from mixtail.benchmarks import bench_convert
 
