@@ -7,7 +7,7 @@ A converted output is a folder:
     PATH/train.index.npz        per image, in output order: label, source_index, size (h, w) as stored, stored kind
     PATH/train.beton            --to ffcv: image, label and sample-index fields (pipelines/ffcv_io.py)
     PATH/train.txt              --to dali: `images/train/00003/0000123.jpg 3` per line, the output order: the
-                                ImageNet-LT list format, which DALI's fn.readers.file(file_list=) and
+                                ImageNet-LT list format, which DALI's fn.readers.file(file_root=PATH, file_list=) and
                                 `mixtail convert --format filelist` also read
     PATH/images/train/<label>/  --to dali: the image files
     (the same for test)
@@ -19,7 +19,7 @@ manifest.json (format_version 1):
     target                      "ffcv" | "dali"
     source                      {"format", "path", "image_root", "test_list"}: absolute paths, as read
     options                     every conversion option: split, imbalance_ratio (null: every image), lt_subset,
-                                write_mode, max_resolution, jpeg_quality, smart_threshold, on_error
+                                write_mode, max_resolution, jpeg_quality, on_error, smart_threshold (null: dali)
     classes                     class names in label order: the training split's (one class map per dataset)
     splits                      {"train": {num_images, source_images, class_counts, data, index, stored}, ...}:
                                 source_images counts the source split before the LT subset and skipping;
