@@ -2,7 +2,9 @@
 
     mixtail train [CONFIG] [--resume | --overwrite] [--section.key=value ...]   train (default: the built-in demo)
     mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...] [--section.key=value ...]   evaluate a checkpoint
-    mixtail bench loss|loader|step|train|compare [ARGS ...]       benchmarks (see --help of each)
+    mixtail convert SOURCE --to ffcv|dali --out PATH [...]       convert a dataset for a loader backend
+    mixtail convert --verify PATH                                 check a converted output against its source
+    mixtail bench loss|loader|step|train|compare|convert [ARGS ...]   benchmarks (see --help of each)
     mixtail sweep CONFIG... --set KEY=V1,V2 [--set ...] [--jobs N] [--out DIR] [--resume]
                                                                   run a grid of runs, write one table of results
 
@@ -36,6 +38,7 @@ BENCHES = {
     "step": "mixtail.benchmarks.bench_step",
     "train": "mixtail.benchmarks.bench_train",
     "compare": "mixtail.benchmarks.common",
+    "convert": "mixtail.benchmarks.bench_convert",
 }
 
 EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
@@ -113,6 +116,7 @@ def _bench(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": _train, "eval": _eval, "bench": _bench,
     "sweep": lambda argv: importlib.import_module("mixtail.trainer.sweep").main(argv),
+    "convert": lambda argv: importlib.import_module("mixtail.pipelines.convert").main(argv),
 }
 
 

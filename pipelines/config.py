@@ -32,8 +32,10 @@ def need(ok: bool, key: str, msg: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: Literal["demo", "cifar10", "cifar100", "folder", "imagenet_lt", "inat2018"] = "cifar100"
-    root: str = ""  # torchvision root (cifar*), tree with <test_dir>/ and train/ (folder), image root (lists)
+    # converted: the folder `mixtail convert` wrote (data.root), read through its manifest (pipelines/manifest.py)
+    dataset: Literal["demo", "cifar10", "cifar100", "folder", "imagenet_lt", "inat2018", "converted"] = "cifar100"
+    # torchvision root (cifar*), tree with <test_dir>/ and train/ (folder), image root (lists), output (converted)
+    root: str = ""
     download: bool = False  # cifar*: let torchvision download into `root` (needs internet)
     test_dir: str = "test"  # folder: name of the held-out split next to train/
     train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
@@ -73,6 +75,8 @@ class DataConfig:
         need(self.on_error in ("stop", "skip"), "data.on_error", f"must be stop or skip, got {self.on_error!r}")
         need(self.image_check in ("header", "decode"), "data.image_check",
              f"must be header or decode, got {self.image_check!r}")
+        need(self.dataset != "converted" or bool(self.root), "data.root",
+             "data.dataset=converted needs data.root: the folder mixtail convert wrote")
 
 
 @dataclass(frozen=True, kw_only=True)

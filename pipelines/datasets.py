@@ -304,11 +304,16 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> Ima
     return ImageFiles(files, np.asarray(labels, dtype=np.int64), list(classes))
 
 
-def check_files(ds: ImageFiles, on_error: str = "stop", *, what: str = "images", level: str = "header") -> ImageFiles:
+STOP_HINT = "they cannot be used (data.on_error=stop; --data.on_error=skip trains without them)"
+
+
+def check_files(ds: ImageFiles, on_error: str = "stop", *, what: str = "images", level: str = "header",
+                stop_hint: str = STOP_HINT) -> ImageFiles:
     """Check every file of `ds` (images.check_images) and record its size.
 
     on_error="stop": a DataError names every bad file with its reason (a long list is written to a file the
-    message names). on_error="skip": bad files are dropped and listed in the result's `skipped`.
+    message names), after `stop_hint` (what to do about them). on_error="skip": bad files are dropped and
+    listed in the result's `skipped`.
     """
     if on_error not in ("stop", "skip"):
         raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
@@ -319,8 +324,7 @@ def check_files(ds: ImageFiles, on_error: str = "stop", *, what: str = "images",
     if len(result.bad) == len(ds) and all(reason == "does not exist" for _, reason in result.bad):
         raise DataNotFound(f"none of the {len(ds)} {what} exists (the first is {ds.files[0]}): check data.root")
     if on_error == "stop":
-        raise DataError(bad_files_message(lines, len(ds), what, "they cannot be used (data.on_error=stop; "
-                                          "--data.on_error=skip trains without them)"))
+        raise DataError(bad_files_message(lines, len(ds), what, stop_hint))
     bad = np.zeros(len(ds), bool)
     bad[[i for i, _ in result.bad]] = True
     kept = replace(ds, sizes=result.sizes).subset(np.flatnonzero(~bad))
@@ -355,6 +359,10 @@ def training_classes(data) -> list[str] | None:
     CIFAR and the demo set, whose splits share one class list by construction."""
     if data.dataset in ("demo", "cifar10", "cifar100"):
         return None
+    if data.dataset == "converted":  # a mixtail convert output: its manifest's class map (issue 9 §3)
+        from mixtail.pipelines.manifest import read_manifest
+
+        return read_manifest(data.root).classes
     if data.dataset == "folder":
         root = Path(data.root) / "train"
         classes = _class_folders(root)
@@ -391,12 +399,19 @@ def build_dataset(data, split: str, *, decoded: bool = True,
     folder datasets are balanced on disk); test splits are kept whole. Every image file is checked
     (data.image_check) and bad ones stop the run or are skipped (data.on_error). With decoded=False,
     file-based datasets come back as ImageFiles (with sizes) for loaders that decode themselves; with
-    decoded=True they are decoded into memory (decode_in_memory).
+    decoded=True they are decoded into memory (decode_in_memory). data.dataset=converted reads a `mixtail
+    convert` output (pipelines/manifest.converted_dataset): ImageFiles, or the FFCV backend's BetonDataset.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if classes is None and split == "test":
         classes = training_classes(data)
+    if data.dataset == "converted":
+        # A mixtail convert output (issue 9 §3): classes, labels, sizes and counts come from its manifest and
+        # tables, already checked when converted; the train split's LT subset follows pipelines/manifest.py.
+        from mixtail.pipelines.manifest import converted_dataset
+
+        return converted_dataset(data, split, classes=classes, decoded=decoded)
     what = f"{split} images"
     if data.dataset == "demo":
         ds = demo_dataset(split, size=data.image_size)
