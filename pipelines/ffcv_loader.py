@@ -37,6 +37,8 @@ names a .beton per split, e.g. `data.dataset: beton` with `data.root` holding `t
 
 from __future__ import annotations
 
+import os
+
 import argparse
 import shutil
 import tempfile
@@ -198,7 +200,8 @@ class FfcvExecutor:
         # (CIFAR at 32 px), which is what the torch executor gets for such data.
         fitted = np.array([fit_size(int(h), int(w), self.canvas) for h, w in dataset.sizes], np.int32).reshape(-1, 2)
         self.hw = None if (fitted == self.canvas).all() else torch.from_numpy(fitted).to(self.target)
-        kw = dict(batch_size=planner.batch_size, canvas=self.canvas, num_threads=num_threads)
+        # numba refuses more threads than cores ("The number of threads must be between 1 and N").
+        kw = dict(batch_size=planner.batch_size, canvas=self.canvas, num_threads=max(1, min(num_threads, os.cpu_count() or 1)))
         self.streams = {"bg": _Stream(dataset, **kw), "fg": _Stream(dataset, **kw)}
         self._copy_stream = torch.cuda.Stream(self.target) if self.target.type == "cuda" else None
         self._stream = None  # the plan stream being executed
