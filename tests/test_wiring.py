@@ -219,6 +219,23 @@ def check_dataset_folder(d, c):
     assert len(default.y_f) == 512
 
 
+def check_dataset_converted(d, c):
+    """data.dataset=converted reads a `mixtail convert` output (its manifest gives classes and counts)."""
+    import dataclasses
+    import tempfile
+
+    from mixtail.pipelines.convert import main as convert
+
+    out = Path(tempfile.mkdtemp(prefix="mixtail_wiring_")) / "converted"
+    assert convert([str(FIXTURE_TREE), "--to", "dali", "--out", str(out)]) in (0, None)
+    c = dataclasses.replace(c, data=dataclasses.replace(c.data, root=str(out), imbalance_ratio=1.0))
+    changed, loader = first_batch(c, split="test")
+    default, demo = first_batch(d, split="test")
+    assert demo.classes == DEMO_CLASSES
+    assert loader.classes == ["class_a", "class_b", "class_c"] and len(changed.y_f) == 6
+    assert len(default.y_f) == 512
+
+
 def check_imbalance_ratio(d, c):
     for cfg in (d, c):
         loader = make_loader(cfg)
@@ -608,7 +625,9 @@ AUTOAUG = ("--aug.policy=autoaugment",)
 ALWAYS_MIX = ("--mix.mix_prob=1.0",)
 
 ROWS: dict[str, list[Row]] = {
-    "data.dataset": [Row("folder", check_dataset_folder, (f"--data.root={FIXTURE_TREE}",))],
+    "data.dataset": [Row("folder", check_dataset_folder, (f"--data.root={FIXTURE_TREE}",)),
+                     # the check converts the fixture tree and points data.root at the output
+                     Row("converted", check_dataset_converted, (f"--data.root={FIXTURE_TREE}",))],
     "data.imbalance_ratio": [Row(10.0, check_imbalance_ratio)],
     "data.lt_subset": [Row("first", check_lt_subset_first)],
     "data.backend": [
