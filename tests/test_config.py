@@ -234,6 +234,8 @@ INVALID_VALUES = [
     ("aug:\n  hue: 0.6\n", "--aug.hue=0.6", "aug.hue"),
     ("loss:\n  tau: 0\n", "--loss.tau=0", "loss.tau"),
     ("train:\n  epochs: 0\n", "--train.epochs=0", "train.epochs"),
+    ("train:\n  accumulate_steps: 0\n", "--train.accumulate_steps=0", "train.accumulate_steps"),
+
     ("train:\n  keep_checkpoints: 0\n", "--train.keep_checkpoints=0", "train.keep_checkpoints"),
 ]
 
@@ -398,3 +400,10 @@ def test_the_schedule_the_defaults_give():
     assert [lr_at(o, s, spe) for s in (0, 5 * spe - 1)] == pytest.approx([0.1 / (5 * spe), 0.1])
     assert [lr_at(o, e * spe, spe) for e in (5, 159, 160, 179, 180, 199)] == pytest.approx(
         [0.1, 0.1, 0.001, 0.001, 1e-5, 1e-5])
+
+
+def test_accumulation_and_sync_batchnorm_rules():
+    assert "'train.sync_batchnorm'" in load_error(None, ["--train.device=cpu", "--train.sync_batchnorm=true"])
+    # A checkpoint due between the batches of one accumulated step waits for the step (tests/test_train.py).
+    cfg = load_config(None, ["--train.accumulate_steps=2", "--train.checkpoint_every_steps=3"])
+    assert cfg.train.accumulate_steps == 2

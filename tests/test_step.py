@@ -264,3 +264,53 @@ def test_graphed_run_resumes_exactly(tmp_path, monkeypatch):
     b = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _plain_ce_step(net, accumulate: int):
+    step, _ = _step_on(net, skip=False)
+    step.objective.eta = 0.0  # CE alone: a mean over rows, so two half batches equal one whole batch
+    step.accumulate = accumulate
+    return step
+
+
+class _Batch:
+    def __init__(self, x, y_f, y_b, lam):
+        self.images, self.y_f, self.y_b, self.lam, self.plan = x, y_f, y_b, lam, None
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    g = torch.Generator().manual_seed(3)
+    x, y_f, y_b, lam = torch.randn(8, 5, 1, 1, generator=g), torch.randint(0, 3, (8,), generator=g), \
+        torch.randint(0, 3, (8,), generator=g), torch.rand(8, generator=g)
+    whole = _plain_ce_step(_tiny_net(), 1)
+    whole(_Batch(x, y_f, y_b, lam), 0.1)
+    acc = _plain_ce_step(_tiny_net(), 2)
+    before = [p.detach().clone() for p in acc.sgd.params]
+    acc(_Batch(x[:4], y_f[:4], y_b[:4], lam[:4]), 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, acc.sgd.params)), "no step before the group is complete"
+    acc(_Batch(x[4:], y_f[4:], y_b[4:], lam[4:]), 0.1)
+    for a, b in zip(whole.sgd.params, acc.sgd.params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # A partial group (the end of an epoch) is applied by flush() as the mean of what ran.
+    part = _plain_ce_step(_tiny_net(), 3)
+    part(_Batch(x[:4], y_f[:4], y_b[:4], lam[:4]), 0.1)
+    part(_Batch(x[4:], y_f[4:], y_b[4:], lam[4:]), 0.1)
+    part.flush()
+    for a, b in zip(whole.sgd.params, part.sgd.params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_syncs_gradients_once_per_step():
+    step = _plain_ce_step(_tiny_net(), 3)
+    calls = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        calls.append("no_sync")
+        yield
+
+    step.model.no_sync = no_sync  # what DistributedDataParallel offers
+    b = _B(torch.randn(8, 5, 1, 1))
+    for _ in range(6):
+        step(b, 0.1)
+    assert calls == ["no_sync"] * 4, "the first k - 1 backward passes of each group skip the all-reduce"

@@ -243,3 +243,18 @@ def test_eval_report_and_posthoc_shift(tmp_path):
     np.testing.assert_allclose(posthoc_shift(cfg, counts, [2.0]).numpy()[0], 2 * np.log(p_y / pi), rtol=1e-5)
     out = _run_cli("eval", str(run / "checkpoint.pt"), "--posthoc-tau", "0,0.5")
     assert out.returncode == 0 and "post-hoc shift" in out.stdout, out.stderr
+
+
+def test_training_with_gradient_accumulation_resumes_exactly(tmp_path, monkeypatch):
+    """train.accumulate_steps=2 with checkpoints due every 2 batches of epochs of 3: a due checkpoint waits for
+    the SGD step, and a crash + resume ends where a straight run does."""
+    overrides = ["--train.epochs=2", "--train.max_steps_per_epoch=3", "--train.accumulate_steps=2",
+                 "--train.checkpoint_every_steps=2"]
+    train(_smoke(tmp_path / "straight", *overrides))
+    cfg = _smoke(tmp_path / "crashed", *overrides)
+    with monkeypatch.context() as m:
+        _crash_after(4, m)
+        with pytest.raises(_Crash):
+            train(cfg)
+    train(cfg, resume=True)
+    _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "crashed"))

@@ -79,6 +79,8 @@ class TrainConfig:
     compile: bool = False
     # The whole step as CUDA graphs (trainer/step.py); null: on where CUDA is and the run is one process.
     cuda_graphs: bool | None = None
+    accumulate_steps: int = 1  # batches whose gradients are summed per SGD step (DDP: all-reduced once, no_sync)
+    sync_batchnorm: bool = False  # BatchNorm statistics over all ranks (CUDA only: SyncBatchNorm has no CPU kernel)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its step is skipped
     tensorboard: bool = False  # also write loss parts, lr, images/s and evaluations as TensorBoard events
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
@@ -330,6 +332,9 @@ def validate(cfg: RunConfig) -> None:
     need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
     need(t.eval_every_epochs > 0, "train.eval_every_epochs", f"must be positive, got {t.eval_every_epochs}")
     need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
+    need(t.accumulate_steps >= 1, "train.accumulate_steps", f"must be >= 1, got {t.accumulate_steps}")
+    need(not (t.sync_batchnorm and t.device == "cpu"), "train.sync_batchnorm",
+         "needs CUDA: torch's SyncBatchNorm has no CPU kernel")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch",
          "must be positive or null")

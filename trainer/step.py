@@ -195,17 +195,26 @@ class TrainStep:
 
     model: what runs the forward (the DDP wrapper under DDP); sgd: over the raw model's parameters;
     skip_nonfinite: apply a step only when every loss part is finite (decided on the device).
+    accumulate: k > 1 sums the gradients of k batches (each loss scaled by 1/k) before one SGD step; under
+    DDP the first k − 1 backward passes run in `no_sync()`, so gradients are all-reduced once per step. Call
+    `flush()` at the end of an epoch to apply a partial group. (The SMC loss is per batch: accumulation gives
+    k batches of negatives, not one batch of k times the size.)
     """
 
     def __init__(self, model, sgd: SGD, objective: Objective, *, health: Health, skip_nonfinite: bool = False,
-                 cuda_graphs: bool = False, state_modules=()):
+                 cuda_graphs: bool = False, state_modules=(), accumulate: int = 1):
         self.model, self.sgd, self.objective, self.health = model, sgd, objective, health
         self.skip_nonfinite = skip_nonfinite
         device = sgd.params[0].device
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         if cuda_graphs and device.type != "cuda":
             raise ValueError("train.cuda_graphs needs a CUDA device")
+        if cuda_graphs and accumulate > 1:
+            raise ValueError("train.cuda_graphs captures whole steps: it cannot accumulate gradients")
         self.cuda_graphs = cuda_graphs
+        self.accumulate = accumulate
+        self._pending = 0  # batches whose gradients wait for the next SGD step
+        self._ok = torch.ones((), dtype=torch.bool, device=device)  # every part of the pending batches finite
         self._graphs: dict[bool, _CapturedStep] = {}
         self._state_modules = list(state_modules)  # whose buffers (BatchNorm statistics) warm-up must not change
 
@@ -218,8 +227,40 @@ class TrainStep:
         self.sgd.step(self.lr, keep=ok if self.skip_nonfinite else None)
         return parts
 
+    def _accumulating(self, images, y_f, y_b, lam) -> torch.Tensor:
+        if self._pending == 0:
+            self.sgd.zero_grad()
+            self._ok.fill_(True)
+        last = self._pending + 1 == self.accumulate
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            loss, ce, smc = self.objective(self.model, images, y_f, y_b, lam)
+            (loss / self.accumulate).backward()
+        parts = torch.stack([loss.detach(), ce.detach(), smc.detach()])
+        self._ok &= self.health.record(parts)
+        self._pending += 1
+        if last:
+            self.flush()
+        return parts
+
+    @property
+    def pending(self) -> int:
+        """Batches whose gradients wait for the next SGD step (0: the weights are those of a whole step)."""
+        return self._pending
+
+    def flush(self) -> None:
+        """Apply the gradients of a partial accumulation group (nothing pending: nothing to do)."""
+        if self._pending:
+            if self._pending < self.accumulate:  # each loss was scaled by 1/k: make it the mean of what ran
+                grads = [p.grad for p in self.sgd.params if p.grad is not None]
+                torch._foreach_mul_(grads, self.accumulate / self._pending)
+            self.sgd.step(self.lr, keep=self._ok if self.skip_nonfinite else None)
+            self._pending = 0
+
     def __call__(self, batch, lr: float) -> torch.Tensor:
         self.lr.fill_(lr)
+        if self.accumulate > 1:
+            return self._accumulating(batch.images, batch.y_f, batch.y_b, batch.lam)
         if not self.cuda_graphs:
             return self._eager(batch.images, batch.y_f, batch.y_b, batch.lam)
         kind = bool(batch.plan.mixed) if batch.plan is not None else True

@@ -167,7 +167,9 @@ def resolve_cuda_graphs(cfg: RunConfig, device: torch.device, world_size: int) -
     gradient all-reduce and the gathered SMC features would have to be captured too)."""
     wanted = cfg.train.cuda_graphs
     if wanted is None:
-        return device.type == "cuda" and world_size == 1 and not cfg.train.compile
+        return device.type == "cuda" and world_size == 1 and not cfg.train.compile and cfg.train.accumulate_steps == 1
+    if wanted and cfg.train.accumulate_steps > 1:
+        raise ConfigError("key 'train.cuda_graphs': a graph is one whole step; it cannot accumulate gradients")
     if wanted and device.type != "cuda":
         raise ConfigError("key 'train.cuda_graphs': true needs a CUDA device (train.device)")
     if wanted and world_size > 1:
@@ -193,6 +195,10 @@ def build_training(cfg: RunConfig, num_classes: int, counts: np.ndarray, device:
     """The model, SGD, objective and step of a run, as `mixtail train` uses them; `mixtail bench step | train`
     time exactly these. The initial weights come from torch's generator: seed it first."""
     raw_model = build_model(cfg.model, num_classes).to(device)
+    if cfg.train.sync_batchnorm and world_size > 1:
+        if device.type != "cuda":
+            raise ConfigError("key 'train.sync_batchnorm': needs CUDA: torch's SyncBatchNorm has no CPU kernel")
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     if cfg.train.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     net = torch.compile(raw_model) if cfg.train.compile else raw_model
@@ -208,7 +214,8 @@ def build_training(cfg: RunConfig, num_classes: int, counts: np.ndarray, device:
                           impl=cfg.loss.impl, autocast=autocast_for(cfg.train.precision, device))
     health = Health(device)
     step = TrainStep(model, sgd, objective, health=health, skip_nonfinite=cfg.train.on_nonfinite == "skip",
-                     cuda_graphs=resolve_cuda_graphs(cfg, device, world_size), state_modules=[raw_model])
+                     cuda_graphs=resolve_cuda_graphs(cfg, device, world_size), state_modules=[raw_model],
+                     accumulate=cfg.train.accumulate_steps)
     return Training(raw_model, net, sgd, objective, health, step)
 
 
@@ -311,6 +318,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
             print(f"resuming {ckpt_path} at epoch {start_epoch}, batch {start_batch} (step {step})")
 
     results = None
+    checkpoint_due = False
     images_per_step = cfg.data.batch_size * cfg.data.num_views
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
@@ -338,7 +346,12 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
                 bar.set_postfix(loss=f"{float(parts[0]):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
                 t_last, steps_since = now, 0
             if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
+                checkpoint_due = True
+            if checkpoint_due and step_fn.pending == 0:  # never between the batches of one accumulated step
                 checkpoint(epoch, b + 1)
+                checkpoint_due = False
+        step_fn.flush()  # a partial accumulation group at the end of the epoch
+        checkpoint_due = False  # the epoch's own checkpoint follows
         bar.close()
         start_batch = 0
         sums = (epoch_sums / steps_per_epoch).tolist()
