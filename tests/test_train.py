@@ -258,3 +258,17 @@ def test_training_with_gradient_accumulation_resumes_exactly(tmp_path, monkeypat
             train(cfg)
     train(cfg, resume=True)
     _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "crashed"))
+
+
+def test_tensorboard_events_beside_metrics(tmp_path):
+    """train.tensorboard: the loss parts, lr, images/s and each evaluation's groups as TensorBoard scalars."""
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install 'mixtail[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_smoke(tmp_path, "--train.tensorboard=true"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ce", "train/smc", "train/lr", "train/img_per_s", "eval/top1_all",
+            "eval/top1_many", "eval/top1_few"} <= tags, tags
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6]
