@@ -46,7 +46,7 @@ class DataConfig:
     lt_subset: Literal["ldam", "first"] = "ldam"
     backend: Literal["torch", "dali", "ffcv"] = "torch"
     batch_size: int = 128  # global mixed pairs per step; each rank gets batch_size / world_size
-    eval_batch_size: int = 512  # per rank
+    eval_batch_size: int = 2000  # per rank: evaluation in a few large batches (CIFAR: 5 for the 10k test images)
     image_size: int = 32  # side S of the square training and test images
     # SPEC: `instance` weighs each image by n_y^-γ (CMO's code, class-balanced at γ = 1: the default);
     # `class` draws the class with q(k) ∝ n_k^-γ (the paper's Eq. 2 read literally, a reversed long tail).

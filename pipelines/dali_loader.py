@@ -86,6 +86,7 @@ try:
 except ImportError as err:  # build_loader turns this into an install hint
     raise ImportError(f"the DALI backend needs nvidia-dali (pip install 'mixtail[dali]'): {err}") from err
 
+from mixtail.errors import DataError
 from mixtail.pipelines.autoaugment import FILL, NO_OP, OP_ID
 from mixtail.pipelines.base import Batch
 from mixtail.pipelines.datasets import ImageArrays, ImageFiles
@@ -590,8 +591,26 @@ class DaliExecutor:
         if self._pipe is None:
             self._start()
         for _ in range(count):
-            out = next(self._iter)[0]
+            try:
+                out = next(self._iter)[0]
+            except (RuntimeError, StopIteration) as err:
+                raise self._failure(err) from None
             yield self._to_batch(out, self._fed.popleft())
+
+    def _failure(self, err: Exception) -> Exception:
+        """DALI's error for a failed batch names no file ("Failed to decode sample #11"): name the files of the
+        batch it was decoding, drop the pipeline (so nothing waits on it), and say what to do."""
+        plan = self._fed[0] if self._fed else None
+        self.reset()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if plan is None or self.sources.blob is None:
+            return DataError(f"the DALI pipeline failed: {first}")
+        cols = ("bg_index", "fg_index") if plan.train else ("index",)
+        idx = np.unique(np.concatenate([plan[c] for c in cols]).astype(np.int64))
+        paths = [bytes(self.sources(np.array([i]))[0]).decode() for i in idx]
+        shown = ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
+        return DataError(f"DALI failed on epoch {plan.epoch}, batch {plan.batch}, whose images are {shown}: {first} "
+                         f"(a file changed since the run checked it? data.image_check=decode checks every pixel)")
 
     def reset(self) -> None:
         """Drop the pipeline and whatever it prefetched (a later iteration starts a new one)."""

@@ -956,3 +956,28 @@ def test_224_test_protocol_on_real_photos(tmp_path, backend):
         assert err < 6.0, (files[idx].name, err)
         if abs(np.log(w / h)) > 0.3:
             assert np.abs(got[i] - squashed).mean() > 2 * err + 5, files[idx].name
+
+
+def test_decode_error_during_training_names_the_files_and_does_not_hang(tmp_path):
+    """A file that turns bad after the run checked it (here: overwritten with text) fails the batch with a
+    one-line DataError naming the batch's files, within seconds, and the loader can be closed."""
+    import shutil
+    import time
+
+    from mixtail.errors import DataError
+
+    root = tmp_path / "tree"
+    shutil.copytree(FIXTURES / "images", root)
+    cfg = load_config("smoke_cpu", ["--data.dataset=folder", f"--data.root={root}", "--data.imbalance_ratio=1",
+                                    "--data.batch_size=4", "--data.backend=dali", "--data.num_threads=1",
+                                    "--mix.start_epoch=0", "--mix.mix_prob=1.0"])
+    loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=0, world_size=1,
+                          device=torch.device("cpu"), seed=0, num_epochs=10)
+    for f in sorted(root.glob("train/*/*.jpg")):
+        f.write_text("not a jpeg any more")
+    t0 = time.perf_counter()
+    loader.set_epoch(0)
+    with pytest.raises(DataError, match=r"DALI failed on epoch 0, batch 0, whose images are .*tree/train/class_"):
+        list(loader)
+    assert time.perf_counter() - t0 < 60
+    loader.close()

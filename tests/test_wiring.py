@@ -216,7 +216,7 @@ def check_dataset_folder(d, c):
     changed, loader = first_batch(c, split="test")
     assert demo.classes == DEMO_CLASSES
     assert loader.classes == ["class_a", "class_b", "class_c"] and len(changed.y_f) == 6
-    assert len(default.y_f) == 512
+    assert len(default.y_f) == 1000  # the demo's whole test set in one batch of eval_batch_size 2000
 
 
 def check_dataset_converted(d, c):
@@ -233,7 +233,7 @@ def check_dataset_converted(d, c):
     default, demo = first_batch(d, split="test")
     assert demo.classes == DEMO_CLASSES
     assert loader.classes == ["class_a", "class_b", "class_c"] and len(changed.y_f) == 6
-    assert len(default.y_f) == 512
+    assert len(default.y_f) == 1000  # the demo's whole test set in one batch of eval_batch_size 2000
 
 
 def check_imbalance_ratio(d, c):
@@ -286,7 +286,7 @@ def check_batch_size(d, c):
 
 
 def check_eval_batch_size(d, c):
-    for cfg, sizes in ((d, [512, 488]), (c, [100] * 10)):
+    for cfg, sizes in ((d, [1000]), (c, [100] * 10)):
         loader = make_loader(cfg, "test")
         assert [len(b.y_f) for b in loader] == sizes
         loader.close()
