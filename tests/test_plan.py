@@ -247,3 +247,11 @@ def test_staged_plans_land_on_the_executor_device():
     staged = next(iter(loader))
     assert isinstance(staged.table, torch.Tensor) and staged["lam"].dtype == torch.float32
     assert np.array_equal(staged["bg_index"].numpy(), staged.host["bg_index"])
+
+
+def test_every_plan_of_a_run_has_one_static_shape():
+    """A CUDA graph replays fixed shapes: mixed and unmixed plans, every epoch, share the table's shape."""
+    p = planner(mix=MixConfig(mix_prob=0.5), aug=AugConfig(policy="cmo_randaug"), num_epochs=12)
+    shapes = {(p.plan(e, b).table.shape, p.plan(e, b).table.dtype) for e in (0, 5, 6, 11) for b in range(len(p))}
+    kinds = {p.plan(e, b).mixed for e in (0, 5, 6, 11) for b in range(len(p))}
+    assert len(shapes) == 1 and kinds == {True, False}

@@ -314,3 +314,19 @@ def test_accumulation_syncs_gradients_once_per_step():
     for _ in range(6):
         step(b, 0.1)
     assert calls == ["no_sync"] * 4, "the first k - 1 backward passes of each group skip the all-reduce"
+
+
+def test_cuda_graph_switch_on_the_cpu():
+    from mixtail.errors import ConfigError
+    from mixtail.trainer.train import resolve_cuda_graphs
+
+    cpu = torch.device("cpu")
+    assert resolve_cuda_graphs(load_config("smoke_cpu"), cpu, 1) is False  # null: on only where CUDA is
+    assert resolve_cuda_graphs(load_config("smoke_cpu", ["--train.cuda_graphs=false"]), cpu, 1) is False
+    with pytest.raises(ConfigError, match="train.cuda_graphs"):
+        resolve_cuda_graphs(load_config("smoke_cpu", ["--train.cuda_graphs=true"]), cpu, 1)
+    if CUDA:
+        cuda = torch.device("cuda")
+        assert resolve_cuda_graphs(load_config("smoke_cpu"), cuda, 1) is True
+        assert resolve_cuda_graphs(load_config("smoke_cpu"), cuda, 2) is False  # DDP runs eagerly
+        assert resolve_cuda_graphs(load_config("smoke_cpu", ["--train.accumulate_steps=2"]), cuda, 1) is False
