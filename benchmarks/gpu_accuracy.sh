@@ -30,18 +30,7 @@ root=$(pwd)
 export PYTHONUNBUFFERED=1
 left() { echo $(( deadline - $(date +%s) )); }
 
-# Import mixtail from this checkout: as it is if python3 already does, else an editable install, else symlinks.
-rundir=$root
-if python3 -c "import sys, mixtail.pipelines as p; sys.exit(p.__file__.startswith('$root/') is False)" 2>/dev/null; then
-  :
-elif ! python3 -m pip install --no-deps --no-build-isolation -e . -q >"$out/pip.log" 2>&1; then
-  rundir=$(mktemp -d)
-  mkdir "$rundir/mixtail"
-  for f in "$root"/mixtail/*.py; do ln -s "$f" "$rundir/mixtail/"; done
-  for d in pipelines kernels trainer benchmarks configs; do ln -s "$root/$d" "$rundir/mixtail/$d"; done
-  export PYTHONPATH="$rundir${PYTHONPATH:+:$PYTHONPATH}"
-fi
-cd "$rundir"
+source "$root/benchmarks/import_checkout.sh"  # python3 imports mixtail from this checkout
 
 data=$(mktemp -d)
 tar xzf "$cifar_tar" -C "$data"

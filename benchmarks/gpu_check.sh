@@ -52,20 +52,7 @@ step() {  # step NAME CAP_S CMD...: run CMD for at most min(CAP_S, time left), l
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$t" >>"$out/steps.tsv"
 }
 
-# Import mixtail from this checkout: as it is if python3 already does, else an editable install, else symlinks
-# outside the root (the root's own mixtail/ would shadow them).
-rundir=$root
-if python3 -c "import sys, mixtail.pipelines as p; sys.exit(p.__file__.startswith('$root/') is False)" 2>/dev/null; then
-  :
-elif ! python3 -m pip install --no-deps --no-build-isolation -e . -q >"$out/pip.log" 2>&1; then
-  echo "editable install failed (see pip.log): importing through symlinks"
-  rundir=$(mktemp -d)
-  mkdir "$rundir/mixtail"
-  for f in "$root"/mixtail/*.py; do ln -s "$f" "$rundir/mixtail/"; done
-  for d in pipelines kernels trainer benchmarks configs; do ln -s "$root/$d" "$rundir/mixtail/$d"; done
-  export PYTHONPATH="$rundir${PYTHONPATH:+:$PYTHONPATH}"
-fi
-cd "$rundir"
+source "$root/benchmarks/import_checkout.sh"  # python3 imports mixtail from this checkout
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   echo "cpus $(nproc)"
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', \
