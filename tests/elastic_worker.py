@@ -32,6 +32,9 @@ def main() -> None:
 
         def die_after(_batch) -> None:
             if asked["n"] == steps_done:
+                # The marker says which worker died: torchrun may report another rank's exit first.
+                print(f"elastic_worker: rank {kill_rank} sends itself SIGKILL after step {steps_done}",
+                      file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             asked["n"] += 1
 

@@ -66,8 +66,12 @@ def test_killed_worker_is_restarted_and_the_run_ends_with_the_same_weights(strai
     out = tmp_path / f"killed_rank{kill_rank}"
     res = torchrun(out, max_restarts=1, env={"MIXTAIL_TEST_KILL_RANK": str(kill_rank),
                                              "MIXTAIL_TEST_KILL_AT_STEP": str(KILL_AT_STEP)})
-    # torchrun saw the worker die (SIGKILL: exit code -9) and started the group a second time.
-    assert re.search(rf"failed \(exitcode: -9\) local_rank: {kill_rank}", res.stderr), res.stderr[-3000:]
+    # The chosen worker died by SIGKILL, torchrun saw the group fail and started it a second time. Which
+    # failure torchrun reports is a race: when rank 1 dies, rank 0 can hit "Connection reset by peer" first,
+    # write its error file and be reported as the root cause with SIGTERM's -15 (seen in CI, 2026-12-02),
+    # so the test asks only that some worker's failure was reported.
+    assert f"rank {kill_rank} sends itself SIGKILL after step {KILL_AT_STEP}" in res.stderr, res.stderr[-3000:]
+    assert re.search(r"failed \(exitcode: -?\d+\) local_rank: [01]", res.stderr), res.stderr[-3000:]
     assert res.stdout.count("world size 2") == 2, res.stdout[-3000:]
     resumed = re.findall(r"resuming .*checkpoint\.pt at epoch (\d+), batch (\d+) \(step (\d+)\)", res.stdout)
     assert len(resumed) == 1, res.stdout[-3000:]
