@@ -102,9 +102,9 @@ def paste(fg: torch.Tensor, bg: torch.Tensor, box: torch.Tensor, mix_op: str = "
 
 def _pixel_windows(rel: torch.Tensor, valid_hw: torch.Tensor | None, canvas_hw: tuple[int, int]) -> torch.Tensor:
     """Relative (top, left, height, width) windows -> pixels of each image's valid region on its canvas."""
-    if valid_hw is None:
+    if valid_hw is None:  # scalars, not a tensor made on the host: a CUDA graph can hold this (PlanRender)
         h, w = canvas_hw
-        return rel * rel.new_tensor([h, w, h, w])
+        return torch.stack([rel[:, 0] * h, rel[:, 1] * w, rel[:, 2] * h, rel[:, 3] * w], dim=1)
     hw = valid_hw.to(rel.dtype)
     return rel * torch.cat([hw, hw], dim=1)
 
@@ -146,7 +146,8 @@ def whole_image(images: torch.Tensor, out_size: int, valid_hw: torch.Tensor | No
     """Each image's valid region resampled to out_size × out_size (after_mix mixes images at the canvas size)."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     n = x.shape[0]
-    rel = x.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(n, 4)
+    # The whole valid region, (0, 0, 1, 1), filled on the device: no tensor from host data (PlanRender).
+    rel = torch.cat([torch.zeros(n, 2, device=x.device), torch.ones(n, 2, device=x.device)], dim=1)
     crop = _pixel_windows(rel, valid_hw, (x.shape[2], x.shape[3]))
     if valid_hw is None and x.shape[2] == x.shape[3] == out_size:
         return x

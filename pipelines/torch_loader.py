@@ -6,20 +6,27 @@ on the device, by the same reference ops (mixing.render_views) every other backe
 worker processes and no per-image Python. Photos of varied sizes sit on a fixed canvas with their valid
 size (datasets.ImageArrays.sizes), so crop windows keep each photo's own aspect ratio.
 
+A training batch is handed out as a `PlanRender` (pipelines/base.py): a function of the plan's device table
+alone, which a CUDA-graphed step captures together with the forward, backward and SGD (trainer/step.py), so
+the gather, augmentation, paste and normalization launch nothing outside the graph. AutoAugment plans are
+the exception: which images take which op is read from the host plan (pipelines/autoaugment.py), so those
+batches are made eagerly, before the step.
+
     python -m mixtail.pipelines.torch_loader            # time the demo set on this machine's device
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from mixtail.pipelines.base import Batch, normalize_views
+from mixtail.pipelines.base import Batch, BatchTensors, PlanRender, normalize_views
 from mixtail.pipelines.datasets import ImageArrays
 from mixtail.pipelines.mixing import render_test_view, render_views
-from mixtail.pipelines.plan import DevicePlan
+from mixtail.pipelines.plan import BatchPlan, DevicePlan
 
 
 class TorchExecutor:
@@ -32,7 +39,10 @@ class TorchExecutor:
             raise ValueError(f"the torch backend needs RGB images, got (N, H, W, C) = {dataset.images.shape}")
         self.device = torch.device(device)
         self.image_size = image_size
-        self.mean, self.std, self.channels_last = mean, std, channels_last
+        # On the device once: normalizing then builds no tensor from host data (PlanRender's rule).
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.channels_last = channels_last
         self.train, self.mix_op, self.aug_order, self.num_views = train, mix_op, aug_order, num_views
         # (N, 3, H, W) uint8 on the device: 50k CIFAR images are 150 MB.
         self.images = torch.from_numpy(dataset.images).to(self.device).permute(0, 3, 1, 2).contiguous()
@@ -56,6 +66,15 @@ class TorchExecutor:
         return self._train_batch(plan) if self.train else self._test_batch(plan)
 
     def _train_batch(self, plan: DevicePlan) -> Batch:
+        make = functools.partial(self._train_tensors, plan.host)
+        if any(name.endswith(".aa_op") for name in plan.layout.offsets):  # host-chosen rows: not capturable
+            return Batch(*make(plan.table), plan=plan.host)
+        return Batch(plan=plan.host, render=PlanRender((plan.mixed, plan.colour), plan.table, make))
+
+    def _train_tensors(self, host: BatchPlan, table: torch.Tensor) -> BatchTensors:
+        """The batch of the plan whose host side is `host` and whose device table is `table` (any plan with
+        the same render key: a replayed graph passes the static copy of a later plan's table)."""
+        plan = DevicePlan(host, table)
         bg_idx = plan["bg_index"].long()
         fg_idx = plan["fg_index"].long() if plan.mixed else None
         views = render_views(self.images[fg_idx] if plan.mixed else None, self.images[bg_idx], plan,
@@ -63,7 +82,7 @@ class TorchExecutor:
                              num_views=self.num_views, fg_hw=self._hw(fg_idx) if plan.mixed else None,
                              bg_hw=self._hw(bg_idx))
         images = normalize_views(views, self.mean, self.std, self.channels_last)
-        return Batch(images, plan["y_f"].long(), plan["y_b"].long(), plan["lam"].float(), plan=plan.host)
+        return images, plan["y_f"].long(), plan["y_b"].long(), plan["lam"].float()
 
     def _test_batch(self, plan: DevicePlan) -> Batch:
         idx = plan["index"].long()

@@ -183,7 +183,8 @@ def test_unmixed_batches_draw_no_foreground(monkeypatch):
     ld = loader(DS, mix=MixConfig(mix_prob=0.5), batch_size=8)
     ld.set_epoch(2)
     kinds = set()
-    for b in ld:  # lazily: each batch's rendering is recorded before the next one is built
+    for b in ld:  # a training batch is rendered when its tensors are first read (PlanRender)
+        b.tensors()
         names, rendered[:] = list(rendered), []
         kinds.add(b.plan.mixed)
         if b.plan.mixed:

@@ -11,12 +11,16 @@ foreach ops and a 0-dim lr tensor: the same code runs eagerly and inside a graph
 schedule is a `fill_` of that tensor, never a Python float baked into a capture. tests/test_step.py checks a
 step against torch.optim.SGD and an independent recomputation of the loss.
 
-CUDA graphs (train.cuda_graphs): the launch-bound CIFAR step (ResNet-32 at 256 images: 8.7k img/s eager vs
-27.9k under graphs on an H100, ../shared/ENV.md) is captured once per batch kind (mixed or unmixed, the
-only shape-changing choice a plan makes), after warm-up iterations whose effects on the weights, the
-momentum and the BatchNorm statistics are undone, so a graphed run follows the eager run's trajectory.
-Each step copies the batch into the static inputs and replays. Graph capture needs CUDA; on the CPU the
-eager path runs, and tests check both paths on a GPU.
+CUDA graphs (train.cuda_graphs): the CIFAR step is launch-bound (ResNet-32 at 256 images ran at 8.7k img/s
+eager and 27.9k under graphs on an H100, as issue 8 quotes), so it is captured once per batch kind, after
+warm-up iterations whose effects on the weights, the momentum and the BatchNorm statistics are undone, so a
+graphed run follows the eager run's trajectory. A batch that carries a `PlanRender` (the torch executor's)
+is captured together with the loader's on-device work: the graph's one input is the plan's table, and the
+gather, augmentation, paste and normalization replay inside it; its kind is the render's key. Other batches
+(DALI, FFCV, AutoAugment plans) are captured from their finished tensors, one graph per mixed or unmixed
+batch. Each step copies its input into the static buffers and replays. Graph capture needs CUDA: on the
+CPU, tests run the same static-buffer path through `StaticReplay`, which replays the captured function
+without a graph, and tests on a GPU check the graph itself.
 """
 
 from __future__ import annotations
@@ -202,20 +206,22 @@ class TrainStep:
     """
 
     def __init__(self, model, sgd: SGD, objective: Objective, *, health: Health, skip_nonfinite: bool = False,
-                 cuda_graphs: bool = False, state_modules=(), accumulate: int = 1):
+                 cuda_graphs: bool = False, state_modules=(), accumulate: int = 1, capture=None):
+        capture = capture or CapturedStep
         self.model, self.sgd, self.objective, self.health = model, sgd, objective, health
         self.skip_nonfinite = skip_nonfinite
         device = sgd.params[0].device
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
-        if cuda_graphs and device.type != "cuda":
+        if cuda_graphs and device.type != "cuda" and capture is CapturedStep:
             raise ValueError("train.cuda_graphs needs a CUDA device")
         if cuda_graphs and accumulate > 1:
             raise ValueError("train.cuda_graphs captures whole steps: it cannot accumulate gradients")
         self.cuda_graphs = cuda_graphs
+        self._capture = capture if cuda_graphs else None  # CapturedStep, or StaticReplay in CPU tests
         self.accumulate = accumulate
         self._pending = 0  # batches whose gradients wait for the next SGD step
         self._ok = torch.ones((), dtype=torch.bool, device=device)  # every part of the pending batches finite
-        self._graphs: dict[bool, _CapturedStep] = {}
+        self._graphs: dict[tuple, CapturedStep] = {}
         self._state_modules = list(state_modules)  # whose buffers (BatchNorm statistics) warm-up must not change
 
     def _eager(self, images, y_f, y_b, lam) -> torch.Tensor:
@@ -261,34 +267,40 @@ class TrainStep:
         self.lr.fill_(lr)
         if self.accumulate > 1:
             return self._accumulating(batch.images, batch.y_f, batch.y_b, batch.lam)
-        if not self.cuda_graphs:
+        if self._capture is None:
             return self._eager(batch.images, batch.y_f, batch.y_b, batch.lam)
-        kind = bool(batch.plan.mixed) if batch.plan is not None else True
+        render = getattr(batch, "render", None)
+        if render is not None:  # the loader's work joins the graph: its one input is the plan table
+            kind = ("render", *render.key)
+            if kind not in self._graphs:
+                self._graphs[kind] = self._capture(self, [render.table], lambda table: self._eager(*render.fn(table)))
+            return self._graphs[kind].run([render.table])
+        kind = ("tensors", bool(batch.plan.mixed) if batch.plan is not None else True)
+        tensors = [batch.images, batch.y_f, batch.y_b, batch.lam]
         if kind not in self._graphs:
-            self._graphs[kind] = _CapturedStep(self, batch)
-        return self._graphs[kind].run(batch)
+            self._graphs[kind] = self._capture(self, tensors, self._eager)
+        return self._graphs[kind].run(tensors)
 
 
-class _CapturedStep:
-    """One CUDA graph of TrainStep._eager on static input buffers shaped like `example`."""
+class CapturedStep:
+    """One CUDA graph of `body(*inputs)` (a whole step, TrainStep._eager after any loader work) on static
+    input buffers shaped like `example`; `run(inputs)` copies them in and replays."""
 
-    def __init__(self, step: TrainStep, example, warmup: int = 3):
+    def __init__(self, step: TrainStep, example: list[torch.Tensor], body, warmup: int = 3):
         self.step = step
-        self.inputs = [t.detach().clone() for t in (example.images, example.y_f, example.y_b, example.lam)]
-        self.inputs[0] = self.inputs[0].contiguous(memory_format=torch.channels_last) \
-            if example.images.is_contiguous(memory_format=torch.channels_last) else self.inputs[0]
+        self.inputs = [t.detach().clone(memory_format=torch.preserve_format) for t in example]
         snapshot = self._snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):  # allocations, cuDNN/Triton autotuning, lazy state: outside the capture
-                step._eager(*self.inputs)
+                body(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self._restore(snapshot)
         step.sgd.zero_grad()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.parts = step._eager(*self.inputs)
+            self.parts = body(*self.inputs)
 
     def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         tensors = list(self.step.sgd.params) + list(self.step.sgd.buffers)
@@ -304,8 +316,23 @@ class _CapturedStep:
         for t, saved in snapshot:
             t.copy_(saved)  # in place: the graph keeps pointing at these tensors
 
-    def run(self, batch) -> torch.Tensor:
-        for dst, src in zip(self.inputs, (batch.images, batch.y_f, batch.y_b, batch.lam)):
+    def run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        for dst, src in zip(self.inputs, inputs):
             dst.copy_(src, non_blocking=True)
         self.graph.replay()
         return self.parts.clone()
+
+
+class StaticReplay:
+    """CapturedStep's contract without a graph, for the CPU: static input buffers, copied into on every
+    run, and the same body replayed on them. What it checks is the graph path's plumbing (one table in,
+    the body rebuilt only from the static buffers, a body per kind); the capture itself needs CUDA."""
+
+    def __init__(self, step: TrainStep, example: list[torch.Tensor], body, warmup: int = 0):
+        self.inputs = [t.detach().clone(memory_format=torch.preserve_format) for t in example]
+        self.body = body
+
+    def run(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        for dst, src in zip(self.inputs, inputs):
+            dst.copy_(src)
+        return self.body(*self.inputs).clone()
