@@ -9,11 +9,14 @@
 #   train_200ep     240  mixtail train configs/cifar10_lt_r100.yaml on the tree, 200 epochs, evaluation included
 #                        (targets: <= 180 s wall from launch to the final table; per epoch >= 3x the classic loop)
 #   step_r50         75  mixtail bench step, ResNet-50 at 224 px, eager and CUDA graphs
+#   train_r50_dali   90  mixtail bench train, ResNet-50 at 224 px on real photos, DALI loader + step against the
+#                        step alone (target: of_step >= 0.9); needs PHOTOS (below) and DALI, else skipped
 #   bench_kernel     60  mixtail bench loss (the fused SMC loss against the eager reference)
 # then gpu_check_<gpu>_<yyyymmdd>.json (every step's exit status, wall time and cap, and the targets, PASS or
 # FAIL) and gpu_check_results.tar.gz (all logs and JSON, no checkpoints: one file to bring back).
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR CIFAR10_JPEG_TAR [DEADLINE_S]
+#     PHOTOS=.gpu-data/photos bash benchmarks/gpu_check.sh ...      # with the ResNet-50 DALI row
 #     TINY=1 bash benchmarks/gpu_check.sh OUT_DIR TINY_JPEG_TAR 300     # the CPU test (tests/test_bench_step.py)
 #
 # Run from the repository root with python3, torch, torchvision, triton, pytest, pyyaml, tqdm and matplotlib
@@ -21,6 +24,9 @@
 # left of DEADLINE_S, default 540 s); a step that runs out is killed and the ones that finished keep their
 # logs and JSON in OUT_DIR. TINY=1 shrinks every step (ResNet-8, batches of 8, 2 epochs of 2 steps) and skips
 # the GPU tests, so the whole script runs on a CPU in a few minutes.
+# PHOTOS: a folder of JPEG photos (../shared/data/photos: 334 ImageNet photos, 35 MB), dealt round-robin into 8
+# class folders for the ResNet-50 row (all of them: data.imbalance_ratio=1, a throughput row). The GPU machine has no DALI: ../shared/gpu/stage-dali-wheels.sh stages it
+# in 5 folders carried in back-to-back calls; run this script in the call that runs .dali-w5/install-dali.sh.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR CIFAR10_JPEG_TAR [DEADLINE_S]}
 cifar_tar=${2:?CIFAR-10 JPEG tarball (../shared/data/cifar10/cifar10-jpeg.tar.gz)}
@@ -35,12 +41,15 @@ unset TRITON_INTERPRET  # a GPU runs the compiled kernels; bench_kernel sets it 
 
 left() { echo $(( deadline - $(date +%s) )); }
 : >"$out/steps.tsv"
+skipped() {  # skipped NAME CAP_S REASON: a step that cannot run here, recorded with its reason
+  echo "== $1: skipped, $3" | tee "$out/$1.log"
+  printf '%s\tskipped\t0\t%s\n' "$1" "$2" >>"$out/steps.tsv"
+}
 step() {  # step NAME CAP_S CMD...: run CMD for at most min(CAP_S, time left), log to OUT/NAME.log
   local name=$1 cap=$2; shift 2
   local t; t=$(( $(left) < cap ? $(left) : cap ))
   if [ "$t" -lt 10 ]; then
-    echo "== $name: skipped, deadline reached" | tee "$out/$name.log"
-    printf '%s\tskipped\t0\t%s\n' "$name" "$cap" >>"$out/steps.tsv"
+    skipped "$name" "$cap" "deadline reached"
     return
   fi
   echo "== $name (up to ${t}s)"
@@ -50,6 +59,18 @@ step() {  # step NAME CAP_S CMD...: run CMD for at most min(CAP_S, time left), l
   tail -n 25 "$out/$name.log"
   echo "== $name: exit $rc after $(( $(date +%s) - start ))s"
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$t" >>"$out/steps.tsv"
+}
+
+photos_tree() {  # photos_tree SRC DST K: SRC's JPEGs (any depth) linked round-robin into DST/{train,test}/cK
+  local i=0 f
+  while IFS= read -r f; do
+    for split in train test; do
+      mkdir -p "$2/$split/c$(( i % $3 ))"
+      ln -s "$f" "$2/$split/c$(( i % $3 ))/$(basename "$f")"
+    done
+    i=$(( i + 1 ))
+  done < <(find "$(cd "$1" && pwd)" -type f \( -iname '*.jpg' -o -iname '*.jpeg' \) | sort)
+  echo "photos: $i files from $1 in $3 classes"
 }
 
 source "$root/benchmarks/import_checkout.sh"  # python3 imports mixtail from this checkout
@@ -89,6 +110,15 @@ step train_200ep 240 python3 -m mixtail train cifar10_lt_r100 "${tree[@]}" "${sm
   "--train.out_dir=$out/train_200ep" --overwrite
 step step_r50 75 python3 -m mixtail bench step --config imagenet_lt_rn50 --modes eager graphs "${r50[@]}" \
   "${timing[@]}" --out "$out/step_r50"
+if [ -z "${PHOTOS:-}" ]; then
+  skipped train_r50_dali 90 "PHOTOS is not set"
+elif ! python3 -c "import nvidia.dali" 2>/dev/null; then
+  skipped train_r50_dali 90 "NVIDIA DALI is not installed (../shared/gpu/stage-dali-wheels.sh)"
+else
+  photos_tree "$PHOTOS" "$data/photos" 8
+  step train_r50_dali 90 python3 -m mixtail bench train --config imagenet_lt_rn50 --data.dataset=folder \
+    "--data.root=$data/photos" --data.imbalance_ratio=1 --backend dali "${r50[@]}" "${timing[@]}" --out "$out/train_r50_dali"
+fi
 step bench_kernel 60 python3 -m mixtail bench loss "${kernel[@]}" --out "$out/kernel"
 rm -rf "$data"
 
@@ -118,6 +148,9 @@ classic = [r["epoch_s"] for r in train_rows if r["backend"] == "classic"]
 torch_row = next((r for r in train_rows if r["backend"] == "torch"), None)
 if torch_row:
     targets["torch_loader_of_step"] = {"value": torch_row["of_step"], "target": "1.0 = loader hidden", "pass": None}
+dali_row = next((r for r in rows_of("train_r50_dali") if r["backend"] == "dali"), None)
+if dali_row:
+    targets["r50_dali_of_step"] = {"value": dali_row["of_step"], "target": ">= 0.9", "pass": dali_row["of_step"] >= 0.9}
 run = out / "train_200ep"
 epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
 epochs = [e for e in epochs if "loss" in e]

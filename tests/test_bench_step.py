@@ -268,15 +268,24 @@ def _tiny_jpeg_tar(tmp_path: Path) -> Path:
 def test_gpu_check_script_tiny_on_cpu(tmp_path):
     tar = _tiny_jpeg_tar(tmp_path)
     out = tmp_path / "out"
+    photos = tmp_path / "photos"  # JPEGs of varied sizes, flat, as ../shared/data/photos holds them
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        h, w = rng.integers(70, 150, 2)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"n{i:08d}_photo.JPEG")
     env = {**os.environ, "TINY": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "PHOTOS": str(photos)}
     res = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), str(tar), "600"], cwd=REPO,
                          capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     steps = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "steps.tsv").read_text().splitlines()}
     logs = {name: (out / f"{name}.log").read_text()[-1500:] for name in steps}
     assert steps == {name: "0" for name in ("step_r32", "step_r32_compile", "train_classic", "train_200ep",
-                                             "step_r50", "bench_kernel")}, (steps, logs)
+                                             "step_r50", "train_r50_dali", "bench_kernel")}, (steps, logs)
+    assert "photos: 24 files" in res.stdout
+    dali = [r for r in _record(out / "train_r50_dali", "train")["rows"] if r["backend"] == "dali"]
+    assert len(dali) == 1 and dali[0]["arch"] == "resnet50" and dali[0]["of_step"] > 0
     assert [r["mode"] for r in _record(out / "step_r32", "step")["rows"]] == ["eager"]
     assert set(_record(out / "step_r32_compile", "step")["config"]["skipped"]) == {"compile"}
     assert _record(out / "step_r50", "step")["rows"][0]["arch"] == "resnet50"
@@ -288,6 +297,7 @@ def test_gpu_check_script_tiny_on_cpu(tmp_path):
     targets = summary["config"]["targets"]
     assert targets["train_200ep_wall_s"]["epochs_done"] == 2 and targets["train_200ep_wall_s"]["pass"] is False
     assert "epoch_speedup_vs_classic" in targets
+    assert targets["r50_dali_of_step"]["value"] == dali[0]["of_step"]
     with tarfile.open(out / "gpu_check_results.tar.gz") as t:
         names = t.getnames()
     assert any(n.endswith("train_200ep.log") for n in names) and not any(n.endswith(".pt") for n in names)
