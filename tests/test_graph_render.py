@@ -203,6 +203,15 @@ def test_graph_path_follows_the_eager_step_and_makes_the_batch_only_inside_it():
     assert set(graphed.step._graphs) == keys  # one body per render key, built once
 
 
+def test_graph_loader_false_makes_batches_before_the_graphed_step():
+    cfg = load_config("smoke_cpu", ["--train.precision=fp32"])
+    eager, eager_losses, _, _ = _run(cfg, replay=False, steps=6)
+    off = load_config("smoke_cpu", ["--train.precision=fp32", "--train.graph_loader=false"])
+    graphed, graphed_losses, untouched, _ = _run(off, replay=True, steps=6)
+    assert torch.equal(eager_losses, graphed_losses)
+    assert not any(untouched) and all(k[0] == "tensors" for k in graphed.step._graphs)
+
+
 def test_batches_without_a_render_take_the_tensor_graph():
     cfg = load_config("smoke_cpu", ["--train.precision=fp32"])
     torch.manual_seed(0)

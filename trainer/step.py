@@ -206,7 +206,8 @@ class TrainStep:
     """
 
     def __init__(self, model, sgd: SGD, objective: Objective, *, health: Health, skip_nonfinite: bool = False,
-                 cuda_graphs: bool = False, state_modules=(), accumulate: int = 1, capture=None):
+                 cuda_graphs: bool = False, state_modules=(), accumulate: int = 1, capture=None,
+                 graph_loader: bool = True):
         capture = capture or CapturedStep
         self.model, self.sgd, self.objective, self.health = model, sgd, objective, health
         self.skip_nonfinite = skip_nonfinite
@@ -218,6 +219,7 @@ class TrainStep:
             raise ValueError("train.cuda_graphs captures whole steps: it cannot accumulate gradients")
         self.cuda_graphs = cuda_graphs
         self._capture = capture if cuda_graphs else None  # CapturedStep, or StaticReplay in CPU tests
+        self.graph_loader = graph_loader  # capture a batch's PlanRender with the step (train.graph_loader)
         self.accumulate = accumulate
         self._pending = 0  # batches whose gradients wait for the next SGD step
         self._ok = torch.ones((), dtype=torch.bool, device=device)  # every part of the pending batches finite
@@ -269,7 +271,7 @@ class TrainStep:
             return self._accumulating(batch.images, batch.y_f, batch.y_b, batch.lam)
         if self._capture is None:
             return self._eager(batch.images, batch.y_f, batch.y_b, batch.lam)
-        render = getattr(batch, "render", None)
+        render = getattr(batch, "render", None) if self.graph_loader else None
         if render is not None:  # the loader's work joins the graph: its one input is the plan table
             kind = ("render", *render.key)
             if kind not in self._graphs:

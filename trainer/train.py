@@ -130,8 +130,9 @@ class RunLog:
 RESUME_FREE_KEYS = {
     ("train", "out_dir"), ("train", "eval_every_epochs"), ("train", "log_every_steps"),
     ("train", "checkpoint_every_steps"), ("train", "keep_checkpoints"), ("train", "tensorboard"),
-    ("train", "epochs"), ("train", "cuda_graphs"), ("data", "root"), ("data", "train_list"),
-    ("data", "test_list"), ("data", "download"), ("data", "num_threads"), ("data", "eval_batch_size"),
+    ("train", "epochs"), ("train", "cuda_graphs"), ("train", "graph_loader"), ("data", "root"),
+    ("data", "train_list"), ("data", "test_list"), ("data", "download"), ("data", "num_threads"),
+    ("data", "eval_batch_size"),
 }
 
 
@@ -215,7 +216,7 @@ def build_training(cfg: RunConfig, num_classes: int, counts: np.ndarray, device:
     health = Health(device)
     step = TrainStep(model, sgd, objective, health=health, skip_nonfinite=cfg.train.on_nonfinite == "skip",
                      cuda_graphs=resolve_cuda_graphs(cfg, device, world_size), state_modules=[raw_model],
-                     accumulate=cfg.train.accumulate_steps)
+                     accumulate=cfg.train.accumulate_steps, graph_loader=cfg.train.graph_loader)
     return Training(raw_model, net, sgd, objective, health, step)
 
 
