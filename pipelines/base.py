@@ -14,6 +14,7 @@ machine.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -71,8 +72,6 @@ class Batch:
 
     def __deepcopy__(self, memo) -> "Batch":
         """A copy holds the batch's tensors (made now), not the executor its render would bring along."""
-        import copy
-
         return Batch(*(copy.deepcopy(t, memo) for t in self.tensors()), plan=copy.deepcopy(self.plan, memo))
 
     images = property(lambda self: self.tensors()[0])
@@ -85,11 +84,6 @@ class Batch:
         return self.images.shape[0] // self.y_f.shape[0]
 
     def soft_targets(self, num_classes: int) -> torch.Tensor:
-        """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b), repeated for every view: (V·B, num_classes)."""
-        return soft_targets(self.y_f, self.y_b, self.lam, num_classes).repeat(self.num_views, 1)
-
-
-def soft_targets(self, num_classes: int) -> torch.Tensor:
         """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b), repeated for every view: (V·B, num_classes)."""
         return soft_targets(self.y_f, self.y_b, self.lam, num_classes).repeat(self.num_views, 1)
 

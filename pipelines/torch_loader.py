@@ -8,9 +8,9 @@ size (datasets.ImageArrays.sizes), so crop windows keep each photo's own aspect 
 
 A training batch is handed out as a `PlanRender` (pipelines/base.py): a function of the plan's device table
 alone, which a CUDA-graphed step captures together with the forward, backward and SGD (trainer/step.py), so
-the gather, augmentation, paste and normalization launch nothing outside the graph. AutoAugment plans are
-the exception: which images take which op is read from the host plan (pipelines/autoaugment.py), so those
-batches are made eagerly, before the step.
+the gather, augmentation, paste and normalization launch nothing outside the graph. AutoAugment and
+cmo_randaug plans are the exception: which images take which op is read from the host plan
+(pipelines/autoaugment.py), so those batches are made eagerly, before the step.
 
     python -m mixtail.pipelines.torch_loader            # time the demo set on this machine's device
 """

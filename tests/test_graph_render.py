@@ -224,7 +224,7 @@ def test_batches_without_a_render_take_the_tensor_graph():
     assert set(tr.step._graphs) == {("tensors", True)}
 
 
-def test_graphs_need_cuda_without_a_test_replay():
+def test_graphs_need_cuda_on_a_real_step():
     cfg = load_config("smoke_cpu")
     tr = build_training(cfg, CLASSES, np.ones(CLASSES, np.int64), CPU)
     with pytest.raises(ValueError, match="needs a CUDA device"):

@@ -12,7 +12,7 @@ schedule is a `fill_` of that tensor, never a Python float baked into a capture.
 step against torch.optim.SGD and an independent recomputation of the loss.
 
 CUDA graphs (train.cuda_graphs): the CIFAR step is launch-bound (ResNet-32 at 256 images ran at 8.7k img/s
-eager and 27.9k under graphs on an H100, as issue 8 quotes), so it is captured once per batch kind, after
+eager and 27.9k under graphs on an H100, issue 8), so it is captured once per batch kind, after
 warm-up iterations whose effects on the weights, the momentum and the BatchNorm statistics are undone, so a
 graphed run follows the eager run's trajectory. A batch that carries a `PlanRender` (the torch executor's)
 is captured together with the loader's on-device work: the graph's one input is the plan's table, and the
@@ -206,19 +206,17 @@ class TrainStep:
     """
 
     def __init__(self, model, sgd: SGD, objective: Objective, *, health: Health, skip_nonfinite: bool = False,
-                 cuda_graphs: bool = False, state_modules=(), accumulate: int = 1, capture=None,
-                 graph_loader: bool = True):
-        capture = capture or CapturedStep
+                 cuda_graphs: bool = False, state_modules=(), accumulate: int = 1, graph_loader: bool = True):
         self.model, self.sgd, self.objective, self.health = model, sgd, objective, health
         self.skip_nonfinite = skip_nonfinite
         device = sgd.params[0].device
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
-        if cuda_graphs and device.type != "cuda" and capture is CapturedStep:
+        if cuda_graphs and device.type != "cuda":
             raise ValueError("train.cuda_graphs needs a CUDA device")
         if cuda_graphs and accumulate > 1:
             raise ValueError("train.cuda_graphs captures whole steps: it cannot accumulate gradients")
         self.cuda_graphs = cuda_graphs
-        self._capture = capture if cuda_graphs else None  # CapturedStep, or StaticReplay in CPU tests
+        self._capture = CapturedStep if cuda_graphs else None  # CPU tests put StaticReplay here
         self.graph_loader = graph_loader  # capture a batch's PlanRender with the step (train.graph_loader)
         self.accumulate = accumulate
         self._pending = 0  # batches whose gradients wait for the next SGD step
@@ -330,7 +328,7 @@ class StaticReplay:
     run, and the same body replayed on them. What it checks is the graph path's plumbing (one table in,
     the body rebuilt only from the static buffers, a body per kind); the capture itself needs CUDA."""
 
-    def __init__(self, step: TrainStep, example: list[torch.Tensor], body, warmup: int = 0):
+    def __init__(self, step: TrainStep, example: list[torch.Tensor], body):
         self.inputs = [t.detach().clone(memory_format=torch.preserve_format) for t in example]
         self.body = body
 
