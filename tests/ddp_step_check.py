@@ -10,6 +10,7 @@ The model has no batch statistics (BatchNorm statistics are per rank by design),
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 from pathlib import Path
 
@@ -68,6 +69,11 @@ def main(out: Path) -> None:
     result = run(net, ddp, batch(slice(rank * B, (rank + 1) * B)), steps=3)
     torch.save({"loss": result["loss"], "grads": result["grads"], "weights": result["final"]},
                out / f"rank{rank}.pt")
+    # DDP's reducer holds the gloo group through reference cycles: freed only at interpreter shutdown, the
+    # group's threads can abort the process ("terminate called without an active exception", SIGABRT, seen
+    # once in CI on 2026-12-02; https://github.com/pytorch/pytorch/pull/179291 describes the teardown).
+    del ddp
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:  # one process, the whole batch, no process group

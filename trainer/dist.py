@@ -7,6 +7,7 @@ Ranks come from RANK / WORLD_SIZE / LOCAL_RANK; the backend is NCCL on CUDA and 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -60,4 +61,8 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # A finished run's DDP wrapper can still hold the group through reference cycles; collected only at
+        # interpreter shutdown, gloo's threads then abort the process (tests/ddp_step_check.py saw SIGABRT
+        # once in CI). Collect it while the group is alive.
+        gc.collect()
         dist.destroy_process_group()
