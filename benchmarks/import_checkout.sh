@@ -1,4 +1,4 @@
-# Sourced by benchmarks/gpu_check.sh and gpu_accuracy.sh, with $root (the checkout) and $out (a log folder) set:
+# Sourced by benchmarks/gpu_lease.sh, with $root (the checkout) and $out (a log folder) set:
 # makes python3 import mixtail from this checkout (as it is if it already does, else an editable install, else
 # symlinks outside the root, which the root's own mixtail/ would shadow) and cds to where it then imports.
 rundir=$root

@@ -4,7 +4,7 @@
     mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...] [--section.key=value ...]   evaluate a checkpoint
     mixtail convert SOURCE --to ffcv|dali --out PATH [...]       convert a dataset for a loader backend
     mixtail convert --verify PATH                                 check a converted output against its source
-    mixtail bench loss|loader|step|train|compare|convert [ARGS ...]   benchmarks (see --help of each)
+    mixtail bench loss|loader|step|train|classic|compare|convert [ARGS ...]   benchmarks (see --help of each)
     mixtail sweep CONFIG... --set KEY=V1,V2 [--set ...] [--jobs N] [--out DIR] [--resume]
                                                                   run a grid of runs, write one table of results
 
@@ -39,6 +39,7 @@ BENCHES = {
     "train": "mixtail.benchmarks.bench_train",
     "compare": "mixtail.benchmarks.common",
     "convert": "mixtail.benchmarks.bench_convert",
+    "classic": "mixtail.benchmarks.bench_classic",
 }
 
 EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130

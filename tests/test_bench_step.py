@@ -1,19 +1,15 @@
-"""`mixtail bench step | train | compare`, the classic baseline and benchmarks/gpu_check.sh, on the CPU at tiny
+"""`mixtail bench step | train | classic | compare` and the classic baseline, on the CPU at tiny
 sizes (ResNet-8, batches of 8, a few steps): each bench runs and writes its JSON with the expected rows and the
 environment, the numbers in a row agree with each other, the one-step check can fail, compare prints the right
 ratios of two hand-written files, and the classic baseline runs with 0 and 2 workers. No absolute timing is
 asserted. The graphed-vs-eager check itself needs CUDA (marked gpu).
 
-    python -m pytest tests/test_bench_step.py -q            # add -m "not slow" to skip the gpu_check.sh run
+    python -m pytest tests/test_bench_step.py -q
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mixtail.benchmarks import bench_step, bench_train, common
+from mixtail.benchmarks import bench_classic, bench_step, bench_train, common
 from mixtail.benchmarks.classic_baseline import ClassicDataset
 from mixtail.errors import DataError, UsageError
 from mixtail.pipelines.datasets import ImageArrays, ImageFiles
@@ -242,62 +238,31 @@ def test_cli_lists_the_new_benches():
 
 
 # --------------------------------------------------------------------------------------------------
-# benchmarks/gpu_check.sh at tiny sizes
+# bench classic: whole epochs, extrapolated
 # --------------------------------------------------------------------------------------------------
 
 
-def _tiny_jpeg_tar(tmp_path: Path) -> Path:
-    """A CIFAR-10-shaped JPEG tree (10 classes, 100 train and 5 test images each, 32 px) as a .tar.gz."""
-    rng = np.random.default_rng(0)
-    tree = tmp_path / "tree"
-    for split, n in (("train", 100), ("test", 5)):
-        for k in range(10):
-            folder = tree / split / f"class{k}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.jpg")
-    tar = tmp_path / "tiny.tar.gz"
-    with tarfile.open(tar, "w:gz") as t:
-        for split in ("train", "test"):
-            t.add(tree / split, arcname=split)
-    return tar
+def test_evaluations_follow_the_trainers_cadence():
+    assert bench_classic.evaluations_in(200, 10) == 20
+    assert bench_classic.evaluations_in(16, 5) == 4  # 5, 10, 15 and the last
+    assert bench_classic.evaluations_in(2, 10) == 1
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="TINY=1 is the CPU rehearsal")
-def test_gpu_check_script_tiny_on_cpu(tmp_path):
-    tar = _tiny_jpeg_tar(tmp_path)
-    out = tmp_path / "out"
-    photos = tmp_path / "photos"  # JPEGs of varied sizes, flat, as ../shared/data/photos holds them
-    photos.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(24):
-        h, w = rng.integers(70, 150, 2)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"n{i:08d}_photo.JPEG")
-    env = {**os.environ, "TINY": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "PHOTOS": str(photos)}
-    res = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), str(tar), "600"], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, env=env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    steps = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "steps.tsv").read_text().splitlines()}
-    logs = {name: (out / f"{name}.log").read_text()[-1500:] for name in steps}
-    assert steps == {name: "0" for name in ("step_r32", "step_r32_compile", "train_classic", "train_200ep",
-                                             "step_r50", "train_r50_dali", "bench_kernel")}, (steps, logs)
-    assert "photos: 24 files" in res.stdout
-    dali = [r for r in _record(out / "train_r50_dali", "train")["rows"] if r["backend"] == "dali"]
-    assert len(dali) == 1 and dali[0]["arch"] == "resnet50" and dali[0]["of_step"] > 0
-    assert [r["mode"] for r in _record(out / "step_r32", "step")["rows"]] == ["eager"]
-    assert set(_record(out / "step_r32_compile", "step")["config"]["skipped"]) == {"compile"}
-    assert _record(out / "step_r50", "step")["rows"][0]["arch"] == "resnet50"
-    backends = [(r["backend"], r["workers"]) for r in _record(out / "train_classic", "train")["rows"]]
-    assert ("torch", None) in backends and ("classic", 0) in backends and ("classic", 2) in backends
-    assert (out / "train_200ep" / "final_eval.json").exists()
-    summary = _record(out, "gpu_check")
-    assert {r["step"] for r in summary["rows"]} == set(steps)
-    targets = summary["config"]["targets"]
-    assert targets["train_200ep_wall_s"]["epochs_done"] == 2 and targets["train_200ep_wall_s"]["pass"] is False
-    assert "epoch_speedup_vs_classic" in targets
-    assert targets["r50_dali_of_step"]["value"] == dali[0]["of_step"]
-    with tarfile.open(out / "gpu_check_results.tar.gz") as t:
-        names = t.getnames()
-    assert any(n.endswith("train_200ep.log") for n in names) and not any(n.endswith(".pt") for n in names)
+def test_bench_classic_times_whole_epochs_and_extrapolates(tmp_path):
+    result = bench_classic.main(["--config", "smoke_cpu", "--model.arch=resnet8", "--data.batch_size=8",
+                                 "--train.max_steps_per_epoch=3", "--train.epochs=7", "--train.eval_every_epochs=3",
+                                 "--data.eval_batch_size=250", "--epochs", "2", "--workers", "0",
+                                 "--out", str(tmp_path)])
+    record = _record(tmp_path, "classic")
+    (row,) = record["rows"]
+    assert row == result["rows"][0] and ENV_KEYS <= set(record["environment"])
+    assert row["epochs_timed"] == 2 and row["steps_per_epoch"] == 3 and len(row["epoch_times_s"]) == 2
+    assert row["epoch_s"] == row["epoch_times_s"][1]  # the median of the epochs after the first
+    assert row["evaluations"] == 3  # epochs 3, 6 and 7
+    assert row["extrapolated_s"] == pytest.approx(7 * row["epoch_s"] + 3 * row["test_pass_s"])
+    assert row["extrapolated"].startswith("extrapolated: 7 x median of 1 timed epoch(s) + 3 x one timed test pass")
+
+
+def test_bench_classic_refuses_no_epochs():
+    with pytest.raises(UsageError, match="--epochs"):
+        bench_classic.main(["--config", "smoke_cpu", "--epochs", "0"])
