@@ -1,7 +1,7 @@
 """The `mixtail` command line.
 
     mixtail train [CONFIG] [--resume | --overwrite] [--section.key=value ...]   train (default: the built-in demo)
-    mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...] [--section.key=value ...]   evaluate a checkpoint
+    mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...|auto] [--section.key=value ...]   evaluate a checkpoint
     mixtail convert SOURCE --to ffcv|dali --out PATH [...]       convert a dataset for a loader backend
     mixtail convert --verify PATH                                 check a converted output against its source
     mixtail bench loss|loader|step|train|classic|compare|convert [ARGS ...]   benchmarks (see --help of each)
@@ -84,19 +84,21 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--report", metavar="DIR", help="write report.md/report.json, plots and class centres to DIR")
     p.add_argument("--class-vectors", metavar="NPZ", help="class name vectors (arrays names, vectors) for the "
                    "semantic similarity score, e.g. ../shared/data/glove/class_vectors_glove6B50d.npz")
-    p.add_argument("--posthoc-tau", metavar="T[,T...]", default="",
-                   help="also report accuracy with the test logits shifted by T·log(P_Y/π), for each T")
+    p.add_argument("--posthoc-tau", metavar="T[,T...]|auto", default="",
+                   help="also report accuracy with the test logits shifted by T·log(P_Y/π), for each T; auto: "
+                        "choose T on the validation split (data.val_per_class) and report the test set at it")
     args, unknown = p.parse_known_args(rest)
     if unknown:
         p.error(f"unrecognized arguments {unknown}; overrides look like --data.root=/data")
+    auto = args.posthoc_tau.strip() == "auto"
     try:
-        taus = [float(t) for t in args.posthoc_tau.split(",") if t.strip()]
+        taus = [] if auto else [float(t) for t in args.posthoc_tau.split(",") if t.strip()]
     except ValueError:
-        p.error(f"--posthoc-tau takes numbers separated by commas, got {args.posthoc_tau!r}")
+        p.error(f"--posthoc-tau takes numbers separated by commas, or auto, got {args.posthoc_tau!r}")
     if args.class_vectors and not args.report:
         p.error("--class-vectors needs --report DIR")
     evaluate_checkpoint(args.checkpoint, overrides, report_dir=args.report, class_vectors=args.class_vectors,
-                        posthoc_taus=taus)
+                        posthoc_taus=taus, posthoc_auto=auto)
     return 0
 
 

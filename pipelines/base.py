@@ -126,14 +126,15 @@ def test_resize_ratio(data) -> float:
 
 def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, device: torch.device, seed: int,
                  num_epochs: int | None = None, channels_last: bool = True) -> "Loader":
-    """A loader for `split` ("train" or "test") of the dataset in `data` (a DataConfig), on its backend.
+    """A loader for `split` ("train", "val" or "test") of the dataset in `data` (a DataConfig), on its backend.
+    A validation split (data.val_per_class) is read like the test split: one unaugmented view, every image once.
 
     num_epochs: the run's length, which closes the mixing window (mix.unmixed_last_epochs); None leaves it open.
     """
-    from mixtail.pipelines.datasets import build_dataset
+    from mixtail.pipelines.datasets import SPLITS, build_dataset
 
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     dataset = build_dataset(data, split, decoded=False)
     return loader_for_dataset(dataset, data, aug, mix, split=split, rank=rank, world_size=world_size, device=device,
                               seed=seed, num_epochs=num_epochs, channels_last=channels_last)

@@ -13,6 +13,7 @@ window [4, E − 3).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,13 @@ class DataConfig:
     test_dir: str = "test"  # folder: name of the held-out split next to train/
     train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
     test_list: str = ""
+    # A validation split, so that nothing is chosen on the test set (issue 13 §2): k images of every class held
+    # out, never trained on. CIFAR, demo, folder and converted data: from the training images the long-tailed
+    # subset left out (a class with fewer left out, the head class, completes them from its own subset);
+    # imagenet_lt / inat2018: k per class of data.val_list. 0: no validation split.
+    val_per_class: int = 0
+    val_seed: int = 0  # draws the split; apart from train.seed, so runs of every seed share one validation set
+    val_list: str = ""  # imagenet_lt / inat2018: the validation list (ImageNet_LT_val.txt), never the test list
     imbalance_ratio: float = 100.0  # ρ = n_max / n_min of the long-tailed subset; 1 keeps every image
     # Which n_k images of each class the subset keeps: LDAM-DRW's seeded shuffle (every published CIFAR-LT
     # number) or, asked for by name only, the first n_k in dataset order (datasets.long_tailed_indices).
@@ -77,6 +85,13 @@ class DataConfig:
              f"must be header or decode, got {self.image_check!r}")
         need(self.dataset != "converted" or bool(self.root), "data.root",
              "data.dataset=converted needs data.root: the folder mixtail convert wrote")
+        need(self.val_per_class >= 0, "data.val_per_class", f"must be >= 0, got {self.val_per_class}")
+        listed = self.dataset in ("imagenet_lt", "inat2018")
+        need(not (listed and self.val_per_class and not self.val_list), "data.val_list",
+             f"data.dataset={self.dataset} takes its validation split from a validation list: give data.val_list "
+             f"(e.g. ImageNet_LT_val.txt), or set data.val_per_class=0")
+        need(not (self.val_list and os.path.realpath(self.val_list) == os.path.realpath(self.test_list)), "data.val_list",
+             f"is the test list {self.test_list!r}: choosing on it is choosing on the test set")
 
 
 @dataclass(frozen=True, kw_only=True)

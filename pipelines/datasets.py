@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixtail.errors import DataError
+from mixtail.errors import ConfigError, DataError
 from mixtail.pipelines.images import (IMAGE_EXTENSIONS, bad_files_message, check_images, decode_images,
                                       decode_to_canvas, is_hidden)
 
@@ -53,13 +53,17 @@ class ImageArrays:
     # (images.decode_to_canvas); None when every image fills it (CIFAR, demo, squashed files).
     sizes: np.ndarray | None = None
     skipped: Skipped = ()
+    # (N,) int64 position of each image in the split it was read from (CIFAR's order, the demo's), kept through
+    # subsets: what names a held-out image in val_split.json. None where unknown (decoded files: their path is).
+    origin: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray) -> "ImageArrays":
         sizes = None if self.sizes is None else self.sizes[indices]
-        return replace(self, images=self.images[indices], labels=self.labels[indices], sizes=sizes)
+        origin = None if self.origin is None else self.origin[indices]
+        return replace(self, images=self.images[indices], labels=self.labels[indices], sizes=sizes, origin=origin)
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,80 @@ def shot_groups(train_counts: np.ndarray) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------------
+# The validation split (data.val_per_class, issue 13 §2)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A validation split of a training split: indices into the training split as read (before the LT subset)."""
+
+    val: np.ndarray  # (C·k,) int64, class by class, ascending within a class
+    train: np.ndarray  # the LT subset's indices, in its order, without the ones val took from it
+    from_subset: np.ndarray  # (C,) int64: how many of class k's validation images came out of its LT subset
+
+
+def hold_out_validation(labels: np.ndarray, kept: np.ndarray | None, per_class: int, seed: int,
+                        classes: list[str]) -> HeldOut:
+    """k = per_class images of every class held out for validation, never trained on.
+
+    A class's validation images are drawn (seeded, numpy's PCG64 from `seed`, class by class in label order)
+    from the training images the long-tailed subset `kept` left out; a class with fewer than k left out (the
+    head class keeps all of its images) takes the rest from its own subset, which then loses them. kept=None
+    means the subset is the whole split (a balanced dataset, or one long-tailed on disk): every class then
+    draws from its own images. A class left with no training image is an error naming it.
+    """
+    labels = np.asarray(labels)
+    kept = np.arange(len(labels), dtype=np.int64) if kept is None else np.asarray(kept, dtype=np.int64)
+    in_subset = np.zeros(len(labels), bool)
+    in_subset[kept] = True
+    rng = np.random.default_rng(seed)
+    val, taken_from_subset, from_subset = [], [], np.zeros(len(classes), np.int64)
+    for k, name in enumerate(classes):
+        left_out = np.flatnonzero((labels == k) & ~in_subset)
+        own = kept[labels[kept] == k]
+        out_part = rng.permutation(left_out)[:per_class]
+        need = per_class - len(out_part)
+        own_part = rng.permutation(own)[:need] if need > 0 else own[:0]
+        if len(own) - len(own_part) < 1:
+            raise DataError(f"class {name!r} (label {k}) has {len(own)} training image(s) and "
+                            f"{len(left_out)} left out by the long-tailed subset: holding out "
+                            f"data.val_per_class={per_class} for validation leaves it none to train on; "
+                            f"lower data.val_per_class")
+        val.append(np.sort(np.concatenate([out_part, own_part])))
+        taken_from_subset.append(own_part)
+        from_subset[k] = len(own_part)
+    drop = np.zeros(len(labels), bool)
+    drop[np.concatenate(taken_from_subset)] = True
+    return HeldOut(np.concatenate(val).astype(np.int64), kept[~drop[kept]], from_subset)
+
+
+VAL_RECORD = "val_split.json"  # in the run directory: which images a run held out
+
+
+def validation_record(data, ds) -> dict:
+    """What names a validation split so that anyone can rebuild it: the keys that draw it, its class counts,
+    and each image (its file, its .beton position, or its position in the training split as read)."""
+    if getattr(ds, "files", None) is not None:
+        images = {"files": list(ds.files)}
+    elif getattr(ds, "positions", None) is not None:
+        images = {"beton": str(ds.path), "positions": np.asarray(ds.positions).tolist()}
+    else:
+        images = {"train_split_index": None if ds.origin is None else np.asarray(ds.origin).tolist()}
+    return {"dataset": data.dataset, "val_per_class": data.val_per_class, "val_seed": data.val_seed,
+            "val_list": data.val_list or None, "imbalance_ratio": data.imbalance_ratio, "lt_subset": data.lt_subset,
+            "classes": list(ds.classes), "counts": np.bincount(ds.labels, minlength=len(ds.classes)).tolist(),
+            "labels": np.asarray(ds.labels).tolist(), **images}
+
+
+def sample_per_class(labels: np.ndarray, per_class: int, seed: int, num_classes: int) -> np.ndarray:
+    """Up to `per_class` indices of every class, drawn seeded (a validation list with more than k per class)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.sort(rng.permutation(np.flatnonzero(labels == k))[:per_class])
+                           for k in range(num_classes)]).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
 # The built-in demo set
 # --------------------------------------------------------------------------------------------------
 
@@ -210,7 +288,8 @@ def demo_dataset(split: str, size: int = 32, seed: int = 1234) -> ImageArrays:
         labels.append(np.full(per_class, k, dtype=np.int64))
     # Interleave classes (as CIFAR's order is) so that "first n_k of class k" is well defined either way.
     order = np.argsort(np.tile(np.arange(per_class), len(DEMO_CLASSES)), kind="stable")
-    return ImageArrays(np.concatenate(images)[order], np.concatenate(labels)[order], list(DEMO_CLASSES))
+    labels = np.concatenate(labels)[order]
+    return ImageArrays(np.concatenate(images)[order], labels, list(DEMO_CLASSES), origin=np.arange(len(labels)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +318,8 @@ def cifar_dataset(name: str, root: str, split: str, download: bool) -> ImageArra
                         f"in data.root={root!r}, then run with --data.download=false; or train on an "
                         f"image-folder tree (root/train/<class>/*.jpg, root/test/...) with --data.dataset=folder"
                         ) from None
-    return ImageArrays(np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64), list(ds.classes))
+    labels = np.asarray(ds.targets, dtype=np.int64)
+    return ImageArrays(np.ascontiguousarray(ds.data), labels, list(ds.classes), origin=np.arange(len(labels)))
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -340,6 +420,7 @@ def check_files(ds: ImageFiles, on_error: str = "stop", *, what: str = "images",
 # --------------------------------------------------------------------------------------------------
 
 LISTED = ("imagenet_lt", "inat2018")
+SPLITS = ("train", "val", "test")
 # Training classes of list datasets, keyed by (dataset, list path, size, mtime): the train split fills it,
 # so building the test split next does not parse a large training list (train2018.json) again.
 _TRAIN_CLASSES: dict[tuple, list[str]] = {}
@@ -402,9 +483,11 @@ def build_dataset(data, split: str, *, decoded: bool = True,
     decoded=True they are decoded into memory (decode_in_memory). data.dataset=converted reads a `mixtail
     convert` output (pipelines/manifest.converted_dataset): ImageFiles, or the FFCV backend's BetonDataset.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if classes is None and split == "test":
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "val" and not data.val_per_class:
+        raise ConfigError("key 'data.val_per_class': 0 means no validation split; set it to k > 0 images per class")
+    if classes is None and (split == "test" or (split == "val" and data.dataset in LISTED)):
         classes = training_classes(data)
     if data.dataset == "converted":
         # A mixtail convert output (issue 9 §3): classes, labels, sizes and counts come from its manifest and
@@ -413,19 +496,20 @@ def build_dataset(data, split: str, *, decoded: bool = True,
 
         return converted_dataset(data, split, classes=classes, decoded=decoded)
     what = f"{split} images"
+    read = "test" if split == "test" else "train"  # a validation split is held out of the training split
     if data.dataset == "demo":
-        ds = demo_dataset(split, size=data.image_size)
+        ds = demo_dataset(read, size=data.image_size)
     elif data.dataset in ("cifar10", "cifar100"):
-        ds = cifar_dataset(data.dataset, data.root, split, data.download)
+        ds = cifar_dataset(data.dataset, data.root, read, data.download)
     elif data.dataset == "folder":
-        folder = Path(data.root) / ("train" if split == "train" else data.test_dir)
+        folder = Path(data.root) / ("train" if read == "train" else data.test_dir)
         ds = scan_image_folder(folder, classes)
         what = f"{split} images under {folder}"
     elif data.dataset in LISTED:
         from mixtail.pipelines.file_lists import read_listed_dataset
 
-        key = "data.train_list" if split == "train" else "data.test_list"
-        path = data.train_list if split == "train" else data.test_list
+        key = f"data.{split}_list"
+        path = getattr(data, f"{split}_list")
         ds = read_listed_dataset(data.dataset, path, data.root, key, classes=classes)
         if split == "train" and classes is None:
             _TRAIN_CLASSES[_list_key(data)] = list(ds.classes)
@@ -434,14 +518,20 @@ def build_dataset(data, split: str, *, decoded: bool = True,
         raise ValueError(f"data.dataset={data.dataset!r} has no reader in this version")
     if classes is not None and data.dataset in ("demo", "cifar10", "cifar100"):
         _same_classes(ds.classes, classes, f"data.dataset={data.dataset}")
-    if split == "train" and data.dataset not in LISTED:  # those lists are long-tailed already
-        ds = ds.subset(long_tailed_indices(ds.labels, data.imbalance_ratio, len(ds.classes), data.lt_subset))
-        counts = np.bincount(ds.labels, minlength=len(ds.classes))
+    if split != "test" and data.dataset not in LISTED:  # those lists are long-tailed already
+        keep = long_tailed_indices(ds.labels, data.imbalance_ratio, len(ds.classes), data.lt_subset)
+        counts = np.bincount(ds.labels[keep], minlength=len(ds.classes))
         if (counts == 0).any():
             k = int(np.flatnonzero(counts == 0)[0])
             raise DataError(f"data.imbalance_ratio={data.imbalance_ratio} leaves {int((counts == 0).sum())} "
                             f"class(es) without a training image (first: {ds.classes[k]!r}, label {k}; the "
                             f"largest class has {counts.max()}): lower the ratio")
+        if data.val_per_class:
+            held = hold_out_validation(ds.labels, keep, data.val_per_class, data.val_seed, ds.classes)
+            keep = held.val if split == "val" else held.train
+        ds = ds.subset(keep)
+    elif split == "val":  # ImageNet-LT / iNaturalist: k per class of data.val_list
+        ds = ds.subset(sample_per_class(ds.labels, data.val_per_class, data.val_seed, len(ds.classes)))
     if isinstance(ds, ImageFiles):
         ds = check_files(ds, data.on_error, what=what, level=data.image_check)
         if decoded:

@@ -297,8 +297,19 @@ def converted_dataset(data, split: str, *, classes: list[str] | None = None, dec
     if classes is not None and list(classes) != manifest.classes:
         raise DataError(f"{manifest.path}: its {len(manifest.classes)} classes differ from the {len(classes)} "
                         f"classes given")
-    table = split_table(manifest, split)
-    keep = _train_subset(manifest, data, table.labels) if split == "train" else None
+    stored = "test" if split == "test" else "train"  # a validation split is held out of the training split
+    table = split_table(manifest, stored)
+    keep = _train_subset(manifest, data, table.labels) if stored == "train" else None
+    if stored == "train" and data.val_per_class:
+        from mixtail.pipelines.datasets import hold_out_validation
+
+        if manifest.source.get("format") in LISTED_FORMATS:
+            raise ConfigError(f"key 'data.val_per_class': {manifest.path} was converted from a list dataset, whose "
+                              f"validation split is its own list (data.val_list), not part of this output: train "
+                              f"from the lists (data.dataset=imagenet_lt or inat2018, with data.val_list) to hold "
+                              f"one out")
+        held = hold_out_validation(table.labels, keep, data.val_per_class, data.val_seed, manifest.classes)
+        keep = held.val if split == "val" else held.train
     if manifest.target == "ffcv":
         if data.backend != "ffcv":
             raise ConfigError(f"key 'data.backend': {manifest.path} holds .beton files (mixtail convert --to ffcv), "
@@ -308,9 +319,9 @@ def converted_dataset(data, split: str, *, classes: list[str] | None = None, dec
         except ImportError as err:
             raise ConfigError(f"key 'data.backend': ffcv needs FFCV and its backend: pip install 'mixtail[ffcv]' "
                               f"({err})") from None
-        ds = beton_dataset(manifest.path / manifest.splits[split].data, classes=manifest.classes)
+        ds = beton_dataset(manifest.path / manifest.splits[stored].data, classes=manifest.classes)
         if not np.array_equal(ds.labels, table.labels):
-            raise DataError(f"{ds.path}: its labels differ from {manifest.splits[split].index} (run mixtail "
+            raise DataError(f"{ds.path}: its labels differ from {manifest.splits[stored].index} (run mixtail "
                             f"convert --verify {manifest.path})")
     else:
         ds = ImageFiles(table.files, table.labels, list(manifest.classes), sizes=table.sizes)

@@ -240,6 +240,36 @@ def check_imbalance_ratio(d, c):
     assert not np.array_equal(demo_counts(d.data.imbalance_ratio), demo_counts(c.data.imbalance_ratio))
 
 
+def _image_set(images: torch.Tensor) -> set[bytes]:
+    return {x.numpy().tobytes() for x in images}
+
+
+def check_val_per_class(d, c):
+    """k images of each class leave the training loader (the head class from its subset: the demo's 300 →
+    280) and form the validation loader, none of them among the training images."""
+    n_k = demo_counts(d.data.imbalance_ratio)
+    train_d, train_c = make_loader(d), make_loader(c)
+    np.testing.assert_array_equal(train_d.class_counts, n_k)
+    np.testing.assert_array_equal(train_c.class_counts, n_k - np.where(n_k == DEMO_TRAIN_PER_CLASS, 20, 0))
+    val = make_loader(c, "val")
+    np.testing.assert_array_equal(np.bincount(val.planner.labels, minlength=C), np.full(C, 20))
+    assert not _image_set(val.executor.images) & _image_set(train_c.executor.images)
+    assert _image_set(val.executor.images) & _image_set(train_d.executor.images)  # head images, trained on before
+    for loader in (train_d, train_c, val):
+        loader.close()
+    with pytest.raises(ConfigError, match="val_per_class"):
+        make_loader(d, "val")
+
+
+def check_val_seed(d, c):
+    """Another seed holds out other images, with the same counts."""
+    loaders = [make_loader(cfg, "val") for cfg in (d, c)]
+    assert _image_set(loaders[0].executor.images) != _image_set(loaders[1].executor.images)
+    np.testing.assert_array_equal(loaders[0].planner.labels, loaders[1].planner.labels)
+    for loader in loaders:
+        loader.close()
+
+
 def check_lt_subset_first(d, c):
     ds = demo_dataset("train")
     n_k = demo_counts(d.data.imbalance_ratio)
@@ -638,6 +668,8 @@ ROWS: dict[str, list[Row]] = {
     "data.fg_sampling": [Row("class", check_fg_classes(BALANCED, reversed_tail))],
     "data.fg_gamma": [Row(0.0, check_fg_classes(BALANCED, dataset_prior))],
     "data.num_views": [Row(1, check_num_views)],
+    "data.val_per_class": [Row(20, check_val_per_class)],
+    "data.val_seed": [Row(1, check_val_seed, ("--data.val_per_class=20",))],
     "data.mean": [Row([0.5, 0.4, 0.3], check_normalization)],
     "data.std": [Row([0.5, 0.25, 0.125], check_normalization)],
     "aug.policy": [Row("autoaugment", check_policy), Row("cmo_randaug", check_policy)],
@@ -674,6 +706,7 @@ EXEMPT: dict[str, str] = {
     "data.test_dir": "a path: the held-out folder's name (test_datasets.py reads trees with it)",
     "data.train_list": "a path: ImageNet-LT / iNaturalist list file (test_file_lists.py)",
     "data.test_list": "a path: ImageNet-LT / iNaturalist list file (test_file_lists.py)",
+    "data.val_list": "a path: ImageNet-LT / iNaturalist validation list (test_validation.py reads fixture lists)",
     "data.num_threads": "DALI/FFCV CPU threads: speed only; the backends' tests compare their batches to torch's",
     "data.on_error": "acts on bad image files, which the demo has none of (test_datasets.py, test_images.py)",
     "data.image_check": "how image files are checked (header or full decode): the demo has no files (test_images.py)",

@@ -2,13 +2,20 @@
 
     mixtail eval runs/cifar10_lt_r100/checkpoint.pt                        # All / Many / Medium / Few
     mixtail eval CKPT --posthoc-tau 0,0.5,1                                # + accuracy with shifted logits
+    mixtail eval CKPT --posthoc-tau auto        # T chosen on the validation split (data.val_per_class), test at it
     mixtail eval CKPT --report runs/x/report --class-vectors ../shared/data/glove/class_vectors_glove6B50d.npz
 
 Post-hoc adjustment (issue 7 §2): a model trained with logit adjustment by log P_Y on mixed batches has
 learned the soft labels' marginal π (trainer/losses.mixed_prior), not P_Y, so its test logits are over-
 corrected by log(π/P_Y). `--posthoc-tau T` shifts them by T·log(P_Y/π) (T = 1 undoes it exactly under that
 model; T = 0 is the plain prediction), for several T from one forward pass, so a user sees, without
-retraining, how accuracy moves.
+retraining, how accuracy moves. Picking the best of those T by its test accuracy would be choosing on the test
+set; `--posthoc-tau auto` chooses T on the run's validation split (data.val_per_class: images held out of
+training, issue 13 §2) from a printed grid, and reports the test set at that T only.
+
+A checkpoint trained with a validation split is evaluated on it too, beside the test set (its val row stands
+above the test row); an override that would draw another split (data.val_per_class, val_seed, the LT subset) is
+refused, since its "validation" images would be images the checkpoint trained on.
 
 The report (trainer/report.py) adds the best evaluated epoch from the run's metrics.jsonl (labelled as such),
 the 20 largest confusions, per-class accuracy against training count, and the paper's Table 4 scores from
@@ -23,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixtail.errors import CheckpointError
+from mixtail.errors import CheckpointError, ConfigError
 from mixtail.pipelines.base import build_loader, loader_for_dataset
 from mixtail.pipelines.datasets import build_dataset
 from mixtail.trainer.checkpoint import load_checkpoint
@@ -44,9 +51,44 @@ def posthoc_shift(cfg, counts: np.ndarray, taus: list[float]) -> torch.Tensor:
     return torch.tensor(np.outer(taus, direction), dtype=torch.float32)
 
 
+# `--posthoc-tau auto`: the grid T is chosen from, on the validation split.
+AUTO_TAUS = tuple(round(0.1 * i, 1) for i in range(16))  # 0, 0.1, ..., 1.5
+# The keys that draw a validation split: an evaluation may not change them, or its "validation" images would
+# be images the checkpoint trained on.
+VAL_KEYS = ("val_per_class", "val_seed", "imbalance_ratio", "lt_subset")
+GROUP_KEYS = ("all", "many", "medium", "few")
+
+
+def choose_tau(taus: list[float], val_summaries: list[dict]) -> float:
+    """The T whose shifted validation logits score the best All; on a tie the smallest |T| (the least shift).
+    It sees validation summaries only: nothing of the test set can reach the choice."""
+    best = max(range(len(taus)), key=lambda i: (val_summaries[i]["all"], -abs(taus[i]), -taus[i]))
+    return taus[best]
+
+
+def _groups(r: dict) -> dict:
+    return {k: r[k] for k in GROUP_KEYS}
+
+
+def check_validation_keys(cfg, saved: dict, path: Path) -> None:
+    """Refuse overrides that would draw another validation split than the one the checkpoint held out."""
+    held_out = saved["data"].get("val_per_class", 0) or cfg.data.val_per_class
+    for key in VAL_KEYS if held_out else VAL_KEYS[:1]:
+        theirs, mine = saved["data"].get(key, getattr(type(cfg.data)(), key)), getattr(cfg.data, key)
+        if mine != theirs:
+            raise ConfigError(f"key 'data.{key}': {path} was trained with {theirs!r}; evaluating with {mine!r} "
+                              f"would draw another validation split, holding out images it trained on")
+
+
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_dir: str | Path | None = None,
-                        class_vectors: str | Path | None = None, posthoc_taus: list[float] = ()) -> dict:
-    """Evaluate a checkpoint (`mixtail eval`); returns the results (with "posthoc" rows when asked)."""
+                        class_vectors: str | Path | None = None, posthoc_taus: list[float] = (),
+                        posthoc_auto: bool = False) -> dict:
+    """Evaluate a checkpoint (`mixtail eval`) on its test set, and on its validation split when it has one;
+    returns the results (with "val", "posthoc" rows and "posthoc_auto" when asked).
+
+    posthoc_auto: choose T of the post-hoc shift on the validation split (AUTO_TAUS, printed), then report the
+    test set at that T only.
+    """
     path = Path(path)
     state = load_checkpoint(path)
     for key in ("config", "model", "class_counts", "epoch"):
@@ -54,6 +96,10 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
             raise CheckpointError(f"{path} is not a mixtail checkpoint (it has no {key!r}; keys: "
                                   f"{', '.join(sorted(map(str, state))[:8])})")
     cfg = apply_overrides(config_from_dict(state["config"], f"{path} (saved config)"), overrides)
+    check_validation_keys(cfg, state["config"], path)
+    if posthoc_auto and not cfg.data.val_per_class:
+        raise ConfigError(f"--posthoc-tau auto chooses T on the validation split, and {path} has none: train with "
+                          f"--data.val_per_class=K (K images of each class held out), or give T values")
     info = init_distributed(cfg.train.device)
     try:
         device = info.device
@@ -61,38 +107,76 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
         kw = dict(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.train.seed,
                   channels_last=cfg.train.channels_last)
         test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **kw)
+        val_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="val", **kw) if cfg.data.val_per_class else None
         counts = np.asarray(state["class_counts"])
         model = build_model(cfg.model, len(counts)).to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.load_state_dict(state["model"])
         autocast = autocast_for(cfg.train.precision, device)
-        taus = list(posthoc_taus)
+        auto = None
+        if posthoc_auto:  # the choice first, from the validation split alone
+            grid = list(AUTO_TAUS)
+            on_val = evaluate(model, val_loader, counts, device, autocast,
+                              logit_shift=posthoc_shift(cfg, counts, grid).to(device))
+            tau = choose_tau(grid, on_val["shifted"])
+            auto = {"grid": [{"tau": t, **_groups(r)} for t, r in zip(grid, on_val["shifted"])], "tau": tau,
+                    "val": _groups(on_val["shifted"][grid.index(tau)])}
+        taus = list(posthoc_taus) + ([auto["tau"]] if auto else [])
         shift = posthoc_shift(cfg, counts, taus).to(device) if taus else None
         results = evaluate(model, test_loader, counts, device, autocast, logit_shift=shift,
                            return_outputs=report_dir is not None)
-        posthoc = list(zip(taus, results.get("shifted", [])))
+        if val_loader is not None:
+            results["val"] = evaluate(model, val_loader, counts, device, autocast)
+        shifted = results.pop("shifted", [])
+        posthoc = list(zip(posthoc_taus, shifted))
+        if auto:
+            auto["test"] = _groups(shifted[-1])
         if info.is_main:
-            print(f"{path}: epoch {state['epoch']}, {results['num_test_images']} test images")
+            what = f"{results['num_test_images']} test images"
+            if "val" in results:
+                what += f", {results['val']['num_test_images']} validation images"
+            print(f"{path}: epoch {state['epoch']}, {what}")
             print(format_table(results))
             if posthoc:
                 print(posthoc_table(posthoc))
+            if auto:
+                print(auto_table(auto))
         if report_dir is not None:
             _report(Path(report_dir), path, state, cfg, model, results, posthoc, counts, classes, class_vectors,
-                    autocast, kw, info.is_main)
+                    autocast, kw, info.is_main, auto)
         results.pop("outputs", None)
-        results["posthoc"] = [{"tau": t, **{k: r[k] for k in ("all", "many", "medium", "few")}} for t, r in posthoc]
+        results["posthoc"] = [{"tau": t, **_groups(r)} for t, r in posthoc]
+        if auto:
+            results["posthoc_auto"] = auto
         return results
     finally:
         cleanup()
 
 
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def auto_table(auto: dict) -> str:
+    """The validation grid of `--posthoc-tau auto`, the T it chose, and the test set at that T alone."""
+    lines = ["post-hoc shift T·log(P_Y/π), T chosen on the validation split (best val All):",
+             f"{'T':>6}  {'val All':>7}  {'Many':>6}  {'Medium':>6}  {'Few':>6}"]
+    for r in auto["grid"]:
+        mark = "  <- chosen" if r["tau"] == auto["tau"] else ""
+        lines.append(f"{r['tau']:>6g}  {_fmt(r['all']):>7}  {_fmt(r['many']):>6}  {_fmt(r['medium']):>6}  "
+                     f"{_fmt(r['few']):>6}{mark}")
+    t = auto["test"]
+    lines.append(f"test at T = {auto['tau']:g}: All {_fmt(t['all'])}, Many {_fmt(t['many'])}, "
+                 f"Medium {_fmt(t['medium'])}, Few {_fmt(t['few'])}")
+    return "\n".join(lines)
+
+
 def posthoc_table(posthoc: list[tuple[float, dict]]) -> str:
     """Accuracy against T for the post-hoc shift T·log(P_Y/π), as aligned text."""
     lines = ["post-hoc shift T·log(P_Y/π):", f"{'T':>6}  {'All':>6}  {'Many':>6}  {'Medium':>6}  {'Few':>6}"]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for t, r in posthoc:
-        lines.append(f"{t:>6g}  {fmt(r['all']):>6}  {fmt(r['many']):>6}  {fmt(r['medium']):>6}  {fmt(r['few']):>6}")
+        lines.append(f"{t:>6g}  {_fmt(r['all']):>6}  {_fmt(r['many']):>6}  {_fmt(r['medium']):>6}  {_fmt(r['few']):>6}")
     return "\n".join(lines)
 
 
@@ -108,7 +192,7 @@ def _gather(local: np.ndarray) -> np.ndarray:
 
 
 def _report(out: Path, path: Path, state: dict, cfg, model, results: dict, posthoc, counts, classes,
-            class_vectors, autocast, kw: dict, is_main: bool) -> None:
+            class_vectors, autocast, kw: dict, is_main: bool, auto: dict | None = None) -> None:
     """Table 4 scores from the training images' pooled features, confusions, the best epoch: report_dir."""
     # An unaugmented, unmixed pass over the training images: the training subset read with the test planner.
     train_images = build_dataset(cfg.data, "train", decoded=False)
@@ -121,11 +205,12 @@ def _report(out: Path, path: Path, state: dict, cfg, model, results: dict, posth
     is_k = inter_class_scores(centres)
     ss = semantic_similarity_rows(centres, load_class_vectors(class_vectors, classes)) if class_vectors else None
     metrics = path.parent / "metrics.jsonl"
-    write_report(out, final=results, best=best_eval(metrics) if metrics.exists() else None, train_counts=counts,
+    best = best_eval(metrics, by="val" if "val" in results else "eval") if metrics.exists() else None
+    write_report(out, final=results, best=best, train_counts=counts,
                  class_names=classes, confusions=top_confusions(labels, preds, classes),
                  scores={"inter_class_score": is_k, "semantic_similarity_score": ss}, centres=centres,
                  meta={"checkpoint": str(path), "epoch": int(state["epoch"]), "dataset": cfg.data.dataset,
                        "epochs_configured": cfg.train.epochs, "class_vectors": str(class_vectors or "")},
-                 posthoc=posthoc or None)
+                 posthoc=posthoc or None, posthoc_auto=auto)
     groups = group_means(is_k, counts)
     print(f"report: {out / 'report.md'} (inter-class score all {groups['all']:.3f})")

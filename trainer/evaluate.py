@@ -115,6 +115,15 @@ def evaluate(model: torch.nn.Module, loader, train_counts: np.ndarray, device: t
     return results
 
 
+def evaluate_splits(model: torch.nn.Module, test_loader, val_loader, train_counts: np.ndarray, device: torch.device,
+                    autocast: contextlib.AbstractContextManager | None = None) -> dict:
+    """`evaluate` on the test loader, with `results["val"]` from the validation loader when there is one."""
+    results = evaluate(model, test_loader, train_counts, device, autocast)
+    if val_loader is not None:
+        results["val"] = evaluate(model, val_loader, train_counts, device, autocast)
+    return results
+
+
 def _outputs(kept: dict[str, list[torch.Tensor]], num_classes: int, num_shifts: int) -> EvalOutputs:
     if not kept["labels"]:  # an empty shard
         empty = np.zeros(0, dtype=np.int64)
@@ -186,14 +195,16 @@ def accuracy_summary(correct: np.ndarray, total: np.ndarray, train_counts: np.nd
 
 
 def format_table(results: dict) -> str:
-    """An aligned All/Many/Medium/Few table; empty groups show as '-'."""
+    """An aligned All/Many/Medium/Few table; empty groups show as '-'. With a validation split
+    (results["val"]) its row stands above the test row."""
     cols = ["all", "many", "medium", "few"]
     sizes = results.get("group_sizes", {})
     head = ["", "All"] + [f"{c.capitalize()} ({sizes.get(c, '?')} cls)" for c in cols[1:]]
-    vals = ["top-1 %"] + ["-" if results[c] is None else f"{results[c]:.2f}" for c in cols]
-    widths = [max(len(h), len(v)) for h, v in zip(head, vals)]
+    rows = [("val top-1 %", results["val"]), ("test top-1 %", results)] if "val" in results else [("top-1 %", results)]
+    cells = [[name] + ["-" if r[c] is None else f"{r[c]:.2f}" for c in cols] for name, r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), line(vals)])
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 
 
 def plot_per_class(results: dict, train_counts: np.ndarray, classes: list[str], path: str | Path) -> None:

@@ -178,9 +178,10 @@ def top_confusions(labels: np.ndarray, preds: np.ndarray, class_names: list[str]
     return [Confusion(class_names[t[i]], class_names[p[i]], int(counts[i]), float(fractions[i])) for i in order]
 
 
-def best_eval(metrics_jsonl_path: str | Path) -> dict | None:
+def best_eval(metrics_jsonl_path: str | Path, by: str = "eval") -> dict | None:
     """The metrics.jsonl record {"epoch", "eval": {"all", "many", "medium", "few"}, ...} with the highest
-    eval["all"] (the earliest on a tie); None when the run logged no evaluation."""
+    record[by]["all"] (the earliest on a tie): by="eval" picks on the test set, by="val" on the validation
+    split (records without one are passed over); None when the run logged no such evaluation."""
     path = Path(metrics_jsonl_path)
     if not path.is_file():
         raise DataError(f"{path}: metrics file not found")
@@ -192,12 +193,12 @@ def best_eval(metrics_jsonl_path: str | Path) -> dict | None:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-        if "eval" not in record:
+        if "eval" not in record or by not in record:
             continue
-        score = record["eval"].get("all") if isinstance(record["eval"], dict) else None
+        score = record[by].get("all") if isinstance(record[by], dict) else None
         if not isinstance(score, (int, float)) or "epoch" not in record:
-            raise DataError(f"{path}:{number}: an eval record needs 'epoch' and a numeric eval.all")
-        if best is None or score > best["eval"]["all"]:
+            raise DataError(f"{path}:{number}: an eval record needs 'epoch' and a numeric {by}.all")
+        if best is None or score > best[by]["all"]:
             best = record
     return best
 
@@ -272,7 +273,8 @@ def _json_safe(value):
 
 def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_counts: np.ndarray,
                  class_names: list[str], confusions: list[Confusion], scores: dict, centres: np.ndarray,
-                 meta: dict, posthoc: list[tuple[float, dict]] | None = None) -> dict:
+                 meta: dict, posthoc: list[tuple[float, dict]] | None = None,
+                 posthoc_auto: dict | None = None) -> dict:
     """Write report.md, report.json, class_centres.npy, per_class_accuracy.png and class_centres_pca.png
     into out_dir; return the report.json dict.
 
@@ -283,6 +285,9 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
     class vectors)}, from inter_class_scores / semantic_similarity_rows; averaged here per group.
     meta: anything that says what was evaluated (checkpoint, epoch, arch, dataset); copied to report.json.
     posthoc: optional (T, evaluate summary) pairs of the test logits shifted by T·log(P_Y/π).
+    posthoc_auto: `--posthoc-tau auto`'s record: the validation grid, the T chosen on it, the test set at that T.
+    With a validation split (final["val"]) its row stands beside the test row, and the best epoch is the one
+    with the best validation accuracy (best must then come from best_eval(..., by="val")).
     """
     from mixtail.trainer.evaluate import plot_per_class
 
@@ -298,10 +303,14 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
     ss_rows = None if ss_rows is None else np.asarray(ss_rows, dtype=np.float64)
     sizes = {g: int(len(v)) for g, v in shot_groups(counts).items()}
 
+    by_val = "val" in final
     report = {
         "top1": _groups_of(final),
+        "val_top1": _groups_of(final["val"]) if by_val else None,
         "best_epoch": None if best is None else {
-            "label": "best evaluated epoch (test set, as some peers report it; not the final model)",
+            "label": ("epoch with the best validation accuracy (test numbers; chosen on the validation split)"
+                      if by_val else "best evaluated epoch (test set, as some peers report it; not the final model)"),
+            "chosen_on": "val" if by_val else "test",
             "epoch": best["epoch"], "top1": _groups_of(best["eval"])},
         "inter_class_score": group_means(is_k, counts),
         "semantic_similarity_score": None if ss_rows is None else group_means(ss_rows, counts),
@@ -316,6 +325,7 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
                        "semantic_similarity_row": None if ss_rows is None else ss_rows[k]}
                       for k, name in enumerate(class_names)],
         "posthoc": None if posthoc is None else [{"tau": float(t), "top1": _groups_of(r)} for t, r in posthoc],
+        "posthoc_auto": posthoc_auto,
         "meta": meta,
         "files": {"centres": "class_centres.npy", "per_class": "per_class_accuracy.png",
                   "pca": "class_centres_pca.png"},
@@ -339,17 +349,31 @@ def _markdown(report: dict, class_names: list[str]) -> str:
     lines += [f"- test images: {report['num_test_images']}, classes: {len(class_names)}", "",
               "## Top-1 accuracy (%)", ""]
     rows = [["final epoch"] + [_fmt(report["top1"][g], 2) for g in GROUPS]]
-    if report["best_epoch"] is not None:
-        b = report["best_epoch"]
-        rows.append([f"best evaluated epoch ({b['epoch']})"] + [_fmt(b["top1"][g], 2) for g in GROUPS])
+    if report.get("val_top1"):
+        rows.insert(0, ["final epoch, validation split"] + [_fmt(report["val_top1"][g], 2) for g in GROUPS])
+        rows[1][0] = "final epoch, test set"
+    b = report["best_epoch"]
+    if b is not None:
+        what = (f"best validation epoch ({b['epoch']}), test set" if b.get("chosen_on") == "val"
+                else f"best evaluated epoch ({b['epoch']})")
+        rows.append([what] + [_fmt(b["top1"][g], 2) for g in GROUPS])
     lines += _md_table(head, rows)
-    if report["best_epoch"] is not None:
+    if b is not None and b.get("chosen_on") == "val":
+        lines += ["", "The final epoch is the result; the epoch beside it was chosen on the validation split."]
+    elif b is not None:
         lines += ["", "The final epoch is the result; the best evaluated epoch was picked on the test set and "
                       "is shown only beside it."]
     if report["posthoc"]:
         lines += ["", "### Post-hoc logit shift T·log(P_Y/π) on the test logits", ""]
         lines += _md_table(["T"] + head[1:], [[f"{p['tau']:g}"] + [_fmt(p["top1"][g], 2) for g in GROUPS]
                                                for p in report["posthoc"]])
+    auto = report.get("posthoc_auto")
+    if auto:
+        lines += ["", f"### Post-hoc shift with T chosen on the validation split: T = {auto['tau']:g}", "",
+                  f"Test set at T = {auto['tau']:g}: " + ", ".join(f"{g} {_fmt(auto['test'][g], 2)}" for g in GROUPS)
+                  + ". The grid it was chosen from (validation split only):", ""]
+        lines += _md_table(["T"] + head[1:], [[f"{r['tau']:g}"] + [_fmt(r[g], 2) for g in GROUPS]
+                                               for r in auto["grid"]])
     lines += ["", "## Feature-space scores (paper Table 4; lower is better)", "",
               report["feature_scores_note"] + ".", ""]
     score_rows = [["inter-class score (IS)"] + [_fmt(report["inter_class_score"][g], 4) for g in GROUPS]]

@@ -24,7 +24,9 @@ The table, sweep.md and sweep.json in --out (rewritten after every run), has one
 top-1 All / Many / Medium / Few at the final epoch (final_eval.json), its wall time (the sweep's own clock, over
 every attempt it saw end), and the paper's number where the paper has one for exactly that experiment
 (`paper_top1`). A failed run is reported with its one-line error and log, the sweep goes on, and `mixtail
-sweep` exits with an error naming the failures at the end. The table lists the runs of this sweep's grid
+sweep` exits with an error naming the failures at the end. Runs with a validation split (data.val_per_class)
+also show its All, and `--rank-by val` orders the table by it, marking the column that chose; the rows are
+never ranked by the test set, which would be choosing a config on it. The table lists the runs of this sweep's grid
 (another grid in the same --out keeps its run directories but not its table). --dry-run lists the runs, the
 state of each directory and the paper's number, and runs nothing.
 """
@@ -352,6 +354,7 @@ def make_row(run: SweepRun, status: str, error: str | None = None) -> dict:
         "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in run.assignments},
         "status": status, "run_dir": str(run.run_dir),
         "top1": {g: final.get(g) for g in GROUPS} if final else None,
+        "val": {g: final["val"].get(g) for g in GROUPS} if final and "val" in final else None,
         "epochs": run.cfg.train.epochs, "wall_s": record.get("wall_s"), "train_s": train_seconds(run.run_dir),
         "paper": dataclasses.asdict(paper) if paper else None,
         "error": error, "log": str(run.run_dir / "train.log") if error else None,
@@ -368,18 +371,40 @@ def _duration(seconds: float | None) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
-def format_markdown(rows: list[dict], command: str) -> str:
+RANK_BY = ("val",)  # the one column a sweep may rank by: never the test set (issue 13 §2)
+
+
+def ranked(rows: list[dict], rank_by: str | None) -> list[dict]:
+    """The rows in grid order, or by validation All (best first; runs without a result last, in grid order)."""
+    if rank_by is None:
+        return list(rows)
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY} or None, got {rank_by!r}")
+    score = lambda r: r["val"]["all"] if r.get("val") and r["val"].get("all") is not None else None  # noqa: E731
+    return sorted(rows, key=lambda r: (score(r) is None, -(score(r) or 0.0)))
+
+
+def format_markdown(rows: list[dict], command: str, rank_by: str | None = None) -> str:
+    with_val = any(r.get("val") for r in rows)
+    val_head = ["val All ▼ (ranks the rows)" if rank_by == "val" else "val All"] if with_val else []
+    order = ("Ranked by the validation split's All (data.val_per_class: images held out of training); the test "
+             "columns chose nothing." if rank_by == "val" else
+             "Rows in grid order: nothing is ranked" + ("; --rank-by val ranks by the validation split." if with_val
+                                                         else "."))
+    head = ["run", *val_head, "All", "Many", "Medium", "Few", "epochs", "wall", "paper", "note"]
     lines = [f"# `{command}`", "",
              "Top-1 % on the balanced test set at the final epoch (Many: more than 100 training images, Medium: "
              "20 to 100, Few: fewer than 20). Wall: the sweep's clock over the run's attempts. Paper: Jeong & Kim, "
-             "arXiv 2211.11938, where the run is that experiment.", "",
-             "| run | All | Many | Medium | Few | epochs | wall | paper | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             "arXiv 2211.11938, where the run is that experiment. " + order, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ranked(rows, rank_by):
         if r["top1"]:
             acc = ["–" if r["top1"][g] is None else f"{r['top1'][g]:.2f}" for g in GROUPS]
         else:
             acc = [r["status"]] + [""] * 3
+        if with_val:
+            v = (r.get("val") or {}).get("all")
+            acc.insert(0, "–" if v is None else f"{v:.2f}")
         paper = f"{r['paper']['top1']:.1f} ({'; '.join(r['paper']['sources'])})" if r["paper"] else "–"
         note = r["error"] or (r["paper"]["note"] if r["paper"] else "")
         if r["error"]:
@@ -395,11 +420,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_table(rows: list[dict], out: Path, command: str) -> None:
-    """sweep.md and sweep.json in out."""
+def write_table(rows: list[dict], out: Path, command: str, rank_by: str | None = None) -> None:
+    """sweep.md and sweep.json in out (rows ranked as the table shows them)."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "sweep.json", json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    _write_atomic(out / "sweep.md", format_markdown(rows, command))
+    _write_atomic(out / "sweep.json", json.dumps({"command": command, "rank_by": rank_by,
+                                                  "rows": ranked(rows, rank_by)}, indent=1) + "\n")
+    _write_atomic(out / "sweep.md", format_markdown(rows, command, rank_by))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,8 +455,13 @@ class Sweep:
     """Runs SweepRuns (up to `jobs` at once), prints one line per start and end, keeps the table current."""
 
     def __init__(self, runs: list[SweepRun], out: Path, *, jobs: int = 1, resume: bool = False,
-                 command: str = "mixtail sweep", log=None):
-        self.runs, self.out, self.jobs, self.resume = runs, Path(out), jobs, resume
+                 command: str = "mixtail sweep", log=None, rank_by: str | None = None):
+        if rank_by == "val":
+            without = [r.name for r in runs if not r.cfg.data.val_per_class]
+            if without:
+                raise UsageError(f"--rank-by val ranks by the validation split, and {len(without)} run(s) have none "
+                                 f"(e.g. {without[0]}): add --data.val_per_class=K to every run")
+        self.runs, self.out, self.jobs, self.resume, self.rank_by = runs, Path(out), jobs, resume, rank_by
         self.command, self._log = command, log or _print_line
         self._log_lock = threading.Lock()
         self.rows: list[dict | None] = [None] * len(runs)
@@ -479,7 +510,7 @@ class Sweep:
 
     def _write(self) -> None:
         with self.lock:
-            write_table([r for r in self.rows if r is not None], self.out, self.command)
+            write_table([r for r in self.rows if r is not None], self.out, self.command, self.rank_by)
 
     def _env(self) -> dict:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -531,6 +562,8 @@ def _print_line(line: str) -> None:
 def _result_text(row: dict) -> str:
     t = row["top1"]
     text = ", ".join(f"{g} {'–' if t[g] is None else format(t[g], '.2f')}" for g in GROUPS)
+    if row.get("val") and row["val"].get("all") is not None:
+        text = f"val all {row['val']['all']:.2f}; test {text}"
     if row["paper"]:
         text += f" (paper {row['paper']['top1']:.1f}{', ' + row['paper']['note'] if row['paper']['note'] else ''})"
     return text
@@ -558,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="directory of the run directories and the table (default: runs/sweep_<CONFIG>)")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs (finished ones are never rerun)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their state; run nothing")
+    p.add_argument("--rank-by", choices=RANK_BY, default=None,
+                   help="order the table by the validation split's All (runs need data.val_per_class); by default "
+                        "the rows keep the grid's order and nothing is ranked")
     args, unknown = p.parse_known_args(rest)
     if unknown:
         p.error(f"unrecognized arguments {unknown}; overrides for every run look like --optim.lr=0.05")
@@ -565,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     out = Path(args.out or f"runs/sweep_{Path(args.configs[0]).stem}")
     runs = expand_grid(args.configs, args.set, common, out)
-    sweep = Sweep(runs, out, jobs=args.jobs, resume=args.resume, command=shlex.join(["mixtail", "sweep", *argv]))
+    sweep = Sweep(runs, out, jobs=args.jobs, resume=args.resume, command=shlex.join(["mixtail", "sweep", *argv]),
+                  rank_by=args.rank_by)
     if args.dry_run:
         for run, state in zip(runs, sweep.plan()):
             paper = paper_top1(run.cfg)

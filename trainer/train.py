@@ -30,12 +30,13 @@ import torch
 from tqdm import tqdm
 
 from mixtail.errors import ConfigError, NonFiniteCheckpointError
-from mixtail.pipelines.base import build_loader
+from mixtail.pipelines.base import build_loader, loader_for_dataset
+from mixtail.pipelines.datasets import VAL_RECORD, build_dataset, validation_record
 from mixtail.pipelines.sampling import foreground_class_probs
 from mixtail.trainer.checkpoint import CheckpointStore
 from mixtail.trainer.config import RunConfig, config_from_dict, config_to_dict, dump_config
 from mixtail.trainer.dist import DistInfo, barrier, cleanup, init_distributed
-from mixtail.trainer.evaluate import evaluate, format_table, plot_per_class
+from mixtail.trainer.evaluate import evaluate_splits, format_table, plot_per_class
 from mixtail.trainer.losses import log_prior_vector, mean_mix_ratio, mixed_prior
 from mixtail.trainer.models import build_model
 from mixtail.trainer.step import SGD, Health, NonFiniteError, Objective, TrainStep
@@ -115,9 +116,10 @@ class RunLog:
             for key in ("loss", "ce", "smc", "lr", "img_per_s"):
                 if key in record:
                     self.tb.add_scalar(f"train/{key}", record[key], step)
-            for key, value in record.get("eval", {}).items():
-                if value is not None:
-                    self.tb.add_scalar(f"eval/top1_{key}", value, step)
+            for split, name in (("eval", "eval"), ("val", "val")):
+                for key, value in record.get(split, {}).items():
+                    if value is not None:
+                        self.tb.add_scalar(f"{name}/top1_{key}", value, step)
             self.tb.flush()
 
     def close(self) -> None:
@@ -131,7 +133,7 @@ RESUME_FREE_KEYS = {
     ("train", "out_dir"), ("train", "eval_every_epochs"), ("train", "log_every_steps"),
     ("train", "checkpoint_every_steps"), ("train", "keep_checkpoints"), ("train", "tensorboard"),
     ("train", "epochs"), ("train", "cuda_graphs"), ("train", "graph_loader"), ("data", "root"),
-    ("data", "train_list"), ("data", "test_list"), ("data", "download"), ("data", "num_threads"),
+    ("data", "train_list"), ("data", "test_list"), ("data", "val_list"), ("data", "download"), ("data", "num_threads"),
     ("data", "eval_batch_size"),
 }
 
@@ -158,7 +160,8 @@ def prepare_run_dir(out_dir: Path, store: CheckpointStore, *, resume: bool, over
         raise ConfigError(f"run directory {out_dir} already holds a run (checkpoint or metrics.jsonl): pass --resume "
                           f"to continue it, --overwrite to start again, or another --train.out_dir")
     if overwrite and holds_run and is_main:
-        for p in store.paths() + [out_dir / n for n in ("metrics.jsonl", "final_eval.json", "per_class_accuracy.png")]:
+        for p in store.paths() + [out_dir / n for n in ("metrics.jsonl", "final_eval.json", "per_class_accuracy.png",
+                                                        VAL_RECORD)]:
             p.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
 
@@ -260,6 +263,17 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
                      channels_last=cfg.train.channels_last)
     train_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", num_epochs=cfg.train.epochs, **loader_kw)
     test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **loader_kw)
+    val_loader = None
+    if cfg.data.val_per_class:  # held out of the training images: model choices are made here, never on test
+        val_set = build_dataset(cfg.data, "val", decoded=False)
+        val_loader = loader_for_dataset(val_set, cfg.data, cfg.aug, cfg.mix, split="val", **loader_kw)
+        if info.is_main:
+            record = validation_record(cfg.data, val_set)
+            # One key a line: the image lists stay one line each, so the file reads at a glance.
+            (out_dir / VAL_RECORD).write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
+                                                                 for k, v in record.items()) + "\n}\n")
+            print(f"validation split: {len(val_set)} images ({cfg.data.val_per_class} per class, data.val_seed="
+                  f"{cfg.data.val_seed}) held out of training, listed in {out_dir / VAL_RECORD}")
     num_classes = train_loader.num_classes
     counts = train_loader.class_counts
     classes = list(train_loader.classes)
@@ -367,14 +381,16 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
             # Without the DDP wrapper: ranks may see different numbers of test batches.
-            results = evaluate(net, test_loader, counts, device, autocast)
-            log.write({"epoch": epoch + 1, "step": step,
-                       "eval": {k: results[k] for k in ("all", "many", "medium", "few")}})
-            log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%")
+            results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
+            groups = lambda r: {k: r[k] for k in ("all", "many", "medium", "few")}  # noqa: E731
+            log.write({"epoch": epoch + 1, "step": step, "eval": groups(results),
+                       **({"val": groups(results["val"])} if "val" in results else {})})
+            log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%"
+                     + (f" (val {results['val']['all']:.2f}%)" if "val" in results else ""))
         checkpoint(epoch + 1, 0)
 
     if results is None:  # resumed a finished run: evaluate its final weights
-        results = evaluate(net, test_loader, counts, device, autocast)
+        results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
     log.close()
     if info.is_main:
         plot_per_class(results, counts, classes, out_dir / "per_class_accuracy.png")
