@@ -111,5 +111,14 @@ class SMCNet(nn.Module):
 
 
 def build_model(cfg, num_classes: int) -> SMCNet:
+    """The network of a ModelConfig: backbone, linear classifier and MLP head, randomly initialized (seed
+    torch first). Calling it gives (logits (B, num_classes), z (B, head_dim) L2-normalized).
+
+    >>> import torch, mixtail
+    >>> model = mixtail.build_model(mixtail.ModelConfig(arch="resnet8"), num_classes=10)
+    >>> logits, z = model(torch.randn(4, 3, 32, 32))
+    >>> logits.shape, z.shape, model.features(torch.randn(4, 3, 32, 32)).shape
+    (torch.Size([4, 10]), torch.Size([4, 128]), torch.Size([4, 64]))
+    """
     backbone, dim = build_backbone(cfg.arch)
     return SMCNet(backbone, dim, num_classes, cfg.head_dim)
