@@ -40,7 +40,8 @@ __all__ = ["ConfigError", "RunConfig", "DataConfig", "AugConfig", "MixConfig", "
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """The network (trainer/models.py): backbone architecture and contrastive head width.
+    """The network (trainer/models.py): the backbone (a CIFAR ResNet, a torchvision model, or timm/<name> with
+    an optional local weights file) under mixtail's classifier and MLP head of width head_dim.
 
     >>> import mixtail
     >>> model = mixtail.ModelConfig(arch="resnet50")
@@ -48,7 +49,9 @@ class ModelConfig:
     ('resnet50', 128)
     """
 
-    arch: str = "resnet32"  # resnet{8,14,20,32,44,56,110} for 32 px, or a torchvision model name
+    # resnet{8,14,20,32,44,56,110} for 32 px, a torchvision model name, or timm/<name> (the `timm` extra)
+    arch: str = "resnet32"
+    pretrained_path: str = ""  # timm/<name>: a local weights file to start from; "" keeps random weights
     head_dim: int = 128
 
 
