@@ -141,7 +141,7 @@ def test_render_plan_follows_the_plan_not_the_images_order():
 
 def test_build_planner_checks_its_inputs():
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
-        _demo_planner("val")
+        _demo_planner("training")
     cfg = mixtail.load_config("demo")
     with pytest.raises(mixtail.ConfigError, match="key 'data.batch_size': 10 training images"):
         mixtail.build_planner(np.arange(10) % 2, cfg.data, cfg.aug, cfg.mix, split="train")
