@@ -534,9 +534,30 @@ def smc_loss(features: torch.Tensor, fg_labels: torch.Tensor, bg_labels: torch.T
              num_anchors: int | None = None, impl: str = "auto") -> torch.Tensor:
     """SMC loss (SPEC Eq. 4), mean over the anchors `anchor_start ... anchor_start + num_anchors − 1`.
 
-    Arguments as in `mixtail.kernels.reference.smc_loss`. impl: "reference" (plain PyTorch), "triton"
-    (these kernels; on the CPU only under TRITON_INTERPRET=1), or "auto": Triton for CUDA tensors, the
-    reference elsewhere. The result is float32 for half/float32 features and float64 for float64.
+    features: (N, D) L2-normalized embeddings (D ≤ 256 for Triton); fg_labels, bg_labels: (N,) int, each
+    row's foreground and background class; lam: (N,) float, its foreground area ratio (1 for an unmixed
+    image). With V views of B pairs, repeat the labels and λ per view (row v·B + b is view v of pair b).
+    tau: the temperature; weighting: "weighted" (the paper's), "average" or "assign_larger" (Table 5).
+    anchor_start, num_anchors: score only those rows as anchors, against all N (distributed training).
+    impl: "reference" (plain PyTorch, kernels/reference.py), "triton" (the fused kernels of this module,
+    forward and backward in O(N·D) memory; on the CPU only under TRITON_INTERPRET=1), or "auto": Triton for
+    CUDA tensors, the reference elsewhere. The result is float32 for half/float32 features and float64 for
+    float64; gradients flow to the features only.
+
+    >>> import torch, mixtail
+    >>> g = torch.Generator().manual_seed(0)
+    >>> z = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1).requires_grad_()
+    >>> y_f, y_b = torch.tensor([0, 1, 2, 0, 0, 1, 2, 0]), torch.tensor([1, 1, 0, 2, 1, 1, 0, 2])
+    >>> lam = torch.tensor([0.3, 1.0, 0.6, 0.5] * 2)
+    >>> loss = mixtail.smc_loss(z, y_f, y_b, lam, tau=0.1, impl="reference")
+    >>> loss.backward()
+    >>> round(loss.item(), 4), z.grad.shape
+    (4.2989, torch.Size([8, 16]))
+    >>> torch.equal(mixtail.smc_loss(z, y_f, y_b, lam, impl="auto"), loss)  # auto: the reference on the CPU
+    True
+    >>> if torch.cuda.is_available():  # the fused kernels agree with the reference
+    ...     fused = mixtail.smc_loss(z.cuda(), y_f.cuda(), y_b.cuda(), lam.cuda(), impl="triton")
+    ...     assert torch.allclose(fused.cpu(), loss, atol=1e-4)
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -16,11 +16,27 @@ import os
 
 
 class MixtailError(Exception):
-    """An error in the user's input or environment, reported as one line."""
+    """An error in the user's input or environment, reported as one line.
+
+    >>> import mixtail
+    >>> try:
+    ...     mixtail.load_config("no_such_config")
+    ... except mixtail.MixtailError as err:
+    ...     print(err)
+    config file no_such_config does not exist (and is not a bundled config name)
+    """
 
 
 class ConfigError(MixtailError, ValueError):
-    """A config file or override is malformed; the message names the key and where it came from."""
+    """A config file or override is malformed; the message names the key and where it came from.
+
+    >>> import mixtail
+    >>> try:
+    ...     mixtail.DataConfig(batch_size=0).validate()
+    ... except mixtail.ConfigError as err:
+    ...     print(err)
+    key 'data.batch_size': must be positive, got 0
+    """
 
 
 class DataError(MixtailError, ValueError):

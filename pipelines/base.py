@@ -10,6 +10,7 @@ machine.
     loader.set_epoch(0)
     for batch in loader:            # Batch(images, y_f, y_b, lam) on the device
         ...
+    planner = build_planner(labels, cfg.data, cfg.aug, cfg.mix, split="train")   # plans without a loader
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mixtail.errors import ConfigError
 
 if TYPE_CHECKING:
     from mixtail.pipelines.loader import Loader
+    from mixtail.pipelines.plan import Planner
 
 BatchTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # images, y_f, y_b, lam
 
@@ -55,6 +57,17 @@ class Batch:
     render: set by executors whose on-device work can join the step's CUDA graph; the batch is then
     made from it the first time its tensors are read, so a graphed step that reads only `render` never
     runs that work outside its graph.
+
+    >>> import torch, mixtail
+    >>> batch = mixtail.Batch(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([2, 2]),
+    ...                       torch.tensor([0.5, 1.0]))
+    >>> batch.num_views  # 4 images for 2 pairs: rows 0-1 are view 0, rows 2-3 view 1
+    2
+    >>> batch.soft_targets(3)  # one row per image, the pair's soft label repeated for each view
+    tensor([[0.5000, 0.0000, 0.5000],
+            [0.0000, 1.0000, 0.0000],
+            [0.5000, 0.0000, 0.5000],
+            [0.0000, 1.0000, 0.0000]])
     """
 
     def __init__(self, images: torch.Tensor | None = None, y_f: torch.Tensor | None = None,
@@ -90,7 +103,13 @@ class Batch:
 
 def soft_targets(y_f: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, num_classes: int) -> torch.Tensor:
     """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b): (B, C) float32. Built with scatter_add, which never reads the
-    labels back to the host (a CUDA graph cannot hold a synchronization; one_hot's range check is one)."""
+    labels back to the host (a CUDA graph cannot hold a synchronization; one_hot's range check is one).
+
+    >>> import torch, mixtail
+    >>> mixtail.soft_targets(torch.tensor([0, 2]), torch.tensor([1, 2]), torch.tensor([0.25, 1.0]), 3)
+    tensor([[0.2500, 0.7500, 0.0000],
+            [0.0000, 0.0000, 1.0000]])
+    """
     lam = lam.float()[:, None]
     target = torch.zeros(y_f.shape[0], num_classes, device=lam.device)
     target.scatter_add_(1, y_f[:, None], lam)
@@ -124,12 +143,29 @@ def test_resize_ratio(data) -> float:
     return 8.0 / 7.0 if data.image_size > 64 else 1.0
 
 
-def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, device: torch.device, seed: int,
-                 num_epochs: int | None = None, channels_last: bool = True) -> "Loader":
+def build_loader(data, aug, mix, *, split: str, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", seed: int = 0, num_epochs: int | None = None,
+                 channels_last: bool = True) -> "Loader":
     """A loader for `split` ("train", "val" or "test") of the dataset in `data` (a DataConfig), on its backend.
     A validation split (data.val_per_class) is read like the test split: one unaugmented view, every image once.
 
-    num_epochs: the run's length, which closes the mixing window (mix.unmixed_last_epochs); None leaves it open.
+    data, aug, mix: the typed DataConfig, AugConfig and MixConfig (a RunConfig's sections). rank, world_size:
+    this process's shard (DDP); data.batch_size is global and split over the ranks. seed: with (epoch, batch)
+    it decides every batch, so the same arguments give the same batches on any backend. num_epochs: the run's
+    length, which closes the mixing window (mix.unmixed_last_epochs); None leaves it open. The loader yields
+    `Batch`es on `device`; `len(loader)` is the exact number of batches per epoch, and `loader.set_epoch(e)`
+    picks the epoch the next iteration delivers.
+
+    >>> import mixtail
+    >>> cfg = mixtail.load_config("demo")
+    >>> loader = mixtail.build_loader(cfg.data, cfg.aug, cfg.mix, split="train", device="cpu", seed=0,
+    ...                               num_epochs=cfg.train.epochs)
+    >>> len(loader), loader.num_classes, loader.batch_size
+    (15, 10, 64)
+    >>> loader.set_epoch(5)
+    >>> batch = next(iter(loader))
+    >>> batch.images.shape, batch.y_f.shape, batch.num_views
+    (torch.Size([128, 3, 32, 32]), torch.Size([64]), 2)
     """
     from mixtail.pipelines.datasets import SPLITS, build_dataset
 
@@ -140,8 +176,9 @@ def build_loader(data, aug, mix, *, split: str, rank: int, world_size: int, devi
                               seed=seed, num_epochs=num_epochs, channels_last=channels_last)
 
 
-def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int, world_size: int, device: torch.device,
-                       seed: int, num_epochs: int | None = None, channels_last: bool = True) -> "Loader":
+def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int = 0, world_size: int = 1,
+                       device: torch.device | str = "cpu", seed: int = 0, num_epochs: int | None = None,
+                       channels_last: bool = True) -> "Loader":
     """The loader of an already built dataset (ImageArrays or ImageFiles); `data` gives batch sizes, views,
     sampling, normalization and the backend. build_loader is this after reading the dataset.
 
@@ -152,27 +189,16 @@ def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int, world_
     from mixtail.pipelines.config import normalization
     from mixtail.pipelines.datasets import ImageFiles, decode_in_memory
     from mixtail.pipelines.loader import Loader
-    from mixtail.pipelines.plan import Planner
-    from mixtail.pipelines.sampling import class_counts, foreground_weights, samples_per_rank
+    from mixtail.pipelines.sampling import class_counts
 
     train = split == "train"
+    device = torch.device(device)
     sizes = getattr(dataset, "sizes", None)  # true sizes of files; the valid canvas region of in-memory images
     if data.backend == "torch" and isinstance(dataset, ImageFiles):
         dataset = decode_in_memory(dataset, data.image_size, desc=f"decoding {split}")
-    batch_size = rank_batch_size(data, split, world_size)
-    if train and samples_per_rank(len(dataset), world_size) < batch_size:
-        raise ConfigError(f"key 'data.batch_size': {len(dataset)} training images over {world_size} ranks do not "
-                          f"fill one batch of {batch_size} pairs per rank")
     counts = class_counts(dataset.labels, len(dataset.classes))
-    if train:
-        planner = Planner.for_training(dataset.labels, sizes, aug=aug, mix=mix, image_size=data.image_size,
-                                       batch_size=batch_size, num_views=data.num_views,
-                                       fg_weights=foreground_weights(dataset.labels, len(dataset.classes),
-                                                                     data.fg_sampling, data.fg_gamma),
-                                       seed=seed, rank=rank, world_size=world_size, num_epochs=num_epochs)
-    else:
-        planner = Planner.for_testing(dataset.labels, sizes, image_size=data.image_size, batch_size=batch_size,
-                                      rank=rank, world_size=world_size, test_resize_ratio=test_resize_ratio(data))
+    planner = build_planner(dataset.labels, data, aug, mix, split=split, sizes=sizes, num_classes=len(dataset.classes),
+                            rank=rank, world_size=world_size, seed=seed, num_epochs=num_epochs)
     mean, std = normalization(data)
     common = dict(device=device, image_size=data.image_size, mean=mean, std=std, train=train,
                   mix_op=mix.mix_op, aug_order=mix.aug_order, num_views=data.num_views if train else 1,
@@ -196,3 +222,44 @@ def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int, world_
     else:
         raise ConfigError(f"key 'data.backend': {data.backend!r} is not a known backend")
     return Loader(planner, executor, classes=dataset.classes, class_counts=counts)
+
+
+def build_planner(labels, data, aug, mix, *, split: str, sizes=None, num_classes: int | None = None, rank: int = 0,
+                  world_size: int = 1, seed: int = 0, num_epochs: int | None = None) -> "Planner":
+    """The batch planner (pipelines/plan.py) of `split` for a dataset with these labels, from the typed configs:
+    the planner `build_loader` gives its backend, for drawing and rendering plans without a loader.
+
+    labels: (N,) class ids; sizes: (N, 2) true (height, width) of each image, or None when every image is
+    data.image_size square; num_classes: None takes max(labels) + 1. rank, world_size, seed, num_epochs: as
+    for build_loader. `planner.plan(epoch, batch)` is then a pure function of its arguments.
+
+    >>> import numpy as np, mixtail
+    >>> cfg = mixtail.load_config("demo")
+    >>> labels = np.repeat(np.arange(4), [40, 20, 10, 5])
+    >>> planner = mixtail.build_planner(labels, cfg.data, cfg.aug, cfg.mix, split="train", seed=0)
+    >>> len(planner), planner.batch_size
+    (1, 64)
+    >>> plan = planner.plan(epoch=5, batch=0)
+    >>> plan["lam"].shape, plan["bg0.crop"].shape
+    ((64,), (64, 4))
+    """
+    from mixtail.pipelines.plan import Planner
+    from mixtail.pipelines.sampling import foreground_weights, samples_per_rank
+
+    from mixtail.pipelines.datasets import SPLITS
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    labels = np.asarray(labels)
+    batch_size = rank_batch_size(data, split, world_size)
+    if split != "train":  # val and test: one unaugmented view of every image, once
+        return Planner.for_testing(labels, sizes, image_size=data.image_size, batch_size=batch_size, rank=rank,
+                                   world_size=world_size, test_resize_ratio=test_resize_ratio(data))
+    if samples_per_rank(len(labels), world_size) < batch_size:
+        raise ConfigError(f"key 'data.batch_size': {len(labels)} training images over {world_size} ranks do not "
+                          f"fill one batch of {batch_size} pairs per rank")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    return Planner.for_training(labels, sizes, aug=aug, mix=mix, image_size=data.image_size, batch_size=batch_size,
+                                num_views=data.num_views,
+                                fg_weights=foreground_weights(labels, num_classes, data.fg_sampling, data.fg_gamma),
+                                seed=seed, rank=rank, world_size=world_size, num_epochs=num_epochs)

@@ -33,6 +33,16 @@ def need(ok: bool, key: str, msg: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    """What to read and how it is batched: dataset, backend (torch, dali, ffcv), batch sizes, image size,
+    foreground sampling and views. `validate()` raises a ConfigError naming the first bad key.
+
+    >>> import mixtail
+    >>> data = mixtail.DataConfig(dataset="demo", backend="torch", batch_size=64, imbalance_ratio=20.0)
+    >>> data.validate()
+    >>> data.num_views, data.fg_sampling, data.image_size
+    (2, 'instance', 32)
+    """
+
     # converted: the folder `mixtail convert` wrote (data.root), read through its manifest (pipelines/manifest.py)
     dataset: Literal["demo", "cifar10", "cifar100", "folder", "imagenet_lt", "inat2018", "converted"] = "cifar100"
     # torchvision root (cifar*), tree with <test_dir>/ and train/ (folder), image root (lists), output (converted)
@@ -96,7 +106,14 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AugConfig:
-    """Per-component augmentation (SPEC: each component is augmented before mixing, Eq. 3)."""
+    """Per-component augmentation (SPEC: each component is augmented before mixing, Eq. 3).
+
+    >>> import mixtail
+    >>> aug = mixtail.AugConfig(policy="autoaugment", cutout_px=8)
+    >>> aug.validate()
+    >>> aug.crop, aug.flip
+    ('pad', True)
+    """
 
     # simclr: crop, flip, colour jitter, grayscale (SupCon's recipe); autoaugment: crop, flip, the CIFAR-10
     # AutoAugment policy and Cutout (the 84-88% CIFAR-10-LT peers); cmo_randaug: CMO's per-image choice.
@@ -126,7 +143,14 @@ class AugConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MixConfig:
-    """ResizeMix with a normalized ratio, CMO's mixing schedule, and the Table 5 ablation switches."""
+    """ResizeMix with a normalized ratio, CMO's mixing schedule, and the Table 5 ablation switches.
+
+    >>> import mixtail
+    >>> mix = mixtail.MixConfig(mix_prob=1.0, start_epoch=0)
+    >>> mix.validate()
+    >>> mix.active(0, num_epochs=10), mix.active(7, num_epochs=10)  # the last 3 epochs are unmixed
+    (True, False)
+    """
 
     alpha: float = 1.0  # λ ~ Beta(α, α) before normalization
     ratio_range: tuple[float, float] = (0.2, 0.8)

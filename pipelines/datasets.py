@@ -472,7 +472,7 @@ def _same_classes(found: list[str], classes: list[str], where: str) -> None:
 
 def build_dataset(data, split: str, *, decoded: bool = True,
                   classes: list[str] | None = None) -> ImageArrays | ImageFiles:
-    """The `split` ("train" or "test") of the dataset named by a DataConfig, checked.
+    """The `split` ("train", "val" or "test") of the dataset named by a DataConfig, checked.
 
     Classes: `classes` (e.g. a manifest's class names) defines the labels of both splits when given;
     otherwise the training split defines them and the test split is read onto them (training_classes).

@@ -94,7 +94,23 @@ class PlanStream:
 
 
 class Loader:
-    """The Loader interface (pipelines/base.py) over a planner and an executor."""
+    """The Loader interface (pipelines/base.py) over a planner and an executor; made by `build_loader`.
+
+    `len(loader)` batches per epoch on this rank; `set_epoch(epoch, start_batch=0)` positions the next
+    iteration (a resume passes the batch to start from); iterating yields `Batch`es on the device. Also
+    `classes`, `num_classes`, `class_counts` (training images per class: the prior of the soft CE),
+    `batch_size` (pairs per batch on this rank) and `planner`. `close()` stops its plan thread and backend.
+
+    >>> import mixtail
+    >>> cfg = mixtail.load_config("demo")
+    >>> loader = mixtail.build_loader(cfg.data, cfg.aug, cfg.mix, split="test", device="cpu")
+    >>> len(loader), int(loader.class_counts.sum())  # 1,000 test images in batches of 250
+    (4, 1000)
+    >>> loader.set_epoch(0, start_batch=3)  # resume: only the last batch of the epoch is left
+    >>> [batch.y_f.shape[0] for batch in loader]
+    [250]
+    >>> loader.close()
+    """
 
     def __init__(self, planner: Planner, executor: Executor, *, classes: list[str], class_counts: np.ndarray,
                  prefetch: int = 2):

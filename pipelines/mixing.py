@@ -8,12 +8,16 @@ This is the reference every backend is tested against:
    augment foreground and background separately (aug_order: before_mix; `none` keeps them uncropped), resize
    the whole foreground into its box, paste it into the background, and do this for every view with the same
    pair, λ and box (SPEC, Eq. 3). The torch executor is this function after a gather; DALI and FFCV
-   executors are tested against it.
+   executors are tested against it;
+3. `render_plan` is the same for a whole plan over a dataset's images: it gathers each pair's foreground and
+   background by the plan's indices and renders its views (test plans: the one test view), the torch
+   backend's batch before normalization.
 
 The label ratio is the exact pasted area after rounding: λ = box_h·box_w / (H·W).
 
     mp = sample_mix_params(np.random.default_rng(0), 128, 32, 32, MixConfig(), mixed=np.ones(128, bool))
     views = render_views(fg_uint8, bg_uint8, plan.to(device), out_size=32)  # list of (B, 3, 32, 32) floats
+    views = render_plan(plan, images_uint8, out_size=32)                    # the same, gathered by the plan
 """
 
 from __future__ import annotations
@@ -189,3 +193,40 @@ def render_views(fg: torch.Tensor | None, bg: torch.Tensor, plan, *, out_size: i
             view = paste(render_component(fg, plan, f"fg{v}", out_size, fg_hw), view, box, mix_op)
         views.append(view)
     return views
+
+
+def render_plan(plan, images: torch.Tensor, *, out_size: int, mix_op: str = "resize", aug_order: str = "before_mix",
+                num_views: int = 2, sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The views a plan describes, made from a whole dataset's images by the reference ops.
+
+    plan: a BatchPlan from a Planner (its table is copied to the images' device) or a DevicePlan.
+    images: (N, 3, H, W) uint8 canvases (or floats in [0, 1]) on any device, indexed by the plan's sample
+    indices; sizes: (N, 2) valid (height, width) of each image on its canvas, or None when every image fills
+    it. mix_op, aug_order, num_views: the MixConfig's and DataConfig's values the plan was drawn with.
+    Returns one float (B, 3, out_size, out_size) tensor in [0, 1] per view (a test plan: its one view),
+    unnormalized: the torch backend's batch before `normalize_views`, and what to look at when checking a plan.
+
+    >>> import numpy as np, torch, mixtail
+    >>> cfg = mixtail.load_config("demo")
+    >>> labels = np.repeat(np.arange(4), [40, 20, 10, 5])
+    >>> images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8)
+    >>> planner = mixtail.build_planner(labels, cfg.data, cfg.aug, cfg.mix, split="train", seed=0)
+    >>> views = mixtail.render_plan(planner.plan(epoch=5, batch=0), images, out_size=32,
+    ...                             mix_op=cfg.mix.mix_op, aug_order=cfg.mix.aug_order, num_views=2)
+    >>> len(views), views[0].shape, bool(views[0].min() >= 0 and views[0].max() <= 1)
+    (2, torch.Size([64, 3, 32, 32]), True)
+    """
+    if not hasattr(plan, "host"):  # a host BatchPlan: its table on the images' device, in one copy
+        plan = plan.to(images.device)
+
+    def valid_hw(idx: torch.Tensor) -> torch.Tensor | None:
+        return None if sizes is None else sizes[idx]
+
+    if not plan.host.train:
+        idx = plan["index"].long()
+        return [render_test_view(images[idx], plan, out_size, valid_hw(idx))]
+    bg_idx = plan["bg_index"].long()
+    fg_idx = plan["fg_index"].long() if plan.mixed else None
+    return render_views(images[fg_idx] if plan.mixed else None, images[bg_idx], plan, out_size=out_size,
+                        mix_op=mix_op, aug_order=aug_order, num_views=num_views,
+                        fg_hw=valid_hw(fg_idx) if plan.mixed else None, bg_hw=valid_hw(bg_idx))

@@ -147,7 +147,23 @@ def plan_layout(*, train: bool, aug_order: str = "before_mix", num_views: int = 
 
 @dataclass(frozen=True, eq=False)
 class BatchPlan:
-    """One batch, fully decided. `table` is (B, layout.width) float32 storage; read columns by name."""
+    """One batch, fully decided. `table` is (B, layout.width) float32 storage; read columns by name.
+
+    Training columns: fg_index, bg_index (sample indices), y_f, y_b, lam, mixed, box (top, left, height,
+    width on the S×S view) and, per component view (fg0, bg0, fg1, bg1; mx0, mx1 under after_mix), its
+    crop (relative to the image's own size), flip and colour transform. Test columns: index, y, crop.
+    `plan.layout.columns` lists them; `render_plan` turns a plan into its images.
+
+    >>> import numpy as np, mixtail
+    >>> cfg = mixtail.load_config("demo")
+    >>> planner = mixtail.build_planner(np.repeat(np.arange(4), [40, 20, 10, 5]), cfg.data, cfg.aug, cfg.mix,
+    ...                                 split="train", seed=0)
+    >>> plan = planner.plan(epoch=5, batch=0)
+    >>> plan.mixed, len(plan), plan["y_f"].dtype, plan["box"].shape
+    (True, 64, dtype('int32'), (64, 4))
+    >>> bool(np.all(plan["lam"][plan["mixed"] == 1] < 1))  # a mixed pair's label ratio is its pasted area
+    True
+    """
 
     epoch: int
     batch: int
@@ -208,7 +224,18 @@ class _EpochOrders:
 class Planner:
     """(epoch, batch) -> BatchPlan for one rank. Pure: the same arguments always give the same plan.
 
-    Use `for_training` / `for_testing`. Thread-safe (the loader builds plans ahead on a side thread).
+    Use `build_planner` (from the typed configs) or `for_training` / `for_testing`. Thread-safe (the loader
+    builds plans ahead on a side thread). `len(planner)` is the number of batches per epoch on this rank.
+
+    >>> import numpy as np, mixtail
+    >>> cfg = mixtail.load_config("demo")
+    >>> planner = mixtail.build_planner(np.repeat(np.arange(4), [40, 20, 10, 5]), cfg.data, cfg.aug, cfg.mix,
+    ...                                 split="train", seed=0, num_epochs=cfg.train.epochs)
+    >>> a, b = planner.plan(epoch=5, batch=0), planner.plan(epoch=5, batch=0)
+    >>> np.array_equal(a.table, b.table)  # a pure function of (seed, epoch, rank, batch)
+    True
+    >>> planner.mixing_on(0), planner.mixing_on(5)  # CMO's window: no mixing in the first epochs
+    (False, True)
     """
 
     def __init__(self, *, train: bool, labels: np.ndarray, sizes: np.ndarray | None, image_size: int,
@@ -313,10 +340,11 @@ class Planner:
             return s, s.copy()
         return self.sizes[idx, 0], self.sizes[idx, 1]
 
-    def plan(self, epoch: int, b: int) -> BatchPlan:
-        if not 0 <= b < len(self):
-            raise IndexError(f"batch {b} is outside the {len(self)} batches of an epoch")
-        return self._train_plan(epoch, b) if self.train else self._test_plan(b)
+    def plan(self, epoch: int, batch: int) -> BatchPlan:
+        """The plan of batch `batch` (0 .. len − 1) of `epoch` on this rank (test plans ignore the epoch)."""
+        if not 0 <= batch < len(self):
+            raise IndexError(f"batch {batch} is outside the {len(self)} batches of an epoch")
+        return self._train_plan(epoch, batch) if self.train else self._test_plan(batch)
 
     def _test_plan(self, b: int) -> BatchPlan:
         idx = np.arange(self.rank, self.num_samples, self.world_size)[b * self.batch_size:(b + 1) * self.batch_size]

@@ -25,7 +25,7 @@ import torch
 
 from mixtail.pipelines.base import Batch, BatchTensors, PlanRender, normalize_views
 from mixtail.pipelines.datasets import ImageArrays
-from mixtail.pipelines.mixing import render_test_view, render_views
+from mixtail.pipelines.mixing import render_plan
 from mixtail.pipelines.plan import BatchPlan, DevicePlan
 
 
@@ -59,9 +59,6 @@ class TorchExecutor:
     def close(self) -> None:
         pass
 
-    def _hw(self, idx: torch.Tensor) -> torch.Tensor | None:
-        return None if self.sizes is None else self.sizes[idx]
-
     def run(self, plan: DevicePlan) -> Batch:
         return self._train_batch(plan) if self.train else self._test_batch(plan)
 
@@ -75,21 +72,16 @@ class TorchExecutor:
         """The batch of the plan whose host side is `host` and whose device table is `table` (any plan with
         the same render key: a replayed graph passes the static copy of a later plan's table)."""
         plan = DevicePlan(host, table)
-        bg_idx = plan["bg_index"].long()
-        fg_idx = plan["fg_index"].long() if plan.mixed else None
-        views = render_views(self.images[fg_idx] if plan.mixed else None, self.images[bg_idx], plan,
-                             out_size=self.image_size, mix_op=self.mix_op, aug_order=self.aug_order,
-                             num_views=self.num_views, fg_hw=self._hw(fg_idx) if plan.mixed else None,
-                             bg_hw=self._hw(bg_idx))
+        views = render_plan(plan, self.images, out_size=self.image_size, mix_op=self.mix_op,
+                            aug_order=self.aug_order, num_views=self.num_views, sizes=self.sizes)
         images = normalize_views(views, self.mean, self.std, self.channels_last)
         return images, plan["y_f"].long(), plan["y_b"].long(), plan["lam"].float()
 
     def _test_batch(self, plan: DevicePlan) -> Batch:
-        idx = plan["index"].long()
-        x = render_test_view(self.images[idx], plan, self.image_size, self._hw(idx))
+        views = render_plan(plan, self.images, out_size=self.image_size, sizes=self.sizes)
         y = plan["y"].long()
-        return Batch(normalize_views([x], self.mean, self.std, self.channels_last), y, y,
-                     torch.ones(len(idx), device=self.device), plan=plan.host)
+        return Batch(normalize_views(views, self.mean, self.std, self.channels_last), y, y,
+                     torch.ones(len(y), device=self.device), plan=plan.host)
 
 
 def main() -> None:

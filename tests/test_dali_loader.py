@@ -59,7 +59,7 @@ pytestmark = pytest.mark.dali
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-# The real photos; PHOTOS_DIR overrides (benchmarks/gpu_check.sh passes its copy on a GPU machine).
+# The real photos; PHOTOS_DIR overrides (a GPU machine, where ../shared does not travel, passes its copy).
 PHOTOS = Path(os.environ.get("PHOTOS_DIR", REPO.parent / "shared" / "data" / "photos"))
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU variant of a CPU test)")

@@ -40,7 +40,18 @@ __all__ = ["ConfigError", "RunConfig", "DataConfig", "AugConfig", "MixConfig", "
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    arch: str = "resnet32"  # resnet{8,14,20,32,44,56,110} for 32 px, or a torchvision model name
+    """The network (trainer/models.py): the backbone (a CIFAR ResNet, a torchvision model, or timm/<name> with
+    an optional local weights file) under mixtail's classifier and MLP head of width head_dim.
+
+    >>> import mixtail
+    >>> model = mixtail.ModelConfig(arch="resnet50")
+    >>> model.arch, model.head_dim
+    ('resnet50', 128)
+    """
+
+    # resnet{8,14,20,32,44,56,110} for 32 px, a torchvision model name, or timm/<name> (the `timm` extra)
+    arch: str = "resnet32"
+    pretrained_path: str = ""  # timm/<name>: a local weights file to start from; "" keeps random weights
     head_dim: int = 128
 
 
@@ -94,6 +105,17 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
+    """A whole run: one frozen section per concern. Defaults are the paper's CIFAR-LT recipe; build one with
+    `load_config` (YAML deltas and overrides, strictly checked) or directly, section by section.
+
+    >>> import dataclasses, mixtail
+    >>> cfg = mixtail.RunConfig(model=mixtail.ModelConfig(arch="resnet8"))
+    >>> cfg.model.arch, cfg.data.dataset, cfg.loss.eta
+    ('resnet8', 'cifar100', 0.1)
+    >>> dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=256)).data.batch_size
+    256
+    """
+
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     mix: MixConfig = field(default_factory=MixConfig)
@@ -277,7 +299,22 @@ def config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Load a YAML file of deltas onto the defaults, apply dotted overrides, and validate."""
+    """Load a YAML file of deltas onto the defaults, apply dotted overrides, and validate.
+
+    path: a YAML file, the name of a bundled config (demo, smoke_cpu, cifar10_lt_r100, ...), or None for
+    the defaults. overrides: `--section.key=value` strings, values read as YAML. An unknown or duplicate
+    key, a wrongly typed or out-of-range value is a ConfigError naming the key and where it came from.
+
+    >>> import mixtail
+    >>> cfg = mixtail.load_config("cifar10_lt_r100", ["--optim.lr=0.05", "--mix.ratio_range=[0,1]"])
+    >>> cfg.data.dataset, cfg.optim.lr, cfg.mix.ratio_range
+    ('cifar10', 0.05, (0.0, 1.0))
+    >>> try:
+    ...     mixtail.load_config("demo", ["--optim.lrr=0.1"])
+    ... except mixtail.ConfigError as err:
+    ...     print(str(err).split(" (")[0])
+    command-line override '--optim.lrr=0.1': unknown key 'optim.lrr'
+    """
     if path is None:
         cfg = RunConfig()
     else:

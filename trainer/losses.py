@@ -15,13 +15,34 @@ import torch.nn.functional as F
 
 
 def log_class_prior(counts: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """log P_Y(k) = log(n_k / N); a class with no training images is treated as having one."""
+    """log P_Y(k) = log(n_k / N); a class with no training images is treated as having one.
+
+    counts: (C,) training images per class (a Loader's `class_counts`). Returns (C,) float32 on `device`.
+
+    >>> import mixtail
+    >>> mixtail.log_class_prior([75, 25]).exp()
+    tensor([0.7500, 0.2500])
+    """
     counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64).clamp(min=1)
     return (counts / counts.sum()).log().float().to(device)
 
 
 def logit_adjusted_soft_ce(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor | None) -> torch.Tensor:
-    """Mean over rows of −Σ_k ỹ_k · log softmax(logits + log P_Y)_k, in float32."""
+    """Mean over rows of −Σ_k ỹ_k · log softmax(logits + log P_Y)_k, in float32 (SPEC Eq. 5).
+
+    logits: (N, C) raw classifier outputs; targets: (N, C) soft labels, rows summing to 1 (`soft_targets`);
+    log_prior: (C,) from `log_class_prior`, or None for plain soft cross-entropy. The prior is added in
+    training only: at test time the prediction is argmax of the raw logits.
+
+    >>> import torch, mixtail
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    >>> targets = mixtail.soft_targets(torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([0.7, 1.0]), 2)
+    >>> ce = mixtail.logit_adjusted_soft_ce(logits, targets, mixtail.log_class_prior([90, 10]))
+    >>> round(ce.item(), 4)  # the rare class 1 carries most of the targets: adjusted, it costs more
+    1.3676
+    >>> round(mixtail.logit_adjusted_soft_ce(logits, targets, None).item(), 4)  # no adjustment
+    0.5201
+    """
     logits = logits.float()
     if log_prior is not None:
         logits = logits + log_prior

@@ -4,6 +4,8 @@
   16/32/64 channels, parameter-free "option A" shortcuts), as used by LDAM, CMO and SMC for 32 px data.
 - any torchvision classification model with an `fc` layer (`resnet50`, `resnext50_32x4d`, ...),
   randomly initialized, its `fc` removed.
+- `timm/<name>`: any timm model, its classifier removed, randomly initialized or loaded from
+  model.pretrained_path (trainer/timm_backbone.py; the `timm` extra).
 
     model = build_model(ModelConfig(arch="resnet32"), num_classes=100)
     logits, z = model(images)    # z: (B, 128), L2-normalized
@@ -16,6 +18,8 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mixtail.errors import ConfigError
 
 
 class _BasicBlock(nn.Module):
@@ -68,8 +72,15 @@ class CifarResNet(nn.Module):
 CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)  # resnet50 and friends are torchvision's ImageNet models
 
 
-def build_backbone(arch: str) -> tuple[nn.Module, int]:
-    """(backbone, feature dim) for an arch name."""
+def build_backbone(arch: str, pretrained_path: str = "") -> tuple[nn.Module, int]:
+    """(backbone, feature dim) for an arch name; pretrained_path: a local weights file (timm backbones)."""
+    if arch.startswith("timm/"):
+        from mixtail.trainer.timm_backbone import timm_backbone
+
+        return timm_backbone(arch.removeprefix("timm/"), pretrained_path)
+    if pretrained_path:
+        raise ConfigError(f"key 'model.pretrained_path': read for timm/<name> backbones only, not "
+                          f"model.arch={arch!r}")
     match = re.fullmatch(r"resnet(\d+)", arch)
     if match and int(match.group(1)) in CIFAR_DEPTHS:
         net = CifarResNet(int(match.group(1)))
@@ -111,5 +122,14 @@ class SMCNet(nn.Module):
 
 
 def build_model(cfg, num_classes: int) -> SMCNet:
-    backbone, dim = build_backbone(cfg.arch)
+    """The network of a ModelConfig: backbone, linear classifier and MLP head, randomly initialized (seed
+    torch first). Calling it gives (logits (B, num_classes), z (B, head_dim) L2-normalized).
+
+    >>> import torch, mixtail
+    >>> model = mixtail.build_model(mixtail.ModelConfig(arch="resnet8"), num_classes=10)
+    >>> logits, z = model(torch.randn(4, 3, 32, 32))
+    >>> logits.shape, z.shape, model.features(torch.randn(4, 3, 32, 32)).shape
+    (torch.Size([4, 10]), torch.Size([4, 128]), torch.Size([4, 64]))
+    """
+    backbone, dim = build_backbone(cfg.arch, cfg.pretrained_path)
     return SMCNet(backbone, dim, num_classes, cfg.head_dim)
