@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from mixtail.benchmarks.common import environment, format_table, synchronize, write_json
-from mixtail.errors import UsageError
+from mixtail.benchmarks.common import (argument_parser, environment, format_table, nonnegative_int, out_dir_argument,
+                                       positive_int, synchronize, write_json)
 
 KEYS = ["workers", "arch", "size_px", "pairs", "device"]
 METRICS = ["epoch_s", "test_pass_s", "extrapolated_s"]
@@ -105,25 +105,18 @@ def time_classic_epochs(cfg, train_set, test_set, *, num_classes: int, device: t
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import argparse
-
     from mixtail.benchmarks.bench_step import split_argv
     from mixtail.pipelines.datasets import build_dataset
     from mixtail.trainer.config import config_to_dict, load_config
     from mixtail.trainer.dist import resolve_device
 
-    p = argparse.ArgumentParser(prog="mixtail bench classic", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("mixtail bench classic", __doc__)
     p.add_argument("--config", default="cifar10_lt_r100", help="YAML path or bundled config name")
-    p.add_argument("--epochs", type=int, default=3, help="whole epochs to time (default 3)")
-    p.add_argument("--workers", type=int, nargs="+", default=[4],
+    p.add_argument("--epochs", type=positive_int, default=3, help="whole epochs to time (default 3)")
+    p.add_argument("--workers", type=nonnegative_int, nargs="+", default=[4],
                    help="DataLoader workers, one row each (default 4: LDAM-DRW's and CMO's)")
-    p.add_argument("--out", default=None, help="folder for the JSON (default: benchmarks/results)")
+    out_dir_argument(p)
     args, overrides = split_argv(p, argv)
-    if args.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    if min(args.workers) < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     cfg = load_config(args.config, overrides)
     device = resolve_device(cfg.train.device)
     # CIFAR-scale images in memory, as the classic repositories hold CIFAR (torchvision's arrays): their loop

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mixtail.benchmarks.common import environment, format_table, write_json
+from mixtail.benchmarks.common import argument_parser, environment, format_table, out_dir_argument, positive_int, write_json
+from mixtail.errors import UsageError
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_PHOTOS = SHARED / "photos"
@@ -59,7 +60,7 @@ def default_sources(tmp: Path, cifar_per_class: int) -> list[tuple[str, str, dic
             tar.extractall(root, members=members, filter="data")
         sources.append((f"cifar10 ({len(members)})", str(root / "train"), {}))
     if not sources:
-        raise SystemExit(f"neither {DEFAULT_PHOTOS} nor {DEFAULT_CIFAR} exists: give --source")
+        raise UsageError(f"neither {DEFAULT_PHOTOS} nor {DEFAULT_CIFAR} exists: give --source")
     return sources
 
 
@@ -147,29 +148,28 @@ def dali_read(out: Path, args) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> list[dict]:
     from mixtail.pipelines.convert import verify
 
-    p = argparse.ArgumentParser(prog="mixtail bench convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("mixtail bench convert", __doc__)
     p.add_argument("--source", action="append", default=[], help="a source to convert (repeatable; default: the "
                    "photos and a CIFAR-10 subset from ../shared/data)")
     p.add_argument("--image-root", default="", help="for a --source list or .json")
     p.add_argument("--targets", default="ffcv,dali")
     p.add_argument("--modes", default="", help="write modes, comma-separated (default: each target's all)")
     p.add_argument("--max-resolution", default="none,256", help="comma-separated; none = keep sizes")
-    p.add_argument("--cifar-per-class", type=int, default=200)
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--reps", type=int, default=1, help="conversions per row (median)")
+    p.add_argument("--cifar-per-class", type=positive_int, default=200)
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--reps", type=positive_int, default=1, help="conversions per row (median)")
     p.add_argument("--dali-read", action="store_true", help="also time the DALI executor reading each dali output")
-    p.add_argument("--size", type=int, default=64, help="--dali-read: training image side")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--windows", type=int, default=3)
-    p.add_argument("--window-batches", type=int, default=10)
-    p.add_argument("--out-dir", default=None, help="folder for the JSON result (default: benchmarks/results)")
+    p.add_argument("--size", type=positive_int, default=64, help="--dali-read: training image side")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 2)
+    p.add_argument("--windows", type=positive_int, default=3)
+    p.add_argument("--window-batches", type=positive_int, default=10)
+    out_dir_argument(p, "--out-dir")
     args = p.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for t in targets:
         if t not in MODES:
-            raise SystemExit(f"--targets: {t!r} is not ffcv or dali")
+            raise UsageError(f"--targets: {t!r} is not ffcv or dali")
     if "ffcv" in targets:
         import mixtail.pipelines.ffcv_io  # noqa: F401  (its numba compile at import is not a conversion's cost)
 

@@ -9,7 +9,7 @@ differ), then times each (dtype, N, impl): median and p20/p80 over repeats with 
 flush, the peak memory allocated above the inputs, the speed-up over eager and a model throughput that
 counts the three matmuls the math needs (s = z·zᵀ, G·z and Gᵀ·z: 6·N²·D flops). The eager reference is
 skipped where its O(N²) memory would not fit (estimated from the bytes per pair it used at smaller N),
-shown as "OOM (est. X GB)". Writes benchmarks/results/kernel_<gpu-or-cpu>_<yyyymmdd>.json (or --out).
+shown as "OOM (est. X GB)". Writes ./benchmarks-results/kernel_<gpu-or-cpu>_<yyyymmdd>.json (or --out).
 On the CPU it sets TRITON_INTERPRET=1 itself, before the kernels are imported.
 """
 
@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
-from mixtail.benchmarks.common import (environment, format_table, free_memory_bytes, peak_memory_since, reps_for,
-                                       reset_peak_memory, summarize, synchronize, time_fn, write_json)
+from mixtail.benchmarks.common import (argument_parser, environment, format_table, free_memory_bytes, out_dir_argument,
+                                       peak_memory_since, positive_float, positive_int, reps_for, reset_peak_memory,
+                                       summarize, synchronize, time_fn, write_json)
+from mixtail.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # ENV.md: the reference peaked at 5.4 GB for N = 16,384 on an H100, about 20 B per pair; assume a bit more
@@ -35,17 +37,17 @@ TARGET_N, TARGET_SPEEDUP, TARGET_EXTRA_MB = 16384, 3.0, 64.0
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="mixtail bench loss", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536] if gpu else [64, 128],
+    p = argument_parser("mixtail bench loss", __doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=[1024, 4096, 16384, 65536] if gpu else [64, 128],
                    help="batch sizes N (rows of z)")
-    p.add_argument("--dim", type=int, default=128, help="feature width D")
+    p.add_argument("--dim", type=positive_int, default=128, help="feature width D")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"] if gpu else ["fp32"])
     p.add_argument("--impls", nargs="+", choices=["reference", "triton"], default=["reference", "triton"])
     p.add_argument("--weighting", default="weighted", choices=["weighted", "average", "assign_larger"])
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--classes", type=int, default=100, help="label range of y_f and y_b")
-    p.add_argument("--budget-s", type=float, default=2.0 if gpu else 0.5, help="timing budget per row")
-    p.add_argument("--out", default=None, help="folder for the JSON (default: benchmarks/results)")
+    p.add_argument("--tau", type=positive_float, default=0.1)
+    p.add_argument("--classes", type=positive_int, default=100, help="label range of y_f and y_b")
+    p.add_argument("--budget-s", type=positive_float, default=2.0 if gpu else 0.5, help="timing budget per row")
+    out_dir_argument(p)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -87,7 +89,7 @@ def verify(device: torch.device, args: argparse.Namespace) -> None:
                 torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
             except AssertionError as err:
-                raise SystemExit(f"Triton SMC loss disagrees with the reference ({weighting}, {dtype}, N={n}):\n{err}")
+                raise RuntimeError(f"Triton SMC loss disagrees with the reference ({weighting}, {dtype}, N={n}):\n{err}")
     print(f"verified: Triton matches the float64 reference at N={n}, D={d} for every weighting")
 
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mixtail.kernels.smc_loss import INTERPRET
 
     if device.type == "cpu" and not INTERPRET:
-        raise SystemExit("bench_kernel on the CPU needs TRITON_INTERPRET=1 before mixtail.kernels is imported")
+        raise UsageError("bench_kernel on the CPU needs TRITON_INTERPRET=1 before mixtail.kernels is imported")
 
     verify(device, args)
     rows: list[dict[str, Any]] = []

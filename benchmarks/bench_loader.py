@@ -31,7 +31,6 @@ the table gives the median and p20/p80 over windows. Results go to
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import os
@@ -43,7 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixtail.benchmarks.common import environment, format_table, synchronize, write_json
+from mixtail.benchmarks.common import (argument_parser, cuda_device_or_error, environment, format_table, nonnegative_int,
+                                       out_dir_argument, positive_float, positive_int, synchronize, write_json)
+from mixtail.errors import UsageError
 from mixtail.pipelines.datasets import ImageArrays, ImageFiles, decode_images, long_tailed_counts
 from mixtail.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, MixConfig
 
@@ -63,7 +64,7 @@ def photo_dataset(photos: Path, num_photos: int, num_classes: int, imbalance_rat
     """The photos with fake long-tailed labels (see the module docstring)."""
     files = sorted(str(p) for p in Path(photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
-        raise SystemExit(f"no JPEG/PNG photos in {photos} (give --photos; the repo's are ../shared/data/photos)")
+        raise UsageError(f"no JPEG/PNG photos in {photos} (give --photos; the repo's are ../shared/data/photos)")
     if num_photos:
         files = files[:num_photos]
     num_classes = min(num_classes, len(files))
@@ -187,43 +188,39 @@ def verify_dali(size: int, device: torch.device) -> float:
         r = normalize_views([r], IMAGENET_MEAN, IMAGENET_STD).permute(0, 2, 3, 1).numpy()
         err = max(err, float(np.abs(v - r).max()) * 255 * min(IMAGENET_STD))
     if err > VERIFY_TOL_GREY:
-        raise SystemExit(f"DALI mixing on {device} differs from the torch reference by {err:.4f} grey levels "
+        raise RuntimeError(f"DALI mixing on {device} differs from the torch reference by {err:.4f} grey levels "
                          f"(tolerance {VERIFY_TOL_GREY}); not timing a wrong pipeline")
     return err
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="mixtail bench loader", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("mixtail bench loader", __doc__)
     p.add_argument("--backend", nargs="+", default=["dali", "torch"], choices=BACKENDS)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of JPEGs (default ../shared/data/photos)")
-    p.add_argument("--num-photos", type=int, default=0, help="use the first N photos (0: all)")
-    p.add_argument("--classes", type=int, default=50, help="fake long-tailed classes over the photos")
-    p.add_argument("--imbalance-ratio", type=float, default=10.0)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=256, help="mixed pairs per batch")
-    p.add_argument("--warmup", type=int, default=5, help="batches before timing")
-    p.add_argument("--windows", type=int, default=5)
-    p.add_argument("--window-batches", type=int, default=10)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 4, help="DALI CPU threads, FFCV decoding threads")
+    p.add_argument("--num-photos", type=nonnegative_int, default=0, help="use the first N photos (0: all)")
+    p.add_argument("--classes", type=positive_int, default=50, help="fake long-tailed classes over the photos")
+    p.add_argument("--imbalance-ratio", type=positive_float, default=10.0)
+    p.add_argument("--size", type=positive_int, default=224)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="mixed pairs per batch")
+    p.add_argument("--warmup", type=nonnegative_int, default=5, help="batches before timing")
+    p.add_argument("--windows", type=positive_int, default=5)
+    p.add_argument("--window-batches", type=positive_int, default=10)
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 4, help="DALI CPU threads, FFCV decoding threads")
     p.add_argument("--beton-mode", default="jpg", choices=["raw", "jpg", "smart"],
                    help="ffcv: how the photos are stored in the temporary .beton (default jpg)")
-    p.add_argument("--out", default=None, help="folder for the JSON result (default: benchmarks/results)")
+    out_dir_argument(p)
     args = p.parse_args(argv)
 
     missing = [b for b in args.backend if b not in available_backends()]
     if missing:
         modules = ", ".join(_MODULES[b] for b in missing)
-        raise SystemExit(f"backend(s) {', '.join(missing)} not available here: {modules} does not exist or its "
+        raise UsageError(f"backend(s) {', '.join(missing)} not available here: {modules} does not exist or its "
                          f"library is not installed (available: {', '.join(available_backends())})")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but torch sees no CUDA device")
+    device = cuda_device_or_error(args.device)
     ds = photo_dataset(Path(args.photos), args.num_photos, args.classes, args.imbalance_ratio)
     if len(ds) < args.batch_size:
-        raise SystemExit(f"{len(ds)} photos do not fill one batch of {args.batch_size} pairs; lower --batch-size")
+        raise UsageError(f"{len(ds)} photos do not fill one batch of {args.batch_size} pairs; lower --batch-size")
     print(f"{len(ds)} photos, {len(ds.classes)} fake LT classes ({np.bincount(ds.labels).max()}.."
           f"{np.bincount(ds.labels).min()}), {args.size} px, batch {args.batch_size} pairs x 2 views, {device}")
 

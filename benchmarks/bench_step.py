@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixtail.benchmarks.common import (environment, format_table, peak_memory_since, reset_peak_memory, summarize,
-                                       synchronize, time_fn, write_json)
+from mixtail.benchmarks.common import (argument_parser, environment, format_table, nonnegative_int, out_dir_argument,
+                                       peak_memory_since, positive_int, reset_peak_memory, summarize, synchronize,
+                                       time_fn, write_json)
 from mixtail.errors import ConfigError, UsageError
 
 MODES = ("eager", "graphs", "compile")
@@ -58,14 +59,15 @@ METRICS = ["images_per_s", "ms_per_step"]
 
 def bench_parser(prog: str, doc: str, *, windows: int) -> argparse.ArgumentParser:
     """The options bench step and bench train share: the config, the class count and the timing windows."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(prog, doc)
     p.add_argument("--config", default="cifar10_lt_r100", help="YAML path or bundled config name")
-    p.add_argument("--classes", type=int, default=None, help="number of classes of synthetic data (default: the "
-                   "dataset's)")
-    p.add_argument("--warmup", type=int, default=10, help="steps before timing (after bench step's checked first step)")
-    p.add_argument("--windows", type=int, default=windows, help="timed windows")
-    p.add_argument("--window-steps", type=int, default=20, help="steps per timed window")
-    p.add_argument("--out", default=None, help="folder for the JSON (default: benchmarks/results)")
+    p.add_argument("--classes", type=positive_int, default=None, help="number of classes of synthetic data "
+                   "(default: the dataset's)")
+    p.add_argument("--warmup", type=nonnegative_int, default=10,
+                   help="steps before timing (after bench step's checked first step)")
+    p.add_argument("--windows", type=positive_int, default=windows, help="timed windows")
+    p.add_argument("--window-steps", type=positive_int, default=20, help="steps per timed window")
+    out_dir_argument(p)
     return p
 
 
@@ -255,7 +257,7 @@ def bench_modes(cfg, modes: list[str], *, num_classes: int, counts: np.ndarray, 
                 f"{diff['buffers_rel']:.2e} (tol {tol_update:g}), step counters "
                 f"{'equal' if diff['counters_equal'] else 'DIFFERENT'}")
             if mode == "graphs" and not ok:
-                raise SystemExit(f"the graphed step differs from the eager step ({diff}); not timing a wrong step")
+                raise RuntimeError(f"the graphed step differs from the eager step ({diff}); not timing a wrong step")
         if mode not in modes:  # eager ran only as the reference
             del run
             continue
@@ -296,6 +298,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = [m for m in args.modes if m not in skipped]
     for mode, why in skipped.items():
         print(f"skipping {mode}: {why}")
+    if not modes:
+        # An empty results file with exit 0 read as a benchmark that ran (issue 16): say so and write nothing.
+        raise UsageError(f"nothing to time on {device}: " + "; ".join(f"{m}: {why}" for m, why in skipped.items())
+                         + " (add --modes eager)")
     print(f"{cfg.model.arch} at {cfg.data.image_size} px, {cfg.data.batch_size} pairs x {cfg.data.num_views} views, "
           f"{num_classes} classes, {precision_name(cfg, device)}, loss {loss_impl_name(cfg, device)}, {device}")
     rows, verify = bench_modes(cfg, modes, num_classes=num_classes, counts=counts, device=device, warmup=args.warmup,

@@ -39,7 +39,7 @@ import torch
 
 from mixtail.benchmarks.bench_step import (bench_parser, build, describe_run, num_classes_for, split_argv,
                                            synthetic_batches, time_steps)
-from mixtail.benchmarks.common import environment, format_table, synchronize, write_json
+from mixtail.benchmarks.common import environment, format_table, nonnegative_int, synchronize, write_json
 from mixtail.errors import MixtailError
 
 BACKENDS = ("torch", "dali", "ffcv")
@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     p = bench_parser("mixtail bench train", __doc__, windows=5)
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    p.add_argument("--synthetic", type=int, default=0, metavar="N", help="N random in-memory images instead of data")
+    p.add_argument("--synthetic", type=nonnegative_int, default=0, metavar="N", help="N random in-memory images instead of data")
     p.add_argument("--baseline", choices=["classic"], default=None, help="also time the classic loop")
-    p.add_argument("--workers", type=int, nargs="+", default=[4],
+    p.add_argument("--workers", type=nonnegative_int, nargs="+", default=[4],
                    help="DataLoader workers of the classic loop, one row each (default 4: LDAM-DRW's and CMO's)")
-    p.add_argument("--epoch", type=int, default=None, help="epoch to start in (default: mix.start_epoch)")
+    p.add_argument("--epoch", type=nonnegative_int, default=None, help="epoch to start in (default: mix.start_epoch)")
     args, overrides = split_argv(p, argv)
     cfg = load_config(args.config, overrides)
     device = resolve_device(cfg.train.device)

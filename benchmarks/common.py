@@ -3,7 +3,7 @@
     from mixtail.benchmarks.common import time_fn, summarize, environment, format_table, write_json
     stats = summarize(time_fn(step, device=torch.device("cuda"), reps=20))   # {"median_ms", "p20_ms", ...}
     print(format_table(rows))
-    write_json("kernel", rows, config={"D": 128})   # -> benchmarks/results/kernel_<gpu-or-cpu>_<yyyymmdd>.json
+    write_json("kernel", rows, config={"D": 128})   # -> ./benchmarks-results/kernel_<gpu-or-cpu>_<yyyymmdd>.json
     mixtail bench compare A.json B.json          # B / A for every metric of the rows both files hold (`compare`)
 
 Timing on CUDA brackets each repeat with CUDA events and flushes the L2 cache before it (writing a buffer
@@ -31,7 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+# The repo's committed measurements; benchmarks write there only when told (--out benchmarks/results).
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where a benchmark writes without --out: a folder of the working directory, never the package's own
+# folder, which for an installed wheel is inside site-packages (issue 16).
+DEFAULT_OUT_DIR = "benchmarks-results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _L2_FLUSH_BYTES = 256 * 2**20  # H100: 50 MB of L2; B200: 126 MB
 _flush_buffers: dict[torch.device, torch.Tensor] = {}
@@ -223,14 +227,67 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 
 def write_json(bench: str, rows: Sequence[dict[str, Any]], *, config: dict[str, Any] | None = None,
                env: dict[str, Any] | None = None, out_dir: str | Path | None = None) -> Path:
-    """Write {bench, config, environment, rows} to <out_dir>/<bench>_<gpu-or-cpu>_<yyyymmdd>.json."""
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    """Write {bench, config, environment, rows} to <out_dir>/<bench>_<gpu-or-cpu>_<yyyymmdd>.json
+    (out_dir defaults to ./benchmarks-results)."""
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / DEFAULT_OUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     env = env if env is not None else environment()
     path = out / f"{bench}_{device_slug()}_{_dt.datetime.now(_dt.timezone.utc):%Y%m%d}.json"
     record = {"bench": bench, "config": config or {}, "environment": env, "rows": list(rows)}
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Command lines
+# --------------------------------------------------------------------------------------------------
+
+def argument_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """An argparse parser whose errors are one `mixtail bench: error: ...` line, exit status 2, as
+    every other mixtail command's (mixtail/cli.py); the help text keeps the module docstring's layout."""
+    from mixtail.cli import _Parser
+
+    return _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
+    word = "positive" if strict and low == 0 else f"at least {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (value > low if strict else value >= low) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {word}, got {text}")
+        return value
+
+    parse.__name__ = f"{word} {'integer' if kind is int else 'number'}"  # argparse names the type in errors
+    return parse
+
+
+# argparse types: `p.add_argument("--batch-size", type=positive_int)`. A zero batch size or budget is
+# refused at the command line rather than failing inside the benchmark (issue 16: ZeroDivisionError).
+positive_int = _bounded(int, 0, strict=True)
+positive_float = _bounded(float, 0, strict=True)
+nonnegative_int = _bounded(int, 0, strict=False)
+
+
+def out_dir_argument(p: argparse.ArgumentParser, flag: str = "--out") -> None:
+    p.add_argument(flag, default=None, help=f"folder for the JSON result (default: ./{DEFAULT_OUT_DIR}; the repo's "
+                   "committed results are under benchmarks/results)")
+
+
+def cuda_device_or_error(requested: str) -> torch.device:
+    """`auto` -> CUDA when torch sees it, else the CPU; `cuda` without CUDA is a one-line UsageError."""
+    from mixtail.errors import UsageError
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}, but torch sees no CUDA device here; use --device cpu")
+    return torch.device(requested)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,8 +369,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], *, keys: Sequence[str] | None 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`mixtail bench compare A.json B.json`: the ratios B / A of the matching rows, as a table."""
-    p = argparse.ArgumentParser(prog="mixtail bench compare",
-                                description="Ratios B / A of the metrics of matching rows of two benchmark results.")
+    p = argument_parser("mixtail bench compare", "Ratios B / A of the metrics of matching rows of two benchmark results.")
     p.add_argument("a", help="the baseline result (JSON from write_json)")
     p.add_argument("b", help="the result compared with it")
     p.add_argument("--keys", nargs="+", default=None, help="columns that match rows (default: A's key columns)")
@@ -334,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 __all__ = ["time_fn", "summarize", "reps_for", "synchronize", "reset_peak_memory", "peak_memory_since",
            "free_memory_bytes", "environment", "device_slug", "gpu_name", "format_table", "write_json",
-           "RESULTS_DIR", "read_result", "key_columns", "compare"]
+           "RESULTS_DIR", "DEFAULT_OUT_DIR", "read_result", "key_columns", "compare", "argument_parser", "positive_int",
+           "positive_float", "nonnegative_int", "out_dir_argument", "cuda_device_or_error"]
 
 
 if __name__ == "__main__":

@@ -217,3 +217,59 @@ def test_torchrun_summary_shows_the_message(tmp_path):
     root = [line for line in summary.splitlines() if line.strip().startswith("traceback :")]
     assert root and root[0].split("traceback :", 1)[1].strip() == ours[0]
     assert "exitcode  : 2" in summary
+
+
+# --------------------------------------------------------------------------------------------------
+# bench: bad arguments are one-line usage errors, nothing ran means exit 2, results land in the working directory
+# (issue 16, item 9)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["loader", "--batch-size", "0"], "argument --batch-size: must be positive, got 0"),
+    (["loader", "--windows", "-3"], "argument --windows: must be positive, got -3"),
+    (["loss", "--budget-s", "-1"], "argument --budget-s: must be positive, got -1"),
+    (["loss", "--budget-s", "nan"], "argument --budget-s: must be positive, got nan"),
+    (["loss", "--sizes", "64", "x"], "argument --sizes: expected an integer, got 'x'"),
+    (["step", "--warmup", "-1"], "argument --warmup: must be at least 0, got -1"),
+    (["classic", "--epochs", "0"], "argument --epochs: must be positive, got 0"),
+    (["convert", "--jobs", "0"], "argument --jobs: must be positive, got 0"),
+    (["compare", "only_one.json"], "the following arguments are required: b"),
+])
+def test_bench_bad_arguments_are_one_line_usage_errors(capsys, tmp_path, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(capsys, "bench", *argv)
+    assert code == 2
+    _assert_one_line(err, "bench", fragment, f"mixtail bench {argv[0]} --help")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer to --device cuda on a machine without CUDA")
+def test_bench_loader_on_cuda_without_cuda_is_a_prefixed_error(capsys):
+    code, _, err = _main(capsys, "bench", "loader", "--backend", "torch", "--device", "cuda")
+    assert code == 2
+    _assert_one_line(err, "bench", "error: --device cuda, but torch sees no CUDA device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="graphs run where CUDA is")
+def test_bench_step_where_no_mode_can_run_writes_nothing_and_exits_2(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(capsys, "bench", "step", "--config", "smoke_cpu", "--modes", "graphs",
+                           "--out", str(tmp_path / "res"))
+    assert code == 2
+    assert "skipping graphs" in out
+    _assert_one_line(err, "bench", "nothing to time on cpu", "graphs: CUDA graphs need a CUDA device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_results_go_to_the_working_directory_not_the_package(capsys, tmp_path, monkeypatch):
+    from mixtail.benchmarks import common
+
+    monkeypatch.chdir(tmp_path)
+    package_results = sorted(common.RESULTS_DIR.glob("*.json"))
+    code, out, _ = _main(capsys, "bench", "step", "--config", "smoke_cpu", "--model.arch=resnet8",
+                         "--data.batch_size=4", "--modes", "eager", "--warmup", "0", "--windows", "1",
+                         "--window-steps", "1")
+    assert code == 0
+    (path,) = (tmp_path / "benchmarks-results").glob("step_*.json")
+    assert f"wrote {path.relative_to(tmp_path)}" in out or f"wrote {path}" in out
+    assert sorted(common.RESULTS_DIR.glob("*.json")) == package_results
