@@ -88,6 +88,7 @@ one line naming it; an interrupted or partial output is refused. The source must
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -104,7 +105,7 @@ from pathlib import Path
 import numpy as np
 
 from mixtail import __version__
-from mixtail.errors import DataError, UsageError
+from mixtail.errors import DataError, UsageError, describe_os_error
 from mixtail.pipelines.datasets import (DataNotFound, ImageArrays, ImageFiles, check_files, cifar_dataset,
                                         long_tailed_indices, scan_image_folder)
 from mixtail.pipelines.images import load_rgb
@@ -632,6 +633,17 @@ def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print) -> Mani
         with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:
             f.write(manifest.to_json())
         _publish(tmp, out, opts.overwrite)
+    except OSError as err:
+        if err.errno not in _OUT_OF_SPACE:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # The OS's ENOSPC from a write() names no file (issue 16): say which output filled the disk, and how far
+        # it got, before the partial folder (and its space) goes.
+        written = _bytes_under(tmp) + getattr(err, "bytes_written", 0)  # ffcv_io.write_beton's removed partial file
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"converting to {out}: {describe_os_error(err)} after {written:,} bytes "
+                        f"({written / 2**20:.1f} MiB) were written to {tmp.name} in {out.parent}; the partial output "
+                        f"was removed, nothing was written to {out}: free space there, or choose another --out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -642,6 +654,22 @@ def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print) -> Mani
         f"{_mib(outputs):.1f} MiB" + (f"; skipped {len(skipped)} bad file(s), listed in {MANIFEST_NAME}"
                                      if skipped else ""))
     return replace(manifest, path=out)
+
+
+# The write errors that mean the output's filesystem has no room (or quota) left for it.
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _bytes_under(folder: Path) -> int:
+    """Bytes allocated to the files under `folder` (what a full disk holds of the output so far)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 def _mib(outputs: dict) -> float:

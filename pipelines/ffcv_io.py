@@ -205,7 +205,12 @@ def write_beton(path: str | os.PathLike, samples: Iterable[tuple[np.ndarray, int
             os.fsync(directory)
         finally:
             os.close(directory)
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, OSError):
+            # What reached the disk before it failed (a full disk: how far the file got), for the caller's
+            # message once the partial file is gone (pipelines/convert.py, issue 16).
+            with contextlib.suppress(OSError):
+                err.bytes_written = os.stat(tmp_name).st_size
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path

@@ -60,3 +60,33 @@ def cifar10_jpeg_root() -> Iterator[Path]:
         if not (root / "train").is_dir() or not (root / "test").is_dir():
             pytest.fail(f"{CIFAR10_JPEG_TAR} did not hold train/ and test/ at its top level")
         yield root
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path) -> Iterator:
+    """mount_tmpfs("256k") -> the path of a real tmpfs of that size, mounted for the test and unmounted after
+    (needs mount rights: root with CAP_SYS_ADMIN; skips, saying why, where it cannot mount one). A real full
+    disk, rather than a simulated errno, is what shows the messages a user sees."""
+    import shutil
+    import subprocess
+    import sys
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        tool = shutil.which("mount")
+        if tool is None or not sys.platform.startswith("linux"):
+            pytest.skip("a real tiny tmpfs needs Linux and `mount`; the simulated full-disk tests cover this")
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        res = subprocess.run([tool, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                             text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); "
+                        "the simulated full-disk tests cover this")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

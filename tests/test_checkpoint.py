@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -365,22 +364,9 @@ def test_kill_9_during_a_write_keeps_the_previous_checkpoint(tmp_path):
 
 
 @pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 64 KiB tmpfs, mounted for the test (needs mount rights: root with CAP_SYS_ADMIN)."""
-    mount = shutil.which("mount")
-    if mount is None or not sys.platform.startswith("linux"):
-        pytest.skip("a real tiny tmpfs needs Linux and `mount`; the simulated full-disk tests cover this")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    res = subprocess.run([mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); "
-                    "the simulated full-disk tests cover this")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
+def tiny_tmpfs(mount_tmpfs):
+    """A 64 KiB tmpfs (tests/conftest.py's mount_tmpfs; skips where it cannot be mounted)."""
+    return mount_tmpfs("64k")
 
 
 def _free_bytes(path: Path) -> int:

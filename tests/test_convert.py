@@ -9,6 +9,7 @@ Sources are small parts of ../shared/data (tens of images), copied into a tempor
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import multiprocessing
@@ -402,6 +403,44 @@ def test_a_file_that_fails_only_when_decoded(cifar_tree, tmp_path, capsys, to):
     m = read_manifest(out)
     assert [s["path"] for s in m.skipped] == [str(broken)] and m.splits["train"].num_images == 48
     cv.verify(out, sample=3)
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_a_full_disk_names_the_output_and_what_was_written(photo_tree, mount_tmpfs, capsys, to):
+    """A real 256 KiB tmpfs, filled part-way through the split (issue 16: the message had no path)."""
+    disk = mount_tmpfs("256k")
+    free = _free_bytes(disk)
+    out = disk / "out"
+    code, _, err = _cli(capsys, str(photo_tree), "--to", to, "--out", str(out))
+    assert code == 2
+    line = _one_line(err, f"converting to {out}: No space left on device (ENOSPC) after ",
+                     "the partial output was removed, nothing was written to")
+    written = int(line.split(" after ", 1)[1].split(" bytes", 1)[0].replace(",", ""))
+    assert 0 < written <= free
+    assert list(disk.iterdir()) == [] and _free_bytes(disk) == free  # nothing left, the space given back
+
+
+def test_a_full_disk_simulated_counts_the_bytes_of_the_files_written(cifar_tree, tmp_path, monkeypatch, capsys):
+    """Everywhere (no mount needed): the third encoded image hits ENOSPC; the message counts the two before it."""
+    real, sizes = cv.encode, []
+
+    def encode(rgb, kind, quality):
+        if len(sizes) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        sizes.append(len(data := real(rgb, kind, quality)))
+        return data
+
+    monkeypatch.setattr(cv, "encode", encode)
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, str(cifar_tree), "--to", "dali", "--out", str(out), "--write-mode", "jpg",
+                        "--jobs", "1")
+    assert code == 2
+    _one_line(err, f"converting to {out}: No space left on device (ENOSPC) after {sum(sizes):,} bytes")
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
 # --------------------------------------------------------------------------------------------------
