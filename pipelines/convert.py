@@ -107,7 +107,7 @@ import numpy as np
 from mixtail import __version__
 from mixtail.errors import DataError, UsageError, describe_os_error
 from mixtail.pipelines.datasets import (DataNotFound, ImageArrays, ImageFiles, check_files, cifar_dataset,
-                                        long_tailed_indices, scan_image_folder)
+                                        left_out_line, long_tailed_indices, scan_image_folder)
 from mixtail.pipelines.images import load_rgb
 from mixtail.pipelines.manifest import (MANIFEST_NAME, STORED_KINDS, Manifest, SplitInfo, file_sha256, folder_digest,
                                         now_utc, outputs_checksum, read_manifest, split_table, write_index)
@@ -592,6 +592,9 @@ def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print) -> Mani
     # Everything is read and checked before anything is written: with --on-error stop a bad file ends the run here.
     classes, prepared = prepare(fmt, source, splits, image_root=image_root, test_list=test_list,
                                 imbalance_ratio=opts.imbalance_ratio, lt_subset=opts.lt_subset, on_error=opts.on_error)
+    for name in splits:  # files of another extension are never converted: say how many (issue 16)
+        if line := left_out_line(prepared[name].data, f"{name} split of {source}", prepared[name].source_images):
+            log(line)
     out.parent.mkdir(parents=True, exist_ok=True)
     for leftover in remove_leftovers(out):
         log(f"removed {leftover}, left by an interrupted conversion")

@@ -12,7 +12,9 @@ One class map per dataset: the training split (or a class list given to `build_d
 classes, and the test split is read onto them. Different class sets, an empty class, a label outside the
 map or a class only in the test split is a DataError naming the class, file and line, raised when the
 dataset is built, never an accuracy silently computed against shifted labels. Hidden files and folders
-(`.*`, macOS `._*` forks) are never images or classes. Every image file is checked when the dataset is
+(`.*`, macOS `._*` forks) are never images or classes; other files of a class folder whose extension is not an
+image's (a .gif, a .txt) are left out, counted by extension and reported in one line per split (`left_out`).
+Every image file is checked when the dataset is
 built (pipelines/images.py); `data.on_error` says whether a bad one stops the run (all of them named in
 one error) or is skipped (counted and listed in `skipped`).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +45,7 @@ class DataNotFound(DataError, FileNotFoundError):
 
 
 Skipped = tuple[tuple[str, str], ...]  # (path, reason) of each file that data.on_error=skip dropped
+LeftOut = tuple[tuple[str, int], ...]  # (extension, files) of a folder's files not read for their extension
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class ImageFiles:
     # check_files; None for files not checked yet.
     sizes: np.ndarray | None = None
     skipped: Skipped = ()
+    left_out: LeftOut = ()  # files of the scanned class folders that are not images by their extension
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -322,30 +327,62 @@ def cifar_dataset(name: str, root: str, split: str, download: bool) -> ImageArra
     return ImageArrays(np.ascontiguousarray(ds.data), labels, list(ds.classes), origin=np.arange(len(labels)))
 
 
+def _is_folder(entry: os.DirEntry) -> bool:
+    """entry.is_dir(), False where the OS cannot say: a symlink loop (ELOOP) or an entry gone since the
+    listing. Such a name is then kept as a file when it looks like an image, so the file check reports it
+    (named with data.on_error=stop, skipped and counted with skip) instead of the scan aborting (issue 16)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _class_folders(root: Path) -> list[str]:
     """The sorted names of the class folders of an image-folder split (hidden folders are not classes)."""
     if not root.is_dir():
         raise DataNotFound(f"image folder {root} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name))
+    classes = sorted(e.name for e in os.scandir(root) if _is_folder(e) and not is_hidden(e.name))
     if not classes:
         raise DataNotFound(f"image folder {root} has no class sub-folders (expected root/<class>/<file>)")
     return classes
 
 
-def _image_names(folder: Path) -> list[str]:
-    """The image files directly inside a class folder, sorted: hidden files (`._x.jpg`) and other extensions
-    are not images. A broken symlink named like an image is kept, so that the check reports it."""
-    return sorted(e.name for e in os.scandir(folder)
-                  if not is_hidden(e.name) and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.is_dir())
+def _image_names(folder: Path) -> tuple[list[str], list[str]]:
+    """The image files directly inside a class folder, sorted, and the extensions of the other files there:
+    hidden files (`._x.jpg`) are neither; other extensions are not images but are counted, so a run can say
+    what it left out. A broken symlink named like an image is kept, so that the check reports it."""
+    names, others = [], []
+    for e in os.scandir(folder):
+        if is_hidden(e.name) or _is_folder(e):
+            continue
+        if e.name.lower().endswith(IMAGE_EXTENSIONS):
+            names.append(e.name)
+        else:
+            others.append(os.path.splitext(e.name)[1].lower() or "(no extension)")
+    return sorted(names), others
 
 
-def _class_images(folder: Path) -> list[str]:
-    """`_image_names(folder)`, which must not be empty: an empty class is an error, never a silent label."""
-    names = _image_names(folder)
+def left_out_line(ds: "ImageFiles | ImageArrays", where: str, images: int) -> str | None:
+    """One line saying which files of `where` were not read for their extension (None if none): `images`
+    is how many were read, so the user sees e.g. that 1 of 8 files was left out."""
+    left_out = getattr(ds, "left_out", ())
+    if not left_out:
+        return None
+    n = sum(count for _, count in left_out)
+    kinds = ", ".join(f"{count} {ext}" for ext, count in left_out)
+    return (f"{where}: {n} of {images + n} files left out for their extension ({kinds}); images are "
+            f"{' '.join(IMAGE_EXTENSIONS)}")
+
+
+def _class_images(folder: Path) -> tuple[list[str], list[str]]:
+    """`_image_names(folder)`, whose images must not be empty: an empty class is an error, never a silent label."""
+    names, others = _image_names(folder)
     if not names:
         raise DataError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}; hidden files do "
-                        f"not count): remove it or add its images")
-    return names
+                        f"not count): remove it or add its images"
+                        + (f"; it holds {len(others)} file(s) of other extensions ({', '.join(sorted(set(others)))})"
+                           if others else ""))
+    return names, others
 
 
 def _compare_class_sets(found: list[str], classes: list[str], root: Path) -> None:
@@ -376,12 +413,14 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> Ima
         classes = found
     else:
         _compare_class_sets(found, classes, root)
-    files, labels = [], []
+    files, labels, others = [], [], []
     for k, name in enumerate(classes):
-        names = _class_images(root / name)
+        names, other = _class_images(root / name)
         files += [str(root / name / f) for f in names]
         labels += [k] * len(names)
-    return ImageFiles(files, np.asarray(labels, dtype=np.int64), list(classes))
+        others += other
+    left_out = tuple(sorted(Counter(others).items()))
+    return ImageFiles(files, np.asarray(labels, dtype=np.int64), list(classes), left_out=left_out)
 
 
 STOP_HINT = "they cannot be used (data.on_error=stop; --data.on_error=skip trains without them)"
@@ -505,6 +544,10 @@ def build_dataset(data, split: str, *, decoded: bool = True,
         folder = Path(data.root) / ("train" if read == "train" else data.test_dir)
         ds = scan_image_folder(folder, classes)
         what = f"{split} images under {folder}"
+        line = left_out_line(ds, f"{read} split under {folder}", len(ds))
+        # Once per split read (val comes out of the train folder, already reported) and on one rank only.
+        if line and split != "val" and os.environ.get("RANK", "0") == "0":
+            print(line, flush=True)
     elif data.dataset in LISTED:
         from mixtail.pipelines.file_lists import read_listed_dataset
 

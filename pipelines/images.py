@@ -32,6 +32,7 @@ Pixel formats (tested against known pixel values in tests/test_images.py):
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import sys
@@ -199,6 +200,8 @@ def check_image(path: str, level: str = "header") -> tuple[int, int]:
     except FileNotFoundError:
         raise BadImage("does not exist") from None
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise BadImage("a symbolic link loop (ELOOP), not an image file") from None
         raise BadImage(f"unreadable ({err.strerror})") from None
     if size == 0:
         raise BadImage("zero-byte file")

@@ -383,6 +383,34 @@ def test_bad_files_skipped_are_counted_and_listed(bad_tree, tmp_path, capsys):
     assert "ok: train 48 images" in cv.verify(out)
 
 
+def test_a_symlink_loop_named_like_an_image_is_a_bad_file(cifar_tree, tmp_path, capsys):
+    """ELOOP used to abort the conversion even with --on-error skip (issue 16)."""
+    root = tmp_path / "loops"
+    shutil.copytree(cifar_tree, root)
+    loop = root / "train" / "cat" / "loop.jpg"
+    loop.symlink_to("loop.jpg")
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, str(root), "--to", "dali", "--out", str(out))
+    assert code == 2
+    _one_line(err, f"{loop}: a symbolic link loop (ELOOP)", "nothing was written")
+    assert not out.exists()
+    code, stdout, _ = _cli(capsys, str(root), "--to", "dali", "--out", str(out), "--on-error", "skip")
+    assert code == 0 and "skipped 1 bad file(s)" in stdout
+    m = read_manifest(out)
+    assert [s["path"] for s in m.skipped] == [str(loop)] and m.splits["train"].num_images == 48
+
+
+def test_files_of_other_extensions_are_reported_by_convert(cifar_tree, tmp_path):
+    root = tmp_path / "gif"
+    shutil.copytree(cifar_tree, root)
+    (root / "train" / "cat" / "odd.gif").write_bytes(b"GIF89a")
+    lines = []
+    cv.convert(cv.ConvertOptions(source=str(root), out=str(tmp_path / "out"), to="dali", jobs=1), log=lines.append)
+    assert lines[0] == (f"train split of {root}: 1 of 49 files left out for their extension (1 .gif); images are "
+                        ".jpg .jpeg .png .bmp .webp .ppm .tif .tiff")
+    assert not any(line.startswith("test split") for line in lines)
+
+
 def test_a_file_that_fails_only_when_decoded(cifar_tree, tmp_path, capsys, to):
     """Complete JPEG markers around broken data: the header check passes, the decode does not."""
     _need(PHOTOS)

@@ -475,6 +475,57 @@ def test_broken_symlink_is_reported_not_dropped(tmp_path, real_jpegs):
         build_dataset(folder_config(root), "train", decoded=False)
 
 
+def test_symlink_loop_named_like_an_image_is_a_broken_file(tmp_path, real_jpegs):
+    """A link to itself and a pair pointing at each other (ELOOP): named with stop, skipped and counted with
+    skip, for the file and the decoded dataset (issue 16: the scan aborted with ELOOP even with skip)."""
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
+    loops = [root / "train" / "cat" / "self.jpg", root / "train" / "bird" / "a.png", root / "train" / "bird" / "b.png"]
+    loops[0].symlink_to("self.jpg")
+    loops[1].symlink_to("b.png")
+    loops[2].symlink_to("a.png")
+    (root / "train" / "loop_dir").symlink_to("loop_dir")  # named like no image: not a class, not an error
+    with pytest.raises(DataError, match=f"3 of 7 train images .*{loops[1]}: a symbolic link loop \\(ELOOP\\)"):
+        build_dataset(folder_config(root), "train", decoded=False)
+    for decoded in (False, True):
+        train = build_dataset(folder_config(root, on_error="skip"), "train", decoded=decoded)
+        assert len(train) == 4 and train.classes == ["bird", "cat"]
+        assert sorted(p for p, _ in train.skipped) == sorted(map(str, loops))
+        assert all("symbolic link loop" in reason for _, reason in train.skipped)
+
+
+def test_files_of_other_extensions_are_counted_and_reported_once_per_split(tmp_path, real_jpegs, capsys,
+                                                                           monkeypatch):
+    """A GIF in a class folder used to be left out without a word (issue 16): one line per split says so."""
+    monkeypatch.delenv("RANK", raising=False)
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 4, "cat": 3}, {"bird": 1, "cat": 1})
+    gif = root / "train" / "cat" / "flying.gif"
+    gif.write_bytes((root / "train" / "cat" / "0000.jpg").read_bytes())
+    (root / "train" / "bird" / "notes.txt").write_text("where these came from\n")
+    (root / "train" / "bird" / "LICENSE").write_text("cc-by\n")
+    (root / "train" / "bird" / ".DS_Store").write_bytes(b"\0")  # hidden: never an image, never counted
+    data = folder_config(root, val_per_class=1)
+    train = build_dataset(data, "train", decoded=False)
+    assert len(train) == 5 and str(gif) not in train.files
+    assert train.left_out == (("(no extension)", 1), (".gif", 1), (".txt", 1))
+    build_dataset(data, "val", decoded=False)
+    test = build_dataset(data, "test", decoded=False)
+    assert test.left_out == ()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"train split under {root / 'train'}: 3 of 10 files left out for their extension "
+                     "(1 (no extension), 1 .gif, 1 .txt); images are .jpg .jpeg .png .bmp .webp .ppm .tif .tiff"]
+    monkeypatch.setenv("RANK", "1")  # under torchrun one rank says it
+    build_dataset(data, "train", decoded=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_a_class_folder_of_only_other_extensions_says_what_it_holds(tmp_path, real_jpegs):
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2}, {"bird": 1})
+    (root / "train" / "cat").mkdir()
+    (root / "train" / "cat" / "a.gif").write_bytes(b"GIF89a")
+    with pytest.raises(DataError, match=r"holds no images .*it holds 1 file\(s\) of other extensions \(\.gif\)"):
+        build_dataset(folder_config(root), "train", decoded=False)
+
+
 def test_skipping_every_image_of_a_class_is_an_error(tmp_path, real_jpegs):
     root = jpeg_tree(tmp_path, real_jpegs, {"bird": 1, "cat": 2}, {"bird": 1, "cat": 1})
     (root / "train" / "bird" / "0000.jpg").write_bytes(b"")
