@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
               "(see mixtail --help)", file=sys.stderr)
         sys.exit(EXIT_USER)
     command = COMMANDS[name]
+    from mixtail.lifetime import die_with_parent
+
+    die_with_parent()  # a run started by `mixtail sweep` ends with it, even when the sweep is SIGKILLed
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         command = _record_for_torchrun(command, name, debug)
     if debug:

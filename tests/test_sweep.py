@@ -429,3 +429,45 @@ def test_a_killed_sweep_process_finishes_only_what_is_missing(tmp_path):
     assert re.search(r"\[2/2\] (resume|restart) ", res.stdout), res.stdout
     for row in _table(out)[0]["rows"]:
         _check_row_is_its_run(row)
+
+
+def _processes_training_into(run_dir: Path) -> list[int]:
+    """Pids of live (not zombie) processes whose command line trains into run_dir (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and f"--train.out_dir={run_dir}".encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_sigkill_of_the_sweep_alone_takes_its_running_child_with_it(tmp_path):
+    """Only the sweep is SIGKILLed (no handler of its own runs, its process group is left alone): the child
+    used to train on as an orphan (issue 16). It gets SIGTERM from the kernel, and --resume sees its run."""
+    out = tmp_path / "sweep"
+    args = ["smoke_cpu", "--train.epochs=200", *TINY[1:], "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "mixtail", "sweep", *args], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (run_dir,) = [out / "smoke_cpu"]
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    children = _processes_training_into(run_dir)
+    assert proc.poll() is None and children, "the sweep's run did not start"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while _processes_training_into(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_training_into(run_dir) == [], "the child outlived the sweep"
+    res = _sweep(*args, "--resume", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert re.match(r"(checkpoint|started) ", res.stdout), res.stdout

@@ -53,6 +53,7 @@ from typing import Any
 import yaml
 
 from mixtail.errors import ConfigError, MixtailError, UsageError
+from mixtail.lifetime import ENV_VAR
 from mixtail.trainer.checkpoint import CheckpointStore
 from mixtail.trainer.config import RunConfig, config_from_dict, config_path, config_to_dict, load_config
 from mixtail.trainer.train import RESUME_FREE_KEYS
@@ -513,7 +514,8 @@ class Sweep:
             write_table([r for r in self.rows if r is not None], self.out, self.command, self.rank_by)
 
     def _env(self) -> dict:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The child dies with this process, even by SIGKILL, instead of training on as an orphan (mixtail/lifetime.py).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", ENV_VAR: str(os.getpid())}
         if self.jobs > 1 and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
         return env
