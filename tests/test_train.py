@@ -272,3 +272,88 @@ def test_tensorboard_events_beside_metrics(tmp_path):
     assert {"train/loss", "train/ce", "train/smc", "train/lr", "train/img_per_s", "eval/top1_all",
             "eval/top1_many", "eval/top1_few"} <= tags, tags
     assert [e.step for e in events.Scalars("train/loss")] == [3, 6]
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping on a signal, and run directories (issue 16)
+# --------------------------------------------------------------------------------------------------
+
+
+def _signal_at(batches: int, sig: int, monkeypatch):
+    """Send `sig` to this process while the loader hands out batch number `batches` (counted from 0)."""
+    seen = {"n": 0}
+
+    def send(_batch):
+        if seen["n"] == batches:
+            os.kill(os.getpid(), sig)
+        seen["n"] += 1
+
+    wrap_train_loader(monkeypatch, send)
+
+
+@pytest.mark.parametrize("sig,at,stopped_step", [(signal.SIGTERM, 4, 5), (signal.SIGUSR1, 2, 3)])
+def test_stop_signal_checkpoints_the_step_and_resumes_exactly(tmp_path, monkeypatch, sig, at, stopped_step):
+    """SIGTERM (or SIGUSR1) mid-epoch: the step in flight is finished and checkpointed (no checkpoint was due:
+    the last one was at the end of epoch 1, step 3), the run ends with TrainingStopped (exit status 128 + the
+    signal), and --resume ends with the weights and metrics of an uninterrupted run. SIGUSR1 at batch 2 stops
+    after step 3, the end of epoch 1, where the epoch's checkpoint already is."""
+    from mixtail.errors import TrainingStopped
+
+    overrides = ["--train.epochs=3"]
+    train(_smoke(tmp_path / "straight", *overrides))
+    cfg = _smoke(tmp_path / "stopped", *overrides)
+    with monkeypatch.context() as m:
+        _signal_at(at, sig, m)
+        with pytest.raises(TrainingStopped, match=f"stopped by {signal.Signals(sig).name} after step "
+                                                  f"{stopped_step} .*--resume") as err:
+            train(cfg)
+    assert err.value.exit_status == 128 + sig
+    assert signal.getsignal(sig) is signal.SIG_DFL or sig == signal.SIGINT, "the old handler is restored"
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == stopped_step
+    train(cfg, resume=True)
+    _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "stopped"))
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("train_time_s", "img_per_s")}  # noqa: E731
+    assert [strip(r) for r in lines(tmp_path / "straight")] == [strip(r) for r in lines(tmp_path / "stopped")]
+
+
+def test_stop_signals_config_is_strict_and_can_be_emptied(tmp_path, monkeypatch):
+    for bad, why in (("[SIGTERMX]", "not a signal name"), ("[SIG_DFL]", "not a signal name"),
+                     ("[SIGKILL]", "cannot be caught"), ("[SIGTERM,SIGTERM]", "listed twice"), ("[15]", "")):
+        with pytest.raises(ConfigError, match=f"train.stop_signals.*{why}"):
+            _smoke(tmp_path, f"--train.stop_signals={bad}")
+    # An empty list: a signal acts as it would without mixtail (here SIGUSR1's handler of the test).
+    caught = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: caught.append(a[0]))
+    try:
+        with monkeypatch.context() as m:
+            _signal_at(1, signal.SIGUSR1, m)
+            train(_smoke(tmp_path, "--train.epochs=1", "--train.stop_signals=[]"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert caught == [signal.SIGUSR1]
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_real_process_checkpoints_its_step(tmp_path):
+    """The issue's case: SIGTERM to `mixtail train` (what SLURM and Kubernetes send) used to end it in a
+    fraction of a second, rc 143, silently, losing the epoch. Now: one line naming the step, rc 143, and a
+    checkpoint at that step (mid-epoch; that --resume continues it exactly is the test above)."""
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "mixtail", "train", "smoke_cpu", f"--train.out_dir={stopped}",
+                             "--train.epochs=20", "--train.max_steps_per_epoch=null"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (stopped / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the first epoch's steps
+    assert proc.poll() is None, "the run ended before it could be stopped; make it longer"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    state = torch.load(stopped / "checkpoint.pt", weights_only=False)
+    lines = [x for x in err.splitlines() if x.startswith("mixtail train:")]
+    assert len(lines) == 1 and lines[0].startswith(f"mixtail train: stopped by SIGTERM after step {state['step']} "
+                                                   f"(epoch {state['epoch'] + 1}, batch {state['batch']} of "), err
+    assert "--resume" in lines[0] and state["step"] > 0 and state["batch"] > 0

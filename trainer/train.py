@@ -12,7 +12,9 @@ directory that holds a run is never overwritten silently: pass --resume to conti
 start again. A resumed run reaches the same final weights as an uninterrupted one: every batch is a
 function of (seed, epoch, rank, batch), so nothing but the model, optimizer and position needs saving.
 Non-finite losses are detected on the device every step and read where the loop synchronizes anyway
-(train.on_nonfinite: stop | skip); a checkpoint is never written from non-finite weights.
+(train.on_nonfinite: stop | skip); a checkpoint is never written from non-finite weights. A signal of
+train.stop_signals (SIGTERM, SIGUSR1, Ctrl-C) finishes the step, checkpoints it and ends the run with one line
+and exit status 128 + the signal (trainer/stop.py; issue 16), so a preempted job loses nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from mixtail.trainer.evaluate import evaluate_splits, format_table, plot_per_cla
 from mixtail.trainer.losses import log_prior_vector, mean_mix_ratio, mixed_prior
 from mixtail.trainer.models import build_model
 from mixtail.trainer.step import SGD, Health, NonFiniteError, Objective, TrainStep
+from mixtail.trainer.stop import StopSignals
 
 
 def lr_at(optim, step: int, steps_per_epoch: int) -> float:
@@ -134,7 +137,7 @@ RESUME_FREE_KEYS = {
     ("train", "checkpoint_every_steps"), ("train", "keep_checkpoints"), ("train", "tensorboard"),
     ("train", "epochs"), ("train", "cuda_graphs"), ("train", "graph_loader"), ("data", "root"),
     ("data", "train_list"), ("data", "test_list"), ("data", "val_list"), ("data", "download"), ("data", "num_threads"),
-    ("data", "eval_batch_size"),
+    ("data", "eval_batch_size"), ("train", "stop_signals"),
 }
 
 
@@ -348,59 +351,85 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     results = None
     checkpoint_due = False
     images_per_step = cfg.data.batch_size * cfg.data.num_views
-    for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
-        if log_prior is not None:
-            log_prior.copy_(log_prior_vector(adjustment_prior(cfg, counts, epoch), device))
-        train_loader.set_epoch(epoch, start_batch)
-        bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not info.is_main, dynamic_ncols=True, leave=False)
-        t_last, steps_since = time.perf_counter(), 0
-        batches = iter(train_loader)
-        for b in range(start_batch, steps_per_epoch):
-            batch = next(batches)
-            lr = lr_at(o, step, steps_per_epoch)
-            parts = step_fn(batch, lr)
-            recent.append((step, epoch, b, batch.plan))
-            step += 1
-            steps_since += 1
-            epoch_sums += parts.double()
-            bar.update(1)
-            if steps_since == cfg.train.log_every_steps or b + 1 == steps_per_epoch:
-                health.check(cfg.train.on_nonfinite, describe)  # synchronizes, so the interval is honest
-                now = time.perf_counter()
-                rate = steps_since * images_per_step / (now - t_last)
-                epoch_time += now - t_last
-                bar.set_postfix(loss=f"{float(parts[0]):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
-                t_last, steps_since = now, 0
-            if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                checkpoint_due = True
-            if checkpoint_due and step_fn.pending == 0:  # never between the batches of one accumulated step
-                checkpoint(epoch, b + 1)
-                checkpoint_due = False
-        step_fn.flush()  # a partial accumulation group at the end of the epoch
-        checkpoint_due = False  # the epoch's own checkpoint follows
-        bar.close()
-        start_batch = 0
-        sums = (epoch_sums / steps_per_epoch).tolist()
-        record = {"epoch": epoch + 1, "step": step, "loss": sums[0], "ce": sums[1], "smc": sums[2],
-                  "lr": lr_at(o, step - 1, steps_per_epoch), "train_time_s": epoch_time,
-                  "img_per_s": steps_per_epoch * images_per_step / max(epoch_time, 1e-9)}
-        log.write(record)
-        log_line(f"epoch {epoch + 1}: loss {sums[0]:.4f} (ce {sums[1]:.4f}, smc {sums[2]:.4f}), "
-                 f"{record['img_per_s']:,.0f} img/s")
-        epoch_sums.zero_()
-        epoch_time = 0.0
-        last = epoch + 1 == cfg.train.epochs
-        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
-            # Without the DDP wrapper: ranks may see different numbers of test batches.
-            results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
-            groups = lambda r: {k: r[k] for k in ("all", "many", "medium", "few")}  # noqa: E731
-            log.write({"epoch": epoch + 1, "step": step, "eval": groups(results),
-                       **({"val": groups(results["val"])} if "val" in results else {})})
-            log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%"
-                     + (f" (val {results['val']['all']:.2f}%)" if "val" in results else ""))
-        checkpoint(epoch + 1, 0)
+    saved_step = step if state is not None else -1
+    stop = StopSignals(cfg.train.stop_signals, device)
+
+    def stop_here(sig, epoch: int, batch: int):
+        """After the checkpoint of (epoch, batch): the one-line exception that ends the run (issue 16)."""
+        if saved_step != step:
+            checkpoint(epoch, batch)
+        barrier()  # rank 0's checkpoint is complete before any rank leaves
+        log.close()
+        where = f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch} of {steps_per_epoch}"
+        return stop.stopped(sig, f"after step {step} ({where}); checkpoint {store.latest} written: continue the run "
+                                 f"with --resume")
+
+    with stop:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            model.train()
+            if log_prior is not None:
+                log_prior.copy_(log_prior_vector(adjustment_prior(cfg, counts, epoch), device))
+            train_loader.set_epoch(epoch, start_batch)
+            bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                       disable=not info.is_main, dynamic_ncols=True, leave=False)
+            t_last, steps_since = time.perf_counter(), 0
+            batches = iter(train_loader)
+            for b in range(start_batch, steps_per_epoch):
+                batch = next(batches)
+                lr = lr_at(o, step, steps_per_epoch)
+                parts = step_fn(batch, lr)
+                recent.append((step, epoch, b, batch.plan))
+                step += 1
+                steps_since += 1
+                epoch_sums += parts.double()
+                bar.update(1)
+                synced = steps_since == cfg.train.log_every_steps or b + 1 == steps_per_epoch
+                if synced:
+                    health.check(cfg.train.on_nonfinite, describe)  # synchronizes, so the interval is honest
+                    now = time.perf_counter()
+                    rate = steps_since * images_per_step / (now - t_last)
+                    epoch_time += now - t_last
+                    bar.set_postfix(loss=f"{float(parts[0]):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
+                    t_last, steps_since = now, 0
+                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
+                    checkpoint_due = True
+                if checkpoint_due and step_fn.pending == 0:  # never between the batches of one accumulated step
+                    checkpoint(epoch, b + 1)
+                    saved_step, checkpoint_due = step, False
+                # A stop signal is acted on after a whole SGD step: every step alone, where ranks synchronize anyway
+                # under DDP (they all reach the same `synced` steps and agree there).
+                if step_fn.pending == 0 and (info.world_size == 1 or synced):
+                    sig = stop.agreed(sync=info.world_size > 1)
+                    if sig is not None:
+                        bar.close()
+                        raise stop_here(sig, epoch, b + 1)
+            step_fn.flush()  # a partial accumulation group at the end of the epoch
+            checkpoint_due = False  # the epoch's own checkpoint follows
+            bar.close()
+            start_batch = 0
+            sums = (epoch_sums / steps_per_epoch).tolist()
+            record = {"epoch": epoch + 1, "step": step, "loss": sums[0], "ce": sums[1], "smc": sums[2],
+                      "lr": lr_at(o, step - 1, steps_per_epoch), "train_time_s": epoch_time,
+                      "img_per_s": steps_per_epoch * images_per_step / max(epoch_time, 1e-9)}
+            log.write(record)
+            log_line(f"epoch {epoch + 1}: loss {sums[0]:.4f} (ce {sums[1]:.4f}, smc {sums[2]:.4f}), "
+                     f"{record['img_per_s']:,.0f} img/s")
+            epoch_sums.zero_()
+            epoch_time = 0.0
+            last = epoch + 1 == cfg.train.epochs
+            if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
+                # Without the DDP wrapper: ranks may see different numbers of test batches.
+                results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
+                groups = lambda r: {k: r[k] for k in ("all", "many", "medium", "few")}  # noqa: E731
+                log.write({"epoch": epoch + 1, "step": step, "eval": groups(results),
+                           **({"val": groups(results["val"])} if "val" in results else {})})
+                log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%"
+                         + (f" (val {results['val']['all']:.2f}%)" if "val" in results else ""))
+            checkpoint(epoch + 1, 0)
+            saved_step = step
+            sig = stop.agreed(sync=True)  # a signal during the last steps or the evaluation
+            if sig is not None and not last:
+                raise stop_here(sig, epoch + 1, 0)
 
     if results is None:  # resumed a finished run: evaluate its final weights
         results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
