@@ -357,3 +357,29 @@ def test_sigterm_of_a_real_process_checkpoints_its_step(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"mixtail train: stopped by SIGTERM after step {state['step']} "
                                                    f"(epoch {state['epoch'] + 1}, batch {state['batch']} of "), err
     assert "--resume" in lines[0] and state["step"] > 0 and state["batch"] > 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch, capsys):
+    """Killed in its set-up or first step, a run leaves config.yaml and an empty metrics.jsonl. --resume used to
+    fail ("holds a run but no checkpoint") and a plain rerun was refused: only --overwrite worked. Now both
+    start from scratch (nothing is lost), --resume saying so in one line, and end as an uninterrupted run."""
+    train(_smoke(tmp_path / "straight", "--train.epochs=1"))
+    for name, again in (("resumed", dict(resume=True)), ("rerun", dict())):
+        cfg = _smoke(tmp_path / name, "--train.epochs=1")
+        with monkeypatch.context() as m:
+            _crash_after(0, m)
+            with pytest.raises(_Crash):
+                train(cfg)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["config.yaml", "metrics.jsonl"]
+        assert (tmp_path / name / "metrics.jsonl").stat().st_size == 0
+        capsys.readouterr()
+        train(cfg, **again)
+        said = [line for line in capsys.readouterr().out.splitlines() if "--resume" in line]
+        assert said == ([f"--resume: no checkpoint in {tmp_path / name} yet, starting the run from scratch (an "
+                         "earlier attempt stopped before its first checkpoint)"] if again else [])
+        _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / name))
+    # A run that completed an epoch but lost its checkpoints is still never restarted silently.
+    for p in (tmp_path / "rerun").glob("checkpoint*.pt"):
+        p.unlink()
+    with pytest.raises(FileNotFoundError, match="holds a run .metrics.jsonl. but no checkpoint.*--overwrite"):
+        train(_smoke(tmp_path / "rerun", "--train.epochs=1"), resume=True)

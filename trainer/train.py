@@ -154,15 +154,23 @@ def check_resume_config(cfg: RunConfig, saved: dict, path: Path, done_epochs: in
                           f"more than train.epochs={cfg.train.epochs}")
 
 
+def holds_run(out_dir: Path, store: CheckpointStore) -> bool:
+    """A checkpoint, or a metrics.jsonl with a line (an epoch done). A run killed before either (in its set-up or
+    first steps) left only config.yaml and an empty metrics.jsonl: nothing to lose, so it starts again from
+    scratch, with or without --resume (issue 16)."""
+    metrics = out_dir / "metrics.jsonl"
+    return bool(store.paths()) or (metrics.exists() and metrics.stat().st_size > 0)
+
+
 def prepare_run_dir(out_dir: Path, store: CheckpointStore, *, resume: bool, overwrite: bool, is_main: bool) -> None:
     """A run directory that holds a run needs --resume or --overwrite; --overwrite clears its outputs."""
-    holds_run = bool(store.paths()) or (out_dir / "metrics.jsonl").exists()
+    holds = holds_run(out_dir, store)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    if holds_run and not (resume or overwrite):
+    if holds and not (resume or overwrite):
         raise ConfigError(f"run directory {out_dir} already holds a run (checkpoint or metrics.jsonl): pass --resume "
                           f"to continue it, --overwrite to start again, or another --train.out_dir")
-    if overwrite and holds_run and is_main:
+    if overwrite and holds and is_main:
         for p in store.paths() + [out_dir / n for n in ("metrics.jsonl", "final_eval.json", "per_class_accuracy.png",
                                                         VAL_RECORD)]:
             p.unlink(missing_ok=True)
@@ -258,13 +266,16 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     state, ckpt_path = None, store.latest
     if resume:
         found = store.load_latest(map_location=device)
-        if found is None and (out_dir / "metrics.jsonl").exists():
-            raise FileNotFoundError(f"--resume: {out_dir} holds a run (metrics.jsonl) but no checkpoint to resume")
+        if found is None and holds_run(out_dir, store):
+            raise FileNotFoundError(f"--resume: {out_dir} holds a run (metrics.jsonl) but no checkpoint to resume; "
+                                    f"--overwrite starts it again")
         if found is None:
             # Nothing to resume yet: start the run. So one command serves a first attempt and every restart
-            # (torchrun --max-restarts; docs/scaling.md).
+            # (torchrun --max-restarts; docs/scaling.md), also after a kill before the first checkpoint.
             if info.is_main:
-                print(f"--resume: no checkpoint in {out_dir} yet, starting the run")
+                started = (out_dir / "config.yaml").exists()
+                print(f"--resume: no checkpoint in {out_dir} yet, starting the run"
+                      + (" from scratch (an earlier attempt stopped before its first checkpoint)" if started else ""))
         else:
             ckpt_path, state = found
             check_resume_config(cfg, state["config"], ckpt_path, state["epoch"])
