@@ -299,7 +299,7 @@ def test_stop_signal_checkpoints_the_step_and_resumes_exactly(tmp_path, monkeypa
     after step 3, the end of epoch 1, where the epoch's checkpoint already is."""
     from mixtail.errors import TrainingStopped
 
-    overrides = ["--train.epochs=3"]
+    overrides = ["--train.epochs=2", "--train.eval_every_epochs=2"]
     train(_smoke(tmp_path / "straight", *overrides))
     cfg = _smoke(tmp_path / "stopped", *overrides)
     with monkeypatch.context() as m:
@@ -383,3 +383,36 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeyp
         p.unlink()
     with pytest.raises(FileNotFoundError, match="holds a run .metrics.jsonl. but no checkpoint.*--overwrite"):
         train(_smoke(tmp_path / "rerun", "--train.epochs=1"), resume=True)
+
+
+@pytest.mark.slow
+def test_two_trainers_on_one_run_directory(tmp_path, capsys):
+    """Two trainers on one train.out_dir used to both succeed and mix their metrics and checkpoints. A real
+    training process holds the directory: a second trainer (even with --overwrite) is refused in one line
+    naming its pid; after the first is killed with kill -9, the lock it left is taken over, saying so."""
+    from mixtail import cli
+
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "mixtail", "train", "smoke_cpu", f"--train.out_dir={run}",
+                              "--train.epochs=20", "--train.max_steps_per_epoch=null"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None and not (run / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early; make it longer"
+        with pytest.raises(SystemExit) as code:
+            cli.main(["train", "smoke_cpu", f"--train.out_dir={run}", "--train.epochs=1", "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"mixtail train: error: run directory {run} is in use by another mixtail train "
+                                 f"(pid {first.pid} on host "), err
+        assert first.poll() is None, "the refused trainer must leave the first one alone"
+    finally:
+        first.kill()
+        first.wait()
+    train(_smoke(run, "--train.epochs=1"), overwrite=True)
+    out = capsys.readouterr().out
+    assert (f"run directory {run}: taking over the lock of a mixtail train that is no longer running (pid "
+            f"{first.pid} on host ") in out, out
+    assert not (run / ".mixtail-train.lock").exists()

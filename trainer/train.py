@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from mixtail.errors import ConfigError, NonFiniteCheckpointError
+from mixtail.locks import DirectoryLock
 from mixtail.pipelines.base import build_loader, loader_for_dataset
 from mixtail.pipelines.datasets import VAL_RECORD, build_dataset, validation_record
 from mixtail.pipelines.sampling import foreground_class_probs
@@ -251,9 +252,25 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> d
     """
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, info, resume, overwrite)
+        with run_dir_lock(Path(cfg.train.out_dir), info):
+            return _train(cfg, info, resume, overwrite)
     finally:
         cleanup()
+
+
+RUN_LOCK = ".mixtail-train.lock"
+
+
+def run_dir_lock(out_dir: Path, info: DistInfo) -> contextlib.AbstractContextManager:
+    """One training process per run directory (issue 16): two used to both succeed and mix their metrics and
+    checkpoints. Only global rank 0 takes the lock: it alone writes the directory, and on a shared filesystem a
+    lock per node would refuse the job's own other nodes. A second job is refused at its rank 0 (torchrun then
+    ends its other ranks)."""
+    if not info.is_main:
+        return contextlib.nullcontext()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return DirectoryLock(out_dir / RUN_LOCK, what="mixtail train", where=f"run directory {out_dir}",
+                         advice="choose another --train.out_dir")
 
 
 def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
