@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from train_hooks import wrap_train_loader
-from mixtail.errors import ConfigError
+from mixtail.errors import ConfigError, DataError
 from mixtail.trainer.config import load_config
 from mixtail.trainer.train import lr_at, train
 
@@ -416,3 +416,56 @@ def test_two_trainers_on_one_run_directory(tmp_path, capsys):
     assert (f"run directory {run}: taking over the lock of a mixtail train that is no longer running (pid "
             f"{first.pid} on host ") in out, out
     assert not (run / ".mixtail-train.lock").exists()
+
+
+def _class_tree(root: Path, counts: dict[str, int], test_per_class: int = 2) -> Path:
+    """An image folder (train/<class>/, test/<class>/) of random 32 px PNGs, `counts[name]` training images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(len(root.name))
+    for split in ("train", "test"):
+        for name, n in counts.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(n if split == "train" else test_per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return root
+
+
+def _folder_run(out: Path, root: Path, *overrides: str):
+    return _smoke(out, "--data.dataset=folder", f"--data.root={root}", "--data.imbalance_ratio=1",
+                  "--data.batch_size=4", "--data.eval_batch_size=8", *overrides)
+
+
+def test_resume_onto_other_classes_is_refused_naming_the_first_difference(tmp_path):
+    """--resume with a data.root whose classes are renamed, reordered, counted differently or fewer used to run
+    on (label 0 meaning another class) or end in `internal error: RuntimeError ... state_dict`. Now one line
+    names the first difference; the same classes under another data.root resume."""
+    first = {"ant": 6, "bee": 4, "cat": 3}
+    run = tmp_path / "run"
+    train(_folder_run(run, _class_tree(tmp_path / "a", first), "--train.epochs=1"))
+    ckpt = run / "checkpoint.pt"
+    cases = {
+        "renamed": ({"ant": 6, "bee": 4, "cow": 3}, f"class 2 is 'cat' in {ckpt} but 'cow' in data.root="),
+        "reordered": ({"bee": 6, "cat": 4, "dog": 3}, f"class 0 is 'ant' in {ckpt} but 'bee' in data.root="),
+        "counts": ({"ant": 6, "bee": 5, "cat": 3}, f"class 1 'bee' has 4 training images in {ckpt} but 5 in "
+                                                   f"data.root="),
+        "fewer": ({"ant": 6, "bee": 4}, f"class 2 is 'cat' in {ckpt} but data.root=.* has only 2 classes"),
+        "more": ({"ant": 6, "bee": 4, "cat": 3, "dog": 3}, f"class 3 is 'dog' in data.root=.* but {ckpt} has only "
+                                                           f"3 classes"),
+    }
+    for name, (counts, message) in cases.items():
+        root = _class_tree(tmp_path / name, counts)
+        with pytest.raises(DataError, match="^--resume: " + message.replace("(", r"\(")) as err:
+            train(_folder_run(run, root, "--train.epochs=2"), resume=True)
+        assert "\n" not in str(err.value) and str(root) in str(err.value)
+    # A checkpoint without class names (not one mixtail writes) is still compared by its counts.
+    state = torch.load(ckpt, weights_only=False)
+    del state["classes"]
+    torch.save(state, ckpt)
+    with pytest.raises(DataError, match="class 1 .bee. has 4 training images"):
+        train(_folder_run(run, tmp_path / "counts", "--train.epochs=2"), resume=True)
+    # The same classes elsewhere (a moved data.root) resume.
+    (tmp_path / "a").rename(tmp_path / "moved")
+    train(_folder_run(run, tmp_path / "moved", "--train.epochs=2"), resume=True)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mixtail.errors import ConfigError, NonFiniteCheckpointError
+from mixtail.errors import ConfigError, DataError, NonFiniteCheckpointError
 from mixtail.locks import DirectoryLock
 from mixtail.pipelines.base import build_loader, loader_for_dataset
 from mixtail.pipelines.datasets import VAL_RECORD, build_dataset, validation_record
@@ -161,6 +161,46 @@ def holds_run(out_dir: Path, store: CheckpointStore) -> bool:
     scratch, with or without --resume (issue 16)."""
     metrics = out_dir / "metrics.jsonl"
     return bool(store.paths()) or (metrics.exists() and metrics.stat().st_size > 0)
+
+
+def data_source(data, split: str = "train") -> str:
+    """Where a split's classes come from, for messages: data.root and the split's list, or the built-in set."""
+    lists = {"train": data.train_list, "test": data.test_list}
+    parts = [f"data.root={data.root}"] if data.root else []
+    if lists.get(split):
+        parts.append(f"data.{split}_list={lists[split]}")
+    return " ".join(parts) or f"data.dataset={data.dataset}"
+
+
+def check_classes(state: dict, path: Path, names: list[str], where: str, counts=None, prefix: str = "") -> None:
+    """The data's classes must be the checkpoint's: the same names in the same order (label i means the same
+    class) and, for training (counts given), the same number of training images each. The first difference is a
+    DataError (issue 16: a label meaning another class ran on silently). Every mixtail checkpoint holds both
+    (since the first trainer); what a checkpoint lacks cannot be compared and is not (the model's shapes are)."""
+    def fail(message: str):
+        raise DataError(prefix + message)
+
+    saved = list(state.get("classes") or [])
+    for i in range(max(len(saved), len(names)) if saved else 0):
+        theirs, mine = (saved[i] if i < len(saved) else None), (names[i] if i < len(names) else None)
+        if mine is None:
+            fail(f"class {i} is {theirs!r} in {path} but {where} has only {len(names)} classes (the checkpoint "
+                 f"has {len(saved)})")
+        if theirs is None:
+            fail(f"class {i} is {mine!r} in {where} but {path} has only {len(saved)} classes")
+        if mine != theirs:
+            fail(f"class {i} is {theirs!r} in {path} but {mine!r} in {where} (label {i} would mean another class)")
+    saved_counts = state.get("class_counts")
+    if counts is None or saved_counts is None:
+        return
+    saved_counts, counts = [int(c) for c in saved_counts], [int(c) for c in counts]
+    if len(saved_counts) != len(counts):
+        fail(f"{path} has {len(saved_counts)} classes but {where} has {len(counts)}")
+    for i, (theirs, mine) in enumerate(zip(saved_counts, counts)):
+        if theirs != mine:
+            name = f" {names[i]!r}" if i < len(names) else ""
+            fail(f"class {i}{name} has {theirs} training images in {path} but {mine} in {where}: resuming on "
+                 f"other training data would change the run")
 
 
 def prepare_run_dir(out_dir: Path, store: CheckpointStore, *, resume: bool, overwrite: bool, is_main: bool) -> None:
@@ -321,6 +361,8 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     num_classes = train_loader.num_classes
     counts = train_loader.class_counts
     classes = list(train_loader.classes)
+    if state is not None:  # before the model: other classes would load as an internal error, or silently
+        check_classes(state, ckpt_path, classes, data_source(cfg.data), counts, prefix="--resume: ")
 
     run = build_training(cfg, num_classes, counts, device, info.world_size)
     raw_model, net, model, sgd, health, step_fn = run.raw_model, run.net, run.step.model, run.sgd, run.health, run.step
