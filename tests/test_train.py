@@ -469,3 +469,34 @@ def test_resume_onto_other_classes_is_refused_naming_the_first_difference(tmp_pa
     (tmp_path / "a").rename(tmp_path / "moved")
     train(_folder_run(run, tmp_path / "moved", "--train.epochs=2"), resume=True)
     assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+
+
+def test_eval_on_other_classes_or_another_architecture_is_refused(tmp_path, capsys):
+    """`mixtail eval CKPT` on a data.root whose test classes differ used to print numbers (rc 0) under the
+    checkpoint's group labels; --model.arch other than the checkpoint's was an internal error. Both are one
+    line, exit 2, naming the first differing class or the key; the same classes elsewhere evaluate."""
+    from mixtail import cli
+
+    run = tmp_path / "run"
+    classes = {"ant": 6, "bee": 4, "cat": 3}
+    train(_folder_run(run, _class_tree(tmp_path / "a", classes), "--train.epochs=1"))
+    ckpt = run / "checkpoint.pt"
+    renamed = _class_tree(tmp_path / "renamed", {"ant": 6, "bee": 4, "cow": 3})
+    capsys.readouterr()
+
+    def eval_cli(*args):
+        with pytest.raises(SystemExit) as code:
+            cli.main(["eval", str(ckpt), *args])
+        out, err = capsys.readouterr()
+        return code.value.code, out, err.strip().splitlines()
+
+    cases = [((f"--data.root={renamed}",), f"mixtail eval: error: class 2 is 'cat' in {ckpt} but 'cow' in "
+                                          f"data.root={renamed} "),
+             (("--model.arch=resnet14",), "mixtail eval: error: key 'model.arch': "),
+             (("--model.head_dim=16",), "mixtail eval: error: key 'model.head_dim': ")]
+    for args, start in cases:
+        code, _, err = eval_cli(*args)
+        assert code == 2 and len(err) == 1 and err[0].startswith(start), err
+    (tmp_path / "a").rename(tmp_path / "moved")
+    code, out, _ = eval_cli(f"--data.root={tmp_path / 'moved'}")
+    assert code == 0 and "top-1 %" in out
