@@ -90,10 +90,12 @@ class StopSignals:
         """The signal to stop for, or None to go on. With sync (and a process group of several ranks) it is an
         all-reduce, so every rank gets the same answer: stop if any rank received a signal (the largest signal
         number among them, so all ranks name the same one)."""
+        if not sync:  # every step of a single process: a host attribute, nothing more
+            return self.received
         import torch
         import torch.distributed as dist
 
-        if not (sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self.received
         flag = torch.tensor([int(self.received or 0)], dtype=torch.int64, device=self.device or "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
