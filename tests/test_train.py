@@ -294,8 +294,8 @@ def _signal_at(batches: int, sig: int, monkeypatch):
 @pytest.mark.parametrize("sig,at,stopped_step", [(signal.SIGTERM, 4, 5), (signal.SIGUSR1, 2, 3)])
 def test_stop_signal_checkpoints_the_step_and_resumes_exactly(tmp_path, monkeypatch, sig, at, stopped_step):
     """SIGTERM (or SIGUSR1) mid-epoch: the step in flight is finished and checkpointed (no checkpoint was due:
-    SIGTERM at batch 4 stops after step 5, the last checkpoint being the end of epoch 1, step 3), the run ends with TrainingStopped (exit status 128 + the
-    signal), and --resume ends with the weights and metrics of an uninterrupted run. SIGUSR1 at batch 2 stops
+    SIGTERM at batch 4 stops after step 5, the last checkpoint being the end of epoch 1, step 3), the run ends
+    with TrainingStopped (exit status 128 + the signal), and --resume ends with the weights and metrics of an uninterrupted run. SIGUSR1 at batch 2 stops
     after step 3, the last of epoch 1, before the epoch's record and evaluation (a grace period is short): the
     resumed run starts there."""
     from mixtail.errors import TrainingStopped
