@@ -13,8 +13,10 @@ cifar100_lt_r100, ...). Overrides use dotted keys and YAML values: --optim.lr=0.
 
 Every failure is one line on stderr, `mixtail <command>: error: <what and where>`, and an exit status:
 2 for a problem with the input or the machine (a bad config, a missing or corrupt file, a full disk),
-1 for a bug in mixtail, 130 when interrupted. --debug anywhere on the command line (or MIXTAIL_DEBUG=1)
-shows the full traceback instead. Under torchrun the same line reaches the elastic error summary.
+1 for a bug in mixtail, 130 when interrupted. `mixtail train` stopped by a signal of train.stop_signals
+(SIGTERM, SIGUSR1, SIGINT) checkpoints its last step, prints one line and exits 128 + the signal's number.
+--debug anywhere on the command line (or MIXTAIL_DEBUG=1) shows the full traceback instead. Under torchrun
+the same line reaches the elastic error summary.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from mixtail.errors import MixtailError, UsageError, describe_os_error
+from mixtail.errors import MixtailError, TrainingStopped, UsageError, describe_os_error
 
 _OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
 
@@ -125,6 +127,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 def describe(err: BaseException) -> tuple[str, int]:
     """The one line (without the `mixtail <command>: ` prefix) and the exit status for an exception."""
+    if isinstance(err, TrainingStopped):  # a clean stop on a signal, after a checkpoint: not an error
+        return str(err), err.exit_status
     if isinstance(err, KeyboardInterrupt):
         return "interrupted", EXIT_INTERRUPTED
     if isinstance(err, MixtailError):

@@ -55,6 +55,16 @@ class NonFiniteCheckpointError(CheckpointError):
     """A checkpoint was refused because the model holds NaN or infinite values; it names the tensors."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """A run stopped on a signal (train.stop_signals) after checkpointing its last step; `--resume` continues it.
+    A KeyboardInterrupt, so code that handles Ctrl-C handles it; the CLI prints its one line and exits with
+    `exit_status` (128 + the signal's number: SIGINT 130, SIGTERM 143)."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 def describe_os_error(err: OSError) -> str:
     """One line for an OSError that keeps the OS's reason and its errno name visible.
 

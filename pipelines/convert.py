@@ -71,7 +71,8 @@ Failure behaviour:
   without it).
 - All work happens in PATH's parent under `.<name>.partial-<pid>-<random>` and is renamed to PATH only when
   complete, manifest last; a killed run leaves only that hidden folder, which no reader accepts. The next
-  run removes such leftovers of dead processes and starts clean (no resume). An existing PATH is replaced
+  run removes such leftovers of dead processes and starts clean (no resume). A second conversion to the same PATH
+  while one runs is refused, naming the pid (a lock on `.<name>.lock` beside PATH, mixtail/locks.py). An existing PATH is replaced
   only with --overwrite, and only if it is an earlier conversion or empty.
 
 `--verify PATH` re-reads the output and the source it names: the class map; the number of images, every
@@ -88,6 +89,7 @@ one line naming it; an interrupted or partial output is refused. The source must
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -106,6 +108,7 @@ import numpy as np
 
 from mixtail import __version__
 from mixtail.errors import DataError, UsageError, describe_os_error
+from mixtail.locks import DirectoryLock, pid_alive
 from mixtail.pipelines.datasets import (DataNotFound, ImageArrays, ImageFiles, check_files, cifar_dataset,
                                         left_out_line, long_tailed_indices, scan_image_folder)
 from mixtail.pipelines.images import load_rgb
@@ -503,16 +506,6 @@ def _write_dali(split: PreparedSplit, tmp: Path, opts: ConvertOptions) -> tuple[
 # --------------------------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def remove_leftovers(out: Path) -> list[Path]:
     """Remove the temporary folders that killed conversions to `out` left (`.<name>.partial-<pid>-*`,
     `.<name>.old-<pid>-*`); a live process's folder is an error (two conversions to one PATH)."""
@@ -523,7 +516,7 @@ def remove_leftovers(out: Path) -> list[Path]:
                 pid = int(leftover.name.rsplit("-", 2)[-2])
             except (ValueError, IndexError):
                 pid = -1
-            if pid != os.getpid() and pid > 0 and _alive(pid):
+            if pid != os.getpid() and pid > 0 and pid_alive(pid):
                 raise DataError(f"{leftover}: another mixtail convert (pid {pid}) is writing {out}; wait for it or "
                                 f"choose another --out")
             shutil.rmtree(leftover, ignore_errors=True)
@@ -567,8 +560,24 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 
 
 def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print) -> Manifest:
-    """Convert opts.source into opts.out (see the module docstring); returns the manifest written."""
+    """Convert opts.source into opts.out (see the module docstring); returns the manifest written. One conversion
+    to a PATH at a time: a second is refused naming the pid holding PATH's lock (mixtail/locks.py; issue 16)."""
     opts.validate()
+    out = Path(os.path.abspath(opts.out))
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # the lock's folder, made here
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with DirectoryLock(out.parent / f".{out.name}.lock", what="mixtail convert", where=f"--out {out}",
+                           advice="choose another --out", log=log):
+            return _convert(opts, log)
+    except BaseException:
+        for folder in created:  # a failed conversion leaves no empty folder (one inside the source would be a class)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _convert(opts: ConvertOptions, log: Callable[[str], None]) -> Manifest:
     fmt = opts.format or detect_format(opts.source)
     source = os.path.abspath(opts.source)
     image_root = os.path.abspath(opts.image_root) if opts.image_root else ""

@@ -321,6 +321,25 @@ def test_kill_9_mid_conversion(tmp_path):
     assert "ok: train 80 images" in cv.verify(out, sample=5)
 
 
+def test_a_second_conversion_to_one_out_is_refused_naming_the_pid(cifar_tree, tmp_path, capsys):
+    """While a conversion holds --out (its lock beside it, mixtail/locks.py, shared with mixtail train) another is
+    refused in one line naming the holder's pid; nothing is written. A lock a dead process left is taken over."""
+    from mixtail.locks import DirectoryLock
+
+    out = tmp_path / "out"
+    with DirectoryLock(tmp_path / ".out.lock", what="mixtail convert", where=f"--out {out}", advice="x"):
+        code, _, err = _cli(capsys, str(cifar_tree), "--to", "dali", "--out", str(out))
+    assert code == 2
+    _one_line(err, f"--out {out} is in use by another mixtail convert (pid {os.getpid()} on host ", "choose another --out")
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".out.lock").write_text(f"{dead.pid} host 2026-01-01T00:00:00+0000\n")
+    code, stdout, _ = _cli(capsys, str(cifar_tree), "--to", "dali", "--out", str(out))
+    assert code == 0 and f"taking over the lock of a mixtail convert that is no longer running (pid {dead.pid} " in stdout
+    assert not list(tmp_path.glob(".out.*")) and (out / MANIFEST_NAME).is_file()
+
+
 def test_existing_outputs_are_replaced_only_with_overwrite(cifar_tree, tmp_path, capsys):
     out = tmp_path / "out"
     _convert(cifar_tree, out, "dali", split="test")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from train_hooks import wrap_train_loader
-from mixtail.errors import ConfigError
+from mixtail.errors import ConfigError, DataError
 from mixtail.trainer.config import load_config
 from mixtail.trainer.train import lr_at, train
 
@@ -272,3 +272,232 @@ def test_tensorboard_events_beside_metrics(tmp_path):
     assert {"train/loss", "train/ce", "train/smc", "train/lr", "train/img_per_s", "eval/top1_all",
             "eval/top1_many", "eval/top1_few"} <= tags, tags
     assert [e.step for e in events.Scalars("train/loss")] == [3, 6]
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping on a signal, and run directories (issue 16)
+# --------------------------------------------------------------------------------------------------
+
+
+def _signal_at(batches: int, sig: int, monkeypatch):
+    """Send `sig` to this process while the loader hands out batch number `batches` (counted from 0)."""
+    seen = {"n": 0}
+
+    def send(_batch):
+        if seen["n"] == batches:
+            os.kill(os.getpid(), sig)
+        seen["n"] += 1
+
+    wrap_train_loader(monkeypatch, send)
+
+
+@pytest.mark.parametrize("sig,at,stopped_step", [(signal.SIGTERM, 4, 5), (signal.SIGUSR1, 2, 3)])
+def test_stop_signal_checkpoints_the_step_and_resumes_exactly(tmp_path, monkeypatch, sig, at, stopped_step):
+    """SIGTERM (or SIGUSR1) mid-epoch: the step in flight is finished and checkpointed (no checkpoint was due:
+    SIGTERM at batch 4 stops after step 5, the last checkpoint being the end of epoch 1, step 3), the run ends
+    with TrainingStopped (exit status 128 + the signal), and --resume ends with the weights and metrics of an uninterrupted run. SIGUSR1 at batch 2 stops
+    after step 3, the last of epoch 1, before the epoch's record and evaluation (a grace period is short): the
+    resumed run starts there."""
+    from mixtail.errors import TrainingStopped
+
+    overrides = ["--train.epochs=2", "--train.eval_every_epochs=2"]
+    train(_smoke(tmp_path / "straight", *overrides))
+    cfg = _smoke(tmp_path / "stopped", *overrides)
+    with monkeypatch.context() as m:
+        _signal_at(at, sig, m)
+        with pytest.raises(TrainingStopped, match=f"stopped by {signal.Signals(sig).name} after step "
+                                                  f"{stopped_step} .*--resume") as err:
+            train(cfg)
+    assert err.value.exit_status == 128 + sig
+    assert signal.getsignal(sig) is signal.SIG_DFL or sig == signal.SIGINT, "the old handler is restored"
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == stopped_step
+    train(cfg, resume=True)
+    _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "stopped"))
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("train_time_s", "img_per_s")}  # noqa: E731
+    assert [strip(r) for r in lines(tmp_path / "straight")] == [strip(r) for r in lines(tmp_path / "stopped")]
+
+
+def test_stop_signals_config_is_strict_and_can_be_emptied(tmp_path, monkeypatch):
+    for bad, why in (("[SIGTERMX]", "not a signal name"), ("[SIG_DFL]", "not a signal name"),
+                     ("[SIGKILL]", "cannot be caught"), ("[SIGTERM,SIGTERM]", "listed twice"), ("[15]", "")):
+        with pytest.raises(ConfigError, match=f"train.stop_signals.*{why}"):
+            _smoke(tmp_path, f"--train.stop_signals={bad}")
+    # An empty list: a signal acts as it would without mixtail (here SIGUSR1's handler of the test).
+    caught = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: caught.append(a[0]))
+    try:
+        with monkeypatch.context() as m:
+            _signal_at(1, signal.SIGUSR1, m)
+            train(_smoke(tmp_path, "--train.epochs=1", "--train.stop_signals=[]"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert caught == [signal.SIGUSR1]
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_real_process_checkpoints_its_step(tmp_path):
+    """The issue's case: SIGTERM to `mixtail train` (what SLURM and Kubernetes send) used to end it in a
+    fraction of a second, rc 143, silently, losing the epoch. Now: one line naming the step, rc 143, and a
+    checkpoint at that step (mid-epoch; that --resume continues it exactly is the test above)."""
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "mixtail", "train", "smoke_cpu", f"--train.out_dir={stopped}",
+                             "--train.epochs=20", "--train.max_steps_per_epoch=null"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (stopped / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the first epoch's steps
+    assert proc.poll() is None, "the run ended before it could be stopped; make it longer"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    state = torch.load(stopped / "checkpoint.pt", weights_only=False)
+    lines = [x for x in err.splitlines() if x.startswith("mixtail train:")]
+    assert len(lines) == 1 and lines[0].startswith(f"mixtail train: stopped by SIGTERM after step {state['step']} "
+                                                   f"(epoch {state['epoch'] + 1}, batch {state['batch']} of "), err
+    assert "--resume" in lines[0] and state["step"] > 0 and state["batch"] > 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch, capsys):
+    """Killed in its set-up or first step, a run leaves config.yaml and an empty metrics.jsonl. --resume used to
+    fail ("holds a run but no checkpoint") and a plain rerun was refused: only --overwrite worked. Now both
+    start from scratch (nothing is lost), --resume saying so in one line, and end as an uninterrupted run."""
+    train(_smoke(tmp_path / "straight", "--train.epochs=1"))
+    for name, again in (("resumed", dict(resume=True)), ("rerun", dict())):
+        cfg = _smoke(tmp_path / name, "--train.epochs=1")
+        with monkeypatch.context() as m:
+            _crash_after(0, m)
+            with pytest.raises(_Crash):
+                train(cfg)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["config.yaml", "metrics.jsonl"]
+        assert (tmp_path / name / "metrics.jsonl").stat().st_size == 0
+        capsys.readouterr()
+        train(cfg, **again)
+        said = [line for line in capsys.readouterr().out.splitlines() if "--resume" in line]
+        assert said == ([f"--resume: no checkpoint in {tmp_path / name} yet, starting the run from scratch (an "
+                         "earlier attempt stopped before its first checkpoint)"] if again else [])
+        _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / name))
+    # A run that completed an epoch but lost its checkpoints is still never restarted silently.
+    for p in (tmp_path / "rerun").glob("checkpoint*.pt"):
+        p.unlink()
+    with pytest.raises(FileNotFoundError, match="holds a run .metrics.jsonl. but no checkpoint.*--overwrite"):
+        train(_smoke(tmp_path / "rerun", "--train.epochs=1"), resume=True)
+
+
+@pytest.mark.slow
+def test_two_trainers_on_one_run_directory(tmp_path, capsys):
+    """Two trainers on one train.out_dir used to both succeed and mix their metrics and checkpoints. A real
+    training process holds the directory: a second trainer (even with --overwrite) is refused in one line
+    naming its pid; after the first is killed with kill -9, the lock it left is taken over, saying so."""
+    from mixtail import cli
+
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "mixtail", "train", "smoke_cpu", f"--train.out_dir={run}",
+                              "--train.epochs=20", "--train.max_steps_per_epoch=null"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None and not (run / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early; make it longer"
+        with pytest.raises(SystemExit) as code:
+            cli.main(["train", "smoke_cpu", f"--train.out_dir={run}", "--train.epochs=1", "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"mixtail train: error: run directory {run} is in use by another mixtail train "
+                                 f"(pid {first.pid} on host "), err
+        assert first.poll() is None, "the refused trainer must leave the first one alone"
+    finally:
+        first.kill()
+        first.wait()
+    train(_smoke(run, "--train.epochs=1"), overwrite=True)
+    out = capsys.readouterr().out
+    assert (f"run directory {run}: taking over the lock of a mixtail train that is no longer running (pid "
+            f"{first.pid} on host ") in out, out
+    assert not (run / ".mixtail-train.lock").exists()
+
+
+def _class_tree(root: Path, counts: dict[str, int], test_per_class: int = 2) -> Path:
+    """An image folder (train/<class>/, test/<class>/) of random 32 px PNGs, `counts[name]` training images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(len(root.name))
+    for split in ("train", "test"):
+        for name, n in counts.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(n if split == "train" else test_per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return root
+
+
+def _folder_run(out: Path, root: Path, *overrides: str):
+    return _smoke(out, "--data.dataset=folder", f"--data.root={root}", "--data.imbalance_ratio=1",
+                  "--data.batch_size=4", "--data.eval_batch_size=8", *overrides)
+
+
+def test_resume_onto_other_classes_is_refused_naming_the_first_difference(tmp_path):
+    """--resume with a data.root whose classes are renamed, reordered, counted differently or fewer used to run
+    on (label 0 meaning another class) or end in `internal error: RuntimeError ... state_dict`. Now one line
+    names the first difference; the same classes under another data.root resume."""
+    first = {"ant": 6, "bee": 4, "cat": 3}
+    run = tmp_path / "run"
+    train(_folder_run(run, _class_tree(tmp_path / "a", first), "--train.epochs=1"))
+    ckpt = run / "checkpoint.pt"
+    cases = {
+        "renamed": ({"ant": 6, "bee": 4, "cow": 3}, f"class 2 is 'cat' in {ckpt} but 'cow' in data.root="),
+        "reordered": ({"bee": 6, "cat": 4, "dog": 3}, f"class 0 is 'ant' in {ckpt} but 'bee' in data.root="),
+        "counts": ({"ant": 6, "bee": 5, "cat": 3}, f"class 1 'bee' has 4 training images in {ckpt} but 5 in "
+                                                   f"data.root="),
+        "fewer": ({"ant": 6, "bee": 4}, f"class 2 is 'cat' in {ckpt} but data.root=.* has only 2 classes"),
+        "more": ({"ant": 6, "bee": 4, "cat": 3, "dog": 3}, f"class 3 is 'dog' in data.root=.* but {ckpt} has only "
+                                                           f"3 classes"),
+    }
+    for name, (counts, message) in cases.items():
+        root = _class_tree(tmp_path / name, counts)
+        with pytest.raises(DataError, match="^--resume: " + message.replace("(", r"\(")) as err:
+            train(_folder_run(run, root, "--train.epochs=2"), resume=True)
+        assert "\n" not in str(err.value) and str(root) in str(err.value)
+    # A checkpoint without class names (not one mixtail writes) is still compared by its counts.
+    state = torch.load(ckpt, weights_only=False)
+    del state["classes"]
+    torch.save(state, ckpt)
+    with pytest.raises(DataError, match="class 1 .bee. has 4 training images"):
+        train(_folder_run(run, tmp_path / "counts", "--train.epochs=2"), resume=True)
+    # The same classes elsewhere (a moved data.root) resume.
+    (tmp_path / "a").rename(tmp_path / "moved")
+    train(_folder_run(run, tmp_path / "moved", "--train.epochs=2"), resume=True)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+
+
+def test_eval_on_other_classes_or_another_architecture_is_refused(tmp_path, capsys):
+    """`mixtail eval CKPT` on a data.root whose test classes differ used to print numbers (rc 0) under the
+    checkpoint's group labels; --model.arch other than the checkpoint's was an internal error. Both are one
+    line, exit 2, naming the first differing class or the key; the same classes elsewhere evaluate."""
+    from mixtail import cli
+
+    run = tmp_path / "run"
+    classes = {"ant": 6, "bee": 4, "cat": 3}
+    train(_folder_run(run, _class_tree(tmp_path / "a", classes), "--train.epochs=1"))
+    ckpt = run / "checkpoint.pt"
+    renamed = _class_tree(tmp_path / "renamed", {"ant": 6, "bee": 4, "cow": 3})
+    capsys.readouterr()
+
+    def eval_cli(*args):
+        with pytest.raises(SystemExit) as code:
+            cli.main(["eval", str(ckpt), *args])
+        out, err = capsys.readouterr()
+        return code.value.code, out, err.strip().splitlines()
+
+    cases = [((f"--data.root={renamed}",), f"mixtail eval: error: class 2 is 'cat' in {ckpt} but 'cow' in "
+                                          f"data.root={renamed} "),
+             (("--model.arch=resnet14",), "mixtail eval: error: key 'model.arch': "),
+             (("--model.head_dim=16",), "mixtail eval: error: key 'model.head_dim': ")]
+    for args, start in cases:
+        code, _, err = eval_cli(*args)
+        assert code == 2 and len(err) == 1 and err[0].startswith(start), err
+    (tmp_path / "a").rename(tmp_path / "moved")
+    code, out, _ = eval_cli(f"--data.root={tmp_path / 'moved'}")
+    assert code == 0 and "top-1 %" in out

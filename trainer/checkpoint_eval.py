@@ -40,7 +40,7 @@ from mixtail.trainer.evaluate import evaluate, feature_centres, format_table
 from mixtail.trainer.models import build_model
 from mixtail.trainer.report import (best_eval, group_means, inter_class_scores, load_class_vectors,
                                     semantic_similarity_rows, top_confusions, write_report)
-from mixtail.trainer.train import autocast_for, class_priors
+from mixtail.trainer.train import autocast_for, check_classes, class_priors, data_source
 
 
 def posthoc_shift(cfg, counts: np.ndarray, taus: list[float]) -> torch.Tensor:
@@ -80,6 +80,19 @@ def check_validation_keys(cfg, saved: dict, path: Path) -> None:
                               f"would draw another validation split, holding out images it trained on")
 
 
+# The model keys that shape the network's weights: an evaluation cannot change them and still load them.
+ARCH_KEYS = ("arch", "head_dim")
+
+
+def check_model_keys(cfg, saved_cfg, path: Path) -> None:
+    """Refuse overrides that change the checkpoint's architecture (they were an internal error loading it)."""
+    for key in ARCH_KEYS:
+        theirs, mine = getattr(saved_cfg.model, key), getattr(cfg.model, key)
+        if mine != theirs:
+            raise ConfigError(f"key 'model.{key}': {path} holds a model with {key} {theirs!r}; its weights cannot "
+                              f"be evaluated as {mine!r} (drop the override)")
+
+
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_dir: str | Path | None = None,
                         class_vectors: str | Path | None = None, posthoc_taus: list[float] = (),
                         posthoc_auto: bool = False) -> dict:
@@ -95,7 +108,9 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
         if key not in state:
             raise CheckpointError(f"{path} is not a mixtail checkpoint (it has no {key!r}; keys: "
                                   f"{', '.join(sorted(map(str, state))[:8])})")
-    cfg = apply_overrides(config_from_dict(state["config"], f"{path} (saved config)"), overrides)
+    saved_cfg = config_from_dict(state["config"], f"{path} (saved config)")
+    cfg = apply_overrides(saved_cfg, overrides)
+    check_model_keys(cfg, saved_cfg, path)
     check_validation_keys(cfg, state["config"], path)
     if posthoc_auto and not cfg.data.val_per_class:
         raise ConfigError(f"--posthoc-tau auto chooses T on the validation split, and {path} has none: train with "
@@ -107,6 +122,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
         kw = dict(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.train.seed,
                   channels_last=cfg.train.channels_last)
         test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **kw)
+        # Other test classes would print numbers under the checkpoint's group labels (issue 16).
+        check_classes(state, path, list(test_loader.classes), data_source(cfg.data, "test"))
         val_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="val", **kw) if cfg.data.val_per_class else None
         counts = np.asarray(state["class_counts"])
         model = build_model(cfg.model, len(counts)).to(device)

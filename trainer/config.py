@@ -101,6 +101,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # checkpoint.pt plus this many - 1 older ones to fall back on (issue 10)
     max_steps_per_epoch: int | None = None  # truncate epochs (smoke tests)
     log_every_steps: int = 10
+    # Signals that stop the run cleanly: the current step is finished and checkpointed, then the process exits
+    # 128 + the signal's number (trainer/stop.py; under DDP at the next log step, agreed by all ranks).
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -379,3 +382,6 @@ def validate(cfg: RunConfig) -> None:
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch",
          "must be positive or null")
     need(t.log_every_steps > 0, "train.log_every_steps", "must be positive")
+    from mixtail.trainer.stop import parse_signals  # ConfigError naming train.stop_signals
+
+    parse_signals(t.stop_signals)

@@ -12,7 +12,9 @@ directory that holds a run is never overwritten silently: pass --resume to conti
 start again. A resumed run reaches the same final weights as an uninterrupted one: every batch is a
 function of (seed, epoch, rank, batch), so nothing but the model, optimizer and position needs saving.
 Non-finite losses are detected on the device every step and read where the loop synchronizes anyway
-(train.on_nonfinite: stop | skip); a checkpoint is never written from non-finite weights.
+(train.on_nonfinite: stop | skip); a checkpoint is never written from non-finite weights. A signal of
+train.stop_signals (SIGTERM, SIGUSR1, Ctrl-C) finishes the step, checkpoints it and ends the run with one line
+and exit status 128 + the signal (trainer/stop.py; issue 16), so a preempted job loses nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mixtail.errors import ConfigError, NonFiniteCheckpointError
+from mixtail.errors import ConfigError, DataError, NonFiniteCheckpointError
+from mixtail.locks import DirectoryLock
 from mixtail.pipelines.base import build_loader, loader_for_dataset
 from mixtail.pipelines.datasets import VAL_RECORD, build_dataset, validation_record
 from mixtail.pipelines.sampling import foreground_class_probs
@@ -40,6 +43,7 @@ from mixtail.trainer.evaluate import evaluate_splits, format_table, plot_per_cla
 from mixtail.trainer.losses import log_prior_vector, mean_mix_ratio, mixed_prior
 from mixtail.trainer.models import build_model
 from mixtail.trainer.step import SGD, Health, NonFiniteError, Objective, TrainStep
+from mixtail.trainer.stop import StopSignals
 
 
 def lr_at(optim, step: int, steps_per_epoch: int) -> float:
@@ -134,7 +138,7 @@ RESUME_FREE_KEYS = {
     ("train", "checkpoint_every_steps"), ("train", "keep_checkpoints"), ("train", "tensorboard"),
     ("train", "epochs"), ("train", "cuda_graphs"), ("train", "graph_loader"), ("data", "root"),
     ("data", "train_list"), ("data", "test_list"), ("data", "val_list"), ("data", "download"), ("data", "num_threads"),
-    ("data", "eval_batch_size"),
+    ("data", "eval_batch_size"), ("train", "stop_signals"),
 }
 
 
@@ -151,15 +155,63 @@ def check_resume_config(cfg: RunConfig, saved: dict, path: Path, done_epochs: in
                           f"more than train.epochs={cfg.train.epochs}")
 
 
+def holds_run(out_dir: Path, store: CheckpointStore) -> bool:
+    """A checkpoint, or a metrics.jsonl with a line (an epoch done). A run killed before either (in its set-up or
+    first steps) left only config.yaml and an empty metrics.jsonl: nothing to lose, so it starts again from
+    scratch, with or without --resume (issue 16)."""
+    metrics = out_dir / "metrics.jsonl"
+    return bool(store.paths()) or (metrics.exists() and metrics.stat().st_size > 0)
+
+
+def data_source(data, split: str = "train") -> str:
+    """Where a split's classes come from, for messages: data.root and the split's list, or the built-in set."""
+    lists = {"train": data.train_list, "test": data.test_list}
+    parts = [f"data.root={data.root}"] if data.root else []
+    if lists.get(split):
+        parts.append(f"data.{split}_list={lists[split]}")
+    return " ".join(parts) or f"data.dataset={data.dataset}"
+
+
+def check_classes(state: dict, path: Path, names: list[str], where: str, counts=None, prefix: str = "") -> None:
+    """The data's classes must be the checkpoint's: the same names in the same order (label i means the same
+    class) and, for training (counts given), the same number of training images each. The first difference is a
+    DataError (issue 16: a label meaning another class ran on silently). Every mixtail checkpoint holds both
+    (since the first trainer); what a checkpoint lacks cannot be compared and is not (the model's shapes are)."""
+    def fail(message: str):
+        raise DataError(prefix + message)
+
+    saved = list(state.get("classes") or [])
+    for i in range(max(len(saved), len(names)) if saved else 0):
+        theirs, mine = (saved[i] if i < len(saved) else None), (names[i] if i < len(names) else None)
+        if mine is None:
+            fail(f"class {i} is {theirs!r} in {path} but {where} has only {len(names)} classes (the checkpoint "
+                 f"has {len(saved)})")
+        if theirs is None:
+            fail(f"class {i} is {mine!r} in {where} but {path} has only {len(saved)} classes")
+        if mine != theirs:
+            fail(f"class {i} is {theirs!r} in {path} but {mine!r} in {where} (label {i} would mean another class)")
+    saved_counts = state.get("class_counts")
+    if counts is None or saved_counts is None:
+        return
+    saved_counts, counts = [int(c) for c in saved_counts], [int(c) for c in counts]
+    if len(saved_counts) != len(counts):
+        fail(f"{path} has {len(saved_counts)} classes but {where} has {len(counts)}")
+    for i, (theirs, mine) in enumerate(zip(saved_counts, counts)):
+        if theirs != mine:
+            name = f" {names[i]!r}" if i < len(names) else ""
+            fail(f"class {i}{name} has {theirs} training images in {path} but {mine} in {where}: resuming on "
+                 f"other training data would change the run")
+
+
 def prepare_run_dir(out_dir: Path, store: CheckpointStore, *, resume: bool, overwrite: bool, is_main: bool) -> None:
     """A run directory that holds a run needs --resume or --overwrite; --overwrite clears its outputs."""
-    holds_run = bool(store.paths()) or (out_dir / "metrics.jsonl").exists()
+    holds = holds_run(out_dir, store)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    if holds_run and not (resume or overwrite):
+    if holds and not (resume or overwrite):
         raise ConfigError(f"run directory {out_dir} already holds a run (checkpoint or metrics.jsonl): pass --resume "
                           f"to continue it, --overwrite to start again, or another --train.out_dir")
-    if overwrite and holds_run and is_main:
+    if overwrite and holds and is_main:
         for p in store.paths() + [out_dir / n for n in ("metrics.jsonl", "final_eval.json", "per_class_accuracy.png",
                                                         VAL_RECORD)]:
             p.unlink(missing_ok=True)
@@ -240,9 +292,25 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> d
     """
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, info, resume, overwrite)
+        with run_dir_lock(Path(cfg.train.out_dir), info):
+            return _train(cfg, info, resume, overwrite)
     finally:
         cleanup()
+
+
+RUN_LOCK = ".mixtail-train.lock"
+
+
+def run_dir_lock(out_dir: Path, info: DistInfo) -> contextlib.AbstractContextManager:
+    """One training process per run directory (issue 16): two used to both succeed and mix their metrics and
+    checkpoints. Only global rank 0 takes the lock: it alone writes the directory, and on a shared filesystem a
+    lock per node would refuse the job's own other nodes. A second job is refused at its rank 0 (torchrun then
+    ends its other ranks)."""
+    if not info.is_main:
+        return contextlib.nullcontext()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return DirectoryLock(out_dir / RUN_LOCK, what="mixtail train", where=f"run directory {out_dir}",
+                         advice="choose another --train.out_dir")
 
 
 def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
@@ -255,13 +323,16 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     state, ckpt_path = None, store.latest
     if resume:
         found = store.load_latest(map_location=device)
-        if found is None and (out_dir / "metrics.jsonl").exists():
-            raise FileNotFoundError(f"--resume: {out_dir} holds a run (metrics.jsonl) but no checkpoint to resume")
+        if found is None and holds_run(out_dir, store):
+            raise FileNotFoundError(f"--resume: {out_dir} holds a run (metrics.jsonl) but no checkpoint to resume; "
+                                    f"--overwrite starts it again")
         if found is None:
             # Nothing to resume yet: start the run. So one command serves a first attempt and every restart
-            # (torchrun --max-restarts; docs/scaling.md).
+            # (torchrun --max-restarts; docs/scaling.md), also after a kill before the first checkpoint.
             if info.is_main:
-                print(f"--resume: no checkpoint in {out_dir} yet, starting the run")
+                started = (out_dir / "config.yaml").exists()
+                print(f"--resume: no checkpoint in {out_dir} yet, starting the run"
+                      + (" from scratch (an earlier attempt stopped before its first checkpoint)" if started else ""))
         else:
             ckpt_path, state = found
             check_resume_config(cfg, state["config"], ckpt_path, state["epoch"])
@@ -290,6 +361,8 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     num_classes = train_loader.num_classes
     counts = train_loader.class_counts
     classes = list(train_loader.classes)
+    if state is not None:  # before the model: other classes would load as an internal error, or silently
+        check_classes(state, ckpt_path, classes, data_source(cfg.data), counts, prefix="--resume: ")
 
     run = build_training(cfg, num_classes, counts, device, info.world_size)
     raw_model, net, model, sgd, health, step_fn = run.raw_model, run.net, run.step.model, run.sgd, run.health, run.step
@@ -348,59 +421,85 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     results = None
     checkpoint_due = False
     images_per_step = cfg.data.batch_size * cfg.data.num_views
-    for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
-        if log_prior is not None:
-            log_prior.copy_(log_prior_vector(adjustment_prior(cfg, counts, epoch), device))
-        train_loader.set_epoch(epoch, start_batch)
-        bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not info.is_main, dynamic_ncols=True, leave=False)
-        t_last, steps_since = time.perf_counter(), 0
-        batches = iter(train_loader)
-        for b in range(start_batch, steps_per_epoch):
-            batch = next(batches)
-            lr = lr_at(o, step, steps_per_epoch)
-            parts = step_fn(batch, lr)
-            recent.append((step, epoch, b, batch.plan))
-            step += 1
-            steps_since += 1
-            epoch_sums += parts.double()
-            bar.update(1)
-            if steps_since == cfg.train.log_every_steps or b + 1 == steps_per_epoch:
-                health.check(cfg.train.on_nonfinite, describe)  # synchronizes, so the interval is honest
-                now = time.perf_counter()
-                rate = steps_since * images_per_step / (now - t_last)
-                epoch_time += now - t_last
-                bar.set_postfix(loss=f"{float(parts[0]):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
-                t_last, steps_since = now, 0
-            if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                checkpoint_due = True
-            if checkpoint_due and step_fn.pending == 0:  # never between the batches of one accumulated step
-                checkpoint(epoch, b + 1)
-                checkpoint_due = False
-        step_fn.flush()  # a partial accumulation group at the end of the epoch
-        checkpoint_due = False  # the epoch's own checkpoint follows
-        bar.close()
-        start_batch = 0
-        sums = (epoch_sums / steps_per_epoch).tolist()
-        record = {"epoch": epoch + 1, "step": step, "loss": sums[0], "ce": sums[1], "smc": sums[2],
-                  "lr": lr_at(o, step - 1, steps_per_epoch), "train_time_s": epoch_time,
-                  "img_per_s": steps_per_epoch * images_per_step / max(epoch_time, 1e-9)}
-        log.write(record)
-        log_line(f"epoch {epoch + 1}: loss {sums[0]:.4f} (ce {sums[1]:.4f}, smc {sums[2]:.4f}), "
-                 f"{record['img_per_s']:,.0f} img/s")
-        epoch_sums.zero_()
-        epoch_time = 0.0
-        last = epoch + 1 == cfg.train.epochs
-        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
-            # Without the DDP wrapper: ranks may see different numbers of test batches.
-            results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
-            groups = lambda r: {k: r[k] for k in ("all", "many", "medium", "few")}  # noqa: E731
-            log.write({"epoch": epoch + 1, "step": step, "eval": groups(results),
-                       **({"val": groups(results["val"])} if "val" in results else {})})
-            log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%"
-                     + (f" (val {results['val']['all']:.2f}%)" if "val" in results else ""))
-        checkpoint(epoch + 1, 0)
+    saved_step = step if state is not None else -1
+    stop = StopSignals(cfg.train.stop_signals, device)
+
+    def stop_here(sig, epoch: int, batch: int):
+        """After the checkpoint of (epoch, batch): the one-line exception that ends the run (issue 16)."""
+        if saved_step != step:
+            checkpoint(epoch, batch)
+        barrier()  # rank 0's checkpoint is complete before any rank leaves
+        log.close()
+        where = f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch} of {steps_per_epoch}"
+        return stop.stopped(sig, f"after step {step} ({where}); checkpoint {store.latest} written: continue the run "
+                                 f"with --resume")
+
+    with stop:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            model.train()
+            if log_prior is not None:
+                log_prior.copy_(log_prior_vector(adjustment_prior(cfg, counts, epoch), device))
+            train_loader.set_epoch(epoch, start_batch)
+            bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                       disable=not info.is_main, dynamic_ncols=True, leave=False)
+            t_last, steps_since = time.perf_counter(), 0
+            batches = iter(train_loader)
+            for b in range(start_batch, steps_per_epoch):
+                batch = next(batches)
+                lr = lr_at(o, step, steps_per_epoch)
+                parts = step_fn(batch, lr)
+                recent.append((step, epoch, b, batch.plan))
+                step += 1
+                steps_since += 1
+                epoch_sums += parts.double()
+                bar.update(1)
+                synced = steps_since == cfg.train.log_every_steps or b + 1 == steps_per_epoch
+                if synced:
+                    health.check(cfg.train.on_nonfinite, describe)  # synchronizes, so the interval is honest
+                    now = time.perf_counter()
+                    rate = steps_since * images_per_step / (now - t_last)
+                    epoch_time += now - t_last
+                    bar.set_postfix(loss=f"{float(parts[0]):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
+                    t_last, steps_since = now, 0
+                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
+                    checkpoint_due = True
+                if checkpoint_due and step_fn.pending == 0:  # never between the batches of one accumulated step
+                    checkpoint(epoch, b + 1)
+                    saved_step, checkpoint_due = step, False
+                # A stop signal is acted on after a whole SGD step: every step alone, where ranks synchronize anyway
+                # under DDP (they all reach the same `synced` steps and agree there).
+                if step_fn.pending == 0 and (info.world_size == 1 or synced):
+                    sig = stop.agreed(sync=info.world_size > 1)
+                    if sig is not None:
+                        bar.close()
+                        raise stop_here(sig, epoch, b + 1)
+            step_fn.flush()  # a partial accumulation group at the end of the epoch
+            checkpoint_due = False  # the epoch's own checkpoint follows
+            bar.close()
+            start_batch = 0
+            sums = (epoch_sums / steps_per_epoch).tolist()
+            record = {"epoch": epoch + 1, "step": step, "loss": sums[0], "ce": sums[1], "smc": sums[2],
+                      "lr": lr_at(o, step - 1, steps_per_epoch), "train_time_s": epoch_time,
+                      "img_per_s": steps_per_epoch * images_per_step / max(epoch_time, 1e-9)}
+            log.write(record)
+            log_line(f"epoch {epoch + 1}: loss {sums[0]:.4f} (ce {sums[1]:.4f}, smc {sums[2]:.4f}), "
+                     f"{record['img_per_s']:,.0f} img/s")
+            epoch_sums.zero_()
+            epoch_time = 0.0
+            last = epoch + 1 == cfg.train.epochs
+            if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
+                # Without the DDP wrapper: ranks may see different numbers of test batches.
+                results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
+                groups = lambda r: {k: r[k] for k in ("all", "many", "medium", "few")}  # noqa: E731
+                log.write({"epoch": epoch + 1, "step": step, "eval": groups(results),
+                           **({"val": groups(results["val"])} if "val" in results else {})})
+                log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%"
+                         + (f" (val {results['val']['all']:.2f}%)" if "val" in results else ""))
+            checkpoint(epoch + 1, 0)
+            saved_step = step
+            sig = stop.agreed(sync=True)  # a signal during the last steps or the evaluation
+            if sig is not None and not last:
+                raise stop_here(sig, epoch + 1, 0)
 
     if results is None:  # resumed a finished run: evaluate its final weights
         results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
