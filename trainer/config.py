@@ -53,6 +53,9 @@ class ModelConfig:
     arch: str = "resnet32"
     pretrained_path: str = ""  # timm/<name>: a local weights file to start from; "" keeps random weights
     head_dim: int = 128
+    # RIDE's multiple experts (issue 14, trainer/experts.py): K > 1 shares the stem and first stage and gives
+    # each expert its own later stages, classifier and MLP head; 1 is the single network of trainer/models.py.
+    experts: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +68,14 @@ class LossConfig:
     # The prior the logits are adjusted by (SPEC Eq. 5 and its extension): `dataset` is log P_Y, the paper's;
     # `mixed` is log π, the marginal of the soft labels the network sees under mixing (losses.mixed_prior).
     prior: Literal["dataset", "mixed"] = "dataset"
+    # RIDE's diversity term (model.experts > 1; trainer/experts.py), its CIFAR config's values: the loss
+    # subtracts diversity_weight · T̄² · Σ_k KL(ensemble ‖ expert k) (RIDE's additional_diversity_factor −0.45),
+    # at temperature diversity_temperature; from epoch diversity_reweight_epoch (0-based; null: never) the
+    # temperature is reweighted per class with diversity_reweight_factor (RIDE's reweight_epoch 160, 0.05).
+    diversity_weight: float = 0.45
+    diversity_temperature: float = 1.0
+    diversity_reweight_epoch: int | None = 160
+    diversity_reweight_factor: float = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,6 +372,15 @@ def validate(cfg: RunConfig) -> None:
     cfg.mix.validate()
     o, t = cfg.optim, cfg.train
     need(cfg.model.head_dim > 0, "model.head_dim", f"must be positive, got {cfg.model.head_dim}")
+    need(cfg.model.experts >= 1, "model.experts", f"must be >= 1, got {cfg.model.experts}")
+    need(cfg.loss.diversity_weight >= 0, "loss.diversity_weight", f"must be >= 0 (it is subtracted: RIDE's "
+         f"additional_diversity_factor -0.45 is diversity_weight 0.45), got {cfg.loss.diversity_weight}")
+    need(cfg.loss.diversity_temperature > 0, "loss.diversity_temperature",
+         f"must be positive, got {cfg.loss.diversity_temperature}")
+    need(0 <= cfg.loss.diversity_reweight_factor < 1, "loss.diversity_reweight_factor",
+         f"must be in [0, 1), got {cfg.loss.diversity_reweight_factor}")
+    need(cfg.loss.diversity_reweight_epoch is None or cfg.loss.diversity_reweight_epoch >= 0,
+         "loss.diversity_reweight_epoch", f"must be >= 0 or null, got {cfg.loss.diversity_reweight_epoch}")
     need(cfg.loss.tau > 0, "loss.tau", f"must be positive, got {cfg.loss.tau}")
     need(cfg.loss.eta >= 0, "loss.eta", f"must be >= 0, got {cfg.loss.eta}")
     need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")

@@ -1,0 +1,291 @@
+"""SMC with RIDE's multiple experts (issue 14, trainer/experts.py): K = 1 is today's network and step exactly;
+RIDE's layout for K > 1; every expert trains and differently; the diversity term against a float64 brute
+force (values and gradients); every new key wired; the ensemble and per-expert rows of the evaluation; exact
+resume with K = 3; K = 2 under DDP (2 gloo processes); the stage-2 router leaves stage 1 untouched.
+
+    python -m pytest tests/test_experts.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixtail.errors import ConfigError
+from mixtail.trainer.config import ModelConfig, load_config
+from mixtail.trainer.evaluate import evaluate, format_table
+from mixtail.trainer.experts import MultiExpertNet, build_experts_model, diversity_temperatures, diversity_term
+from mixtail.trainer.models import SMCNet, build_backbone, build_model
+from mixtail.trainer.step import SGD, Health, Objective, TrainStep
+from mixtail.trainer.train import build_training, refresh_diversity
+
+REPO = Path(__file__).resolve().parent.parent
+C = 10
+
+
+def _batches(n: int, c: int = C, pairs: int = 6, side: int = 16):
+    """n fixed two-view batches of (images, y_f, y_b, lam), as the trainer's Batch carries them."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(n):
+        y_f, y_b = torch.randint(0, c, (pairs,), generator=g), torch.randint(0, c, (pairs,), generator=g)
+        out.append(SimpleNamespace(images=torch.randn(2 * pairs, 3, side, side, generator=g), y_f=y_f, y_b=y_b,
+                                   lam=torch.rand(pairs, generator=g).clamp(0.2, 1.0), plan=None, render=None))
+    return out
+
+
+def _cfg(*overrides):
+    return load_config("smoke_cpu", ["--train.channels_last=false", *overrides])
+
+
+def _counts():
+    return np.array([300, 200, 120, 80, 60, 40, 30, 20, 15, 15])
+
+
+def _train_steps(run, batches):
+    for i, batch in enumerate(batches):
+        run.step(batch, 0.1 * (i + 1) / len(batches))
+    return {k: v.detach().clone() for k, v in run.raw_model.state_dict().items()}
+
+
+def test_one_expert_is_todays_network_and_step_exactly():
+    """model.experts: 1 (given or not) builds SMCNet, with the same initial weights and the same 3 steps as
+    the code path written out here without the key: SMCNet over build_backbone, step.Objective, TrainStep."""
+    batches, counts = _batches(3), _counts()
+    torch.manual_seed(0)
+    with_key = build_training(_cfg("--model.experts=1"), C, counts, torch.device("cpu"))
+    assert type(with_key.raw_model) is SMCNet and type(with_key.objective) is Objective
+    cfg = _cfg()
+    torch.manual_seed(0)
+    backbone, dim = build_backbone(cfg.model.arch)
+    net = SMCNet(backbone, dim, C, cfg.model.head_dim)
+    o = cfg.optim
+    sgd = SGD(net.parameters(), momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    from mixtail.trainer.losses import log_class_prior
+
+    objective = Objective(num_classes=C, log_prior=log_class_prior(counts), eta=cfg.loss.eta, tau=cfg.loss.tau,
+                          weighting=cfg.loss.weighting, impl=cfg.loss.impl,
+                          autocast=with_key.objective.autocast)
+    plain = SimpleNamespace(raw_model=net, step=TrainStep(net, sgd, objective, health=Health(torch.device("cpu"))))
+    a, b = _train_steps(with_key, batches), _train_steps(plain, batches)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ride_layout_for_resnet32_and_resnet50():
+    net = build_model(ModelConfig(arch="resnet32", experts=3), num_classes=100)
+    assert isinstance(net, MultiExpertNet) and net.num_experts == 3
+    convs = lambda m: [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert convs(net.shared) == [16] * 11  # stem + stage 1 (5 blocks of 2 convs), shared
+    for expert in net.experts:  # RIDE's reduce_dimension: 24 and 48 channels instead of 32 and 64
+        assert convs(expert) == [24] * 10 + [48] * 10
+    assert [(h[0].in_features, h[2].out_features) for h in net.heads] == [(48, 128)] * 3
+    assert [c.in_features for c in net.classifiers] == [48] * 3
+    logits, z = net.eval()(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (3, 2, 100) and z.shape == (3, 2, 128)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(3, 2), atol=1e-5)
+    assert net.features(torch.randn(2, 3, 32, 32)).shape == (2, 3 * 48)
+    r50 = build_model(ModelConfig(arch="resnet50", experts=2), num_classes=7)
+    # RIDE's ResNet-50: stem, layer1, layer2 shared (512 channels out); layer3, layer4 at 192/384 planes.
+    assert r50.shared[-1][-1].conv3.out_channels == 512
+    assert [e[0][0].conv1.out_channels for e in r50.experts] == [192, 192]
+    assert r50.feature_dim == 384 * 4
+    with pytest.raises(ConfigError, match="model.experts"):
+        build_experts_model(ModelConfig(arch="timm/resnet18", experts=2), 7)
+
+
+def test_every_expert_gets_its_own_gradients():
+    cfg = _cfg("--model.experts=3")
+    torch.manual_seed(0)
+    run = build_training(cfg, C, _counts(), torch.device("cpu"))
+    batch = _batches(1)[0]
+    loss, ce, smc = run.objective(run.raw_model, batch.images, batch.y_f, batch.y_b, batch.lam)
+    loss.backward()
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()])
+             for k in range(3) for m in (run.raw_model.experts[k],)]
+    heads = [torch.cat([p.grad.flatten() for p in run.raw_model.heads[k].parameters()]) for k in range(3)]
+    for g in grads + heads:
+        assert g.abs().sum() > 0
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not torch.allclose(grads[i], grads[j]) and not torch.allclose(heads[i], heads[j])
+    assert all(p.grad is not None for p in run.raw_model.shared.parameters())
+
+
+def _brute_diversity(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """Σ_k T̄² · (1/N) Σ_n Σ_c q_nc (log q_nc − log p_knc), loops and float64, q from the detached mean."""
+    k_, n_, c_ = logits.shape
+    mean = logits.detach().mean(0)
+    total = logits.new_zeros(())
+    for k in range(k_):
+        for n in range(n_):
+            q = torch.exp(mean[n] / temps) / torch.exp(mean[n] / temps).sum()
+            p = torch.exp(logits[k, n] / temps) / torch.exp(logits[k, n] / temps).sum()
+            total = total + sum(q[c] * (torch.log(q[c]) - torch.log(p[c])) for c in range(c_)) / n_
+    return temps.mean() ** 2 * total
+
+
+@pytest.mark.parametrize("reweighted", [False, True])
+def test_diversity_term_against_a_float64_brute_force(reweighted):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    temps = torch.as_tensor(diversity_temperatures(np.array([50, 20, 5, 1]), 1.5, 0.05, reweighted))
+    got, want = diversity_term(logits, temps), _brute_diversity(logits, temps)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (g_got,) = torch.autograd.grad(got, logits)
+    (g_want,) = torch.autograd.grad(_brute_diversity(logits, temps), logits)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert got > 0
+    # Gradients flow through each expert only, the ensemble's distribution held constant (RIDE's no_grad):
+    # a finite difference of the brute force with that distribution frozen agrees.
+    frozen = logits.detach().mean(0)
+
+    def with_frozen_target(x):
+        q = F.softmax(frozen / temps, -1)
+        return temps.mean() ** 2 * sum((q * (q.log() - F.log_softmax(x[k] / temps, -1))).sum(-1).mean()
+                                       for k in range(x.shape[0]))
+
+    assert torch.autograd.gradcheck(with_frozen_target, (logits.detach().clone().requires_grad_(),))
+    (g_frozen,) = torch.autograd.grad(with_frozen_target(logits), logits)
+    torch.testing.assert_close(g_got, g_frozen, rtol=1e-9, atol=1e-12)
+
+
+def test_diversity_temperatures_follow_ride_reweighting():
+    counts = np.array([500, 100, 5])
+    p = counts / counts.sum()
+    w = 3 * p * 0.05 + 0.95
+    np.testing.assert_allclose(diversity_temperatures(counts, 2.0, 0.05, True), 2.0 * w / w.max())
+    np.testing.assert_allclose(diversity_temperatures(counts, 2.0, 0.05, False), [2.0] * 3)
+
+
+def test_objective_subtracts_the_weighted_diversity():
+    batch = _batches(1)[0]
+    parts = {}
+    for w in (0.0, 0.45):
+        torch.manual_seed(0)
+        run = build_training(_cfg("--model.experts=2", f"--loss.diversity_weight={w}"), C, _counts(),
+                             torch.device("cpu"))
+        parts[w] = run.objective(run.raw_model, batch.images, batch.y_f, batch.y_b, batch.lam)
+        with torch.no_grad():
+            logits, _ = run.raw_model(batch.images)
+    div = diversity_term(logits, run.objective.temperatures)
+    torch.testing.assert_close(parts[0.0][1], parts[0.45][1])  # ce and smc: the experts' SMC objective
+    torch.testing.assert_close(parts[0.45][0], parts[0.0][0] - 0.45 * div)
+
+
+def _objective_value(*overrides, epoch=0):
+    batch = _batches(1)[0]
+    cfg = _cfg(*overrides)
+    torch.manual_seed(0)
+    run = build_training(cfg, C, _counts(), torch.device("cpu"))
+    refresh_diversity(run.objective, cfg, _counts(), epoch)
+    with torch.no_grad():
+        return run.objective(run.raw_model, batch.images, batch.y_f, batch.y_b, batch.lam)[0]
+
+
+@pytest.mark.parametrize("key,a,b,epoch", [
+    ("loss.diversity_weight", 0.45, 1.0, 0),
+    ("loss.diversity_temperature", 1.0, 3.0, 0),
+    ("loss.diversity_reweight_epoch", 1, None, 1),   # reweighting on at epoch 1, or never
+    ("loss.diversity_reweight_factor", 0.05, 0.5, 1),
+])
+def test_every_diversity_key_is_wired(key, a, b, epoch):
+    base = ["--model.experts=2", "--loss.diversity_reweight_epoch=1"]
+    fmt = lambda v: "null" if v is None else v  # noqa: E731
+    assert _objective_value(*base, f"--{key}={fmt(a)}", epoch=epoch) != _objective_value(*base, f"--{key}={fmt(b)}",
+                                                                                         epoch=epoch)
+
+
+def test_experts_key_is_wired_and_validated():
+    sizes = {k: sum(p.numel() for p in build_model(ModelConfig(arch="resnet8", experts=k), C).parameters())
+             for k in (1, 2, 3)}
+    assert sizes[1] < sizes[2] < sizes[3]
+    for bad, key in (("--model.experts=0", "model.experts"), ("--loss.diversity_weight=-0.45", "loss.diversity_weight"),
+                     ("--loss.diversity_temperature=0", "loss.diversity_temperature"),
+                     ("--loss.diversity_reweight_factor=1", "loss.diversity_reweight_factor"),
+                     ("--loss.diversity_reweight_epoch=-1", "loss.diversity_reweight_epoch")):
+        with pytest.raises(ConfigError, match=f"key '{key}'") as err:
+            load_config("smoke_cpu", [bad])
+        assert "\n" not in str(err.value)
+
+
+def test_evaluation_reports_the_ensemble_and_every_expert():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(arch="resnet8", experts=3), C)
+    batches = [SimpleNamespace(images=b.images, y_f=torch.cat([b.y_f, b.y_b])) for b in _batches(2)]
+    res = evaluate(net, batches, _counts(), torch.device("cpu"), return_outputs=True)
+    assert len(res["experts"]) == 3
+    with torch.no_grad():
+        net.eval()
+        logits = torch.cat([net(b.images)[0] for b in batches], dim=1)
+    labels = torch.cat([b.y_f for b in batches])
+    assert res["all"] == pytest.approx(100 * (logits.mean(0).argmax(1) == labels).double().mean().item())
+    for k in range(3):
+        assert res["experts"][k]["all"] == pytest.approx(100 * (logits[k].argmax(1) == labels).double().mean().item())
+    np.testing.assert_array_equal(res["outputs"].preds, logits.mean(0).argmax(1).numpy())
+    table = format_table({**res, "val": res}).splitlines()
+    names = [line.strip().split("  ")[0] for line in table[2:]]
+    assert names == ["val ensemble top-1 %", "val expert 1 top-1 %", "val expert 2 top-1 %", "val expert 3 top-1 %",
+                     "test ensemble top-1 %", "test expert 1 top-1 %", "test expert 2 top-1 %",
+                     "test expert 3 top-1 %"]
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+def test_three_experts_resume_exactly(tmp_path, monkeypatch):
+    """A K = 3 run killed mid-epoch and resumed ends with the straight run's weights, and its metrics, after
+    the diversity temperatures were reweighted on the way (loss.diversity_reweight_epoch=1)."""
+    from train_hooks import wrap_train_loader
+
+    from mixtail.trainer.train import train
+
+    overrides = ["--model.experts=3", "--train.epochs=2", "--train.checkpoint_every_steps=2",
+                 "--train.eval_every_epochs=2", "--loss.diversity_reweight_epoch=1"]
+    train(load_config("smoke_cpu", [f"--train.out_dir={tmp_path / 'straight'}", *overrides]))
+    cfg = load_config("smoke_cpu", [f"--train.out_dir={tmp_path / 'crashed'}", *overrides])
+    seen = {"n": 0}
+
+    def crash(_batch):
+        if seen["n"] == 5:  # the last checkpoint is step 4, mid-epoch 2
+            raise _Crash("simulated crash")
+        seen["n"] += 1
+
+    with monkeypatch.context() as m:
+        wrap_train_loader(m, crash)
+        with pytest.raises(_Crash):
+            train(cfg)
+    train(cfg, resume=True)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("straight", "crashed"))
+    assert a.keys() == b.keys() and any(k.startswith("experts.2.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    final = json.loads((tmp_path / "crashed" / "final_eval.json").read_text())
+    assert len(final["experts"]) == 3
+
+
+@pytest.mark.slow
+def test_two_experts_under_ddp_with_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mixtail",
+           "train", "smoke_cpu", f"--train.out_dir={out}", "--model.experts=2", "--train.epochs=1",
+           "--train.max_steps_per_epoch=2"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world size 2" in res.stdout and "expert 2 top-1 %" in res.stdout
+    final = json.loads((out / "final_eval.json").read_text())
+    assert final["num_test_images"] == 1000 and len(final["experts"]) == 2
+    assert all(e["num_test_images"] == 1000 for e in final["experts"])  # each expert's rows summed over ranks
