@@ -274,6 +274,16 @@ def test_three_experts_resume_exactly(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
     final = json.loads((tmp_path / "crashed" / "final_eval.json").read_text())
     assert len(final["experts"]) == 3
+    # `mixtail eval --report` on it: the ensemble's row and one per expert, the numbers training printed.
+    from mixtail.trainer.checkpoint_eval import evaluate_checkpoint
+
+    res = evaluate_checkpoint(tmp_path / "crashed" / "checkpoint.pt", report_dir=tmp_path / "report")
+    assert [e["all"] for e in res["experts"]] == [e["all"] for e in final["experts"]]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["top1"]["all"] == final["all"] and len(report["experts_top1"]) == 3
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| final epoch, ensemble |" in md and "| final epoch, expert 3 |" in md
+    assert "3 experts' pooled features side by side" in md
 
 
 @pytest.mark.slow

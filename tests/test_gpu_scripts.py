@@ -69,8 +69,15 @@ def test_gpu_lease_script_tiny_on_cpu(tmp_path):
         **{f"run_{n}": "done" for n in ("lace", "smc_mixed", "smc_aa", "ride3")
            if n != "ride3" or (REPO / "configs" / "cifar10_lt_r100_ride3.yaml").exists()}}, logs
     assert summary["config"]["tiny"] is True and summary["config"]["not_run"] == {"tests_gpu": "TINY=1"}
-    rows = {r["run"]: r for r in summary["rows"]}
+    rows = {r["run"]: r for r in summary["rows"] if "expert_of" not in r}
     assert set(rows) == {"smc_200ep"} | {n for n in stages if n.startswith("run_")}
+    # The 3-expert run (issue 14): its row is the ensemble's, then one row per expert from its final_eval.json.
+    if "run_ride3" in rows:
+        experts = [r for r in summary["rows"] if r.get("expert_of") == "run_ride3"]
+        final = json.loads((out / "run_ride3" / "final_eval.json").read_text())
+        assert [r["top1_all"] for r in experts] == [e["all"] for e in final["experts"]] and len(experts) == 3
+        assert rows["run_ride3"]["what"] == "SMC, 3 RIDE experts (ensemble)"
+        assert rows["run_ride3"]["top1_all"] == final["all"]
     for row in rows.values():
         assert row["finished"] and row["epochs_done"] == 2 and row["schedule"] == "shortened: 2 of 2 epochs"
         assert 0 <= row["top1_all"] <= 100 and row["accuracy_of"] == "final epoch (2)"
