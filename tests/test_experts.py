@@ -299,3 +299,144 @@ def test_two_experts_under_ddp_with_two_gloo_processes(tmp_path):
     final = json.loads((out / "final_eval.json").read_text())
     assert final["num_test_images"] == 1000 and len(final["experts"]) == 2
     assert all(e["num_test_images"] == 1000 for e in final["experts"])  # each expert's rows summed over ranks
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: the router
+# --------------------------------------------------------------------------------------------------
+
+
+def test_help_targets_and_routing_against_loops():
+    from mixtail.trainer.router import help_targets, route
+
+    g = torch.Generator().manual_seed(0)
+    k, b, c = 4, 64, 5
+    logits, labels = torch.randn(k, b, c, generator=g), torch.randint(0, c, (b,), generator=g)
+    help_logits = torch.randn(k - 1, b, generator=g)
+    targets = help_targets(logits, labels)
+    routed, used = route(help_logits, logits, 0.5)
+    for n in range(b):
+        right = [int(logits[:i + 1, n].mean(0).argmax()) == int(labels[n]) for i in range(k)]
+        assert targets[:, n].tolist() == [not right[i] and any(right[i + 1:]) for i in range(k - 1)]
+        # RIDE's test-time loop: expert 0, then expert i while the score of i - 1 clears the threshold.
+        m = 1
+        while m < k and torch.sigmoid(help_logits[m - 1, n]) > 0.5:
+            m += 1
+        assert int(used[n]) == m
+        torch.testing.assert_close(routed[n], logits[:m, n].mean(0))
+
+
+def _router_setup(**router_overrides):
+    cfg = _cfg("--model.experts=3", *[f"--router.{k}={v}" for k, v in router_overrides.items()])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, C)
+    batches = [SimpleNamespace(images=b.images, y_f=torch.cat([b.y_f, b.y_b])) for b in _batches(2)]
+    return cfg, model, batches
+
+
+def _fit_router(cfg, model, batches):
+    from contextlib import nullcontext
+
+    from mixtail.trainer.router import train_router
+
+    torch.manual_seed(1)
+    return train_router(model, lambda epoch: batches, cfg.router, _counts(), torch.device("cpu"), nullcontext(),
+                        log=lambda msg: None)
+
+
+def test_router_training_leaves_stage_one_untouched():
+    cfg, model, batches = _router_setup(epochs=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()  # stage 2 must put BatchNorm in eval mode itself, or its statistics would move
+    router = _fit_router(cfg, model, batches)
+    after = model.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    torch.manual_seed(1)
+    from mixtail.trainer.router import Router
+
+    fresh = Router(3, model.feature_dim, C, cfg.router.top_k, cfg.router.hidden_dim)
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), router.state_dict().values()))
+
+
+def test_router_evaluation_at_the_extremes_of_the_threshold():
+    from contextlib import nullcontext
+
+    from mixtail.trainer.router import evaluate_router
+
+    cfg, model, batches = _router_setup(epochs=1)
+    router = _fit_router(cfg, model, batches)
+    cpu = torch.device("cpu")
+    plain = evaluate(model, batches, _counts(), cpu)
+    always = evaluate_router(model, router, batches, _counts(), cpu, nullcontext(), threshold=1e-9)
+    never = evaluate_router(model, router, batches, _counts(), cpu, nullcontext(), threshold=1 - 1e-9)
+    assert always["mean_experts"] == 3 and always["routed"]["all"] == plain["all"] == always["all_experts"]["all"]
+    assert never["mean_experts"] == 1 and never["routed"]["all"] == plain["experts"][0]["all"]
+
+
+@pytest.mark.parametrize("key,a,b", [("epochs", 1, 2), ("lr", 0.01, 0.5), ("batch_size", 512, 64),
+                                     ("pos_weight", 100.0, 1.0), ("top_k", 30, 3), ("hidden_dim", 16, 4),
+                                     ("threshold", 0.01, 0.99)])
+def test_every_router_key_is_wired(key, a, b):
+    """Each router key changes the trained router or its decisions; batch_size, which the synthetic batches
+    here cannot show, changes the stage-2 loader's batches (train_router_stage builds them from it)."""
+    from contextlib import nullcontext
+
+    from mixtail.trainer.router import expert_outputs, route
+
+    if key == "batch_size":
+        from mixtail.trainer.router import router_loader
+
+        sizes = [router_loader(_cfg("--model.experts=3", f"--router.{key}={v}"), torch.device("cpu")).batch_size
+                 for v in (a, b)]
+        assert sizes == [a, b]
+        return
+    outs = []
+    for v in (a, b):
+        cfg, model, batches = _router_setup(**{key: v})
+        router = _fit_router(cfg, model, batches)
+        with torch.no_grad():
+            feats, logits = expert_outputs(model.eval(), batches[0].images, nullcontext())
+            outs.append(route(router(feats, logits), logits, cfg.router.threshold)[1].float().mean()
+                        if key == "threshold" else router(feats, logits))
+    assert not torch.equal(outs[0], outs[1]), key
+
+
+@pytest.mark.slow
+def test_stage_router_end_to_end_on_a_finished_run(tmp_path):
+    """`mixtail train CONFIG --stage router`: refused before stage 1 has finished; then it trains on the frozen
+    run, leaves checkpoint.pt byte for byte as it was, and writes router.pt and router_eval.json."""
+    import hashlib
+
+    from mixtail.cli import main
+    from mixtail.trainer.router import train_router_stage
+    from mixtail.trainer.train import train
+
+    over = [f"--train.out_dir={tmp_path}", "--model.experts=2", "--train.epochs=1", "--train.max_steps_per_epoch=2",
+            "--router.epochs=1", "--router.batch_size=64"]
+    cfg = load_config("smoke_cpu", over)
+    with pytest.raises(FileNotFoundError, match="train stage 1 first"):
+        train_router_stage(cfg)
+    train(cfg)
+    digest = lambda: hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest()  # noqa: E731
+    before = digest()
+    with pytest.raises(ConfigError, match="finish stage 1 first"):
+        train_router_stage(load_config("smoke_cpu", [*over, "--train.epochs=2"]))
+    with pytest.raises(SystemExit):
+        main(["train", "smoke_cpu", *over, "--stage", "router", "--resume"])
+    res = train_router_stage(cfg)
+    assert digest() == before
+    assert 1 <= res["mean_experts"] <= 2 and res["num_experts"] == 2
+    saved = json.loads((tmp_path / "router_eval.json").read_text())
+    assert saved["routed"]["all"] == res["routed"]["all"]
+    state = torch.load(tmp_path / "router.pt", weights_only=False)
+    assert state["router_config"]["batch_size"] == 64 and "out.weight" in state["router"]
+    final = json.loads((tmp_path / "final_eval.json").read_text())
+    assert res["all_experts"]["all"] == final["all"]  # the ensemble of stage 1, re-evaluated
+    # `mixtail eval --report` finds router.pt beside the checkpoint: the routed row and experts per image.
+    from mixtail.trainer.checkpoint_eval import evaluate_checkpoint
+
+    ev = evaluate_checkpoint(tmp_path / "checkpoint.pt", report_dir=tmp_path / "report")
+    assert ev["router"]["mean_experts"] == res["mean_experts"] and ev["router"]["routed"] == res["routed"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"Experts consulted per test image: {res['mean_experts']:.3f} of 2" in md and "| routed prediction |" in md

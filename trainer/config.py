@@ -29,7 +29,7 @@ from mixtail.pipelines.config import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAG
                                       MixConfig, need, normalization)
 
 __all__ = ["ConfigError", "RunConfig", "DataConfig", "AugConfig", "MixConfig", "ModelConfig", "LossConfig",
-           "OptimConfig", "TrainConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
+           "OptimConfig", "TrainConfig", "RouterConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
            "dump_config", "config_path", "validate", "normalization", "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN",
            "IMAGENET_STD"]
 
@@ -115,6 +115,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Stage 2 of RIDE (`mixtail train CONFIG --stage router`, trainer/router.py): the expert-assignment router
+    on the frozen stage-1 experts. Defaults are RIDE's CIFAR-100 EA config (5 epochs, batches of 512, lr 0.01
+    cosine, positives weighted 100, the top 30 logits, a hidden layer of 16); none changes stage 1."""
+
+    epochs: int = 5
+    lr: float = 0.01
+    batch_size: int = 512
+    pos_weight: float = 100.0  # BCE weight of "the next expert helps" (rare: most samples are right early)
+    top_k: int = 30  # the largest running-mean logits the router reads (capped at the number of classes)
+    hidden_dim: int = 16
+    threshold: float = 0.5  # consult the next expert while sigmoid(score) > threshold
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A whole run: one frozen section per concern. Defaults are the paper's CIFAR-LT recipe; build one with
     `load_config` (YAML deltas and overrides, strictly checked) or directly, section by section.
@@ -134,6 +149,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,3 +415,9 @@ def validate(cfg: RunConfig) -> None:
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch",
          "must be positive or null")
     need(t.log_every_steps > 0, "train.log_every_steps", "must be positive")
+    r = cfg.router
+    for key in ("epochs", "batch_size", "top_k", "hidden_dim"):
+        need(getattr(r, key) > 0, f"router.{key}", f"must be positive, got {getattr(r, key)}")
+    need(r.lr > 0, "router.lr", f"must be positive, got {r.lr}")
+    need(r.pos_weight > 0, "router.pos_weight", f"must be positive, got {r.pos_weight}")
+    need(0 < r.threshold < 1, "router.threshold", f"must be in (0, 1), got {r.threshold}")

@@ -332,6 +332,10 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
                       for k, name in enumerate(class_names)],
         "posthoc": None if posthoc is None else [{"tau": float(t), "top1": _groups_of(r)} for t, r in posthoc],
         "posthoc_auto": posthoc_auto,
+        "router": None if "router" not in final else {
+            "mean_experts": final["router"]["mean_experts"], "num_experts": final["router"]["num_experts"],
+            "mean_experts_by_group": final["router"]["mean_experts_by_group"],
+            "top1": _groups_of(final["router"]["routed"])},
         "meta": meta,
         "files": {"centres": "class_centres.npy", "per_class": "per_class_accuracy.png",
                   "pca": "class_centres_pca.png"},
@@ -389,6 +393,12 @@ def _markdown(report: dict, class_names: list[str]) -> str:
                   + ". The grid it was chosen from (validation split only):", ""]
         lines += _md_table(["T"] + head[1:], [[f"{r['tau']:g}"] + [_fmt(r[g], 2) for g in GROUPS]
                                                for r in auto["grid"]])
+    router = report.get("router")
+    if router:
+        lines += ["", "### Stage-2 router (RIDE's expert assignment)", "",
+                  f"Experts consulted per test image: {router['mean_experts']:.3f} of {router['num_experts']} "
+                  f"(" + ", ".join(f"{g} {_fmt(v, 3)}" for g, v in router["mean_experts_by_group"].items()) + ").", ""]
+        lines += _md_table(head, [["routed prediction"] + [_fmt(router["top1"][g], 2) for g in GROUPS]])
     lines += ["", "## Feature-space scores (paper Table 4; lower is better)", "",
               report["feature_scores_note"] + ".", ""]
     score_rows = [["inter-class score (IS)"] + [_fmt(report["inter_class_score"][g], 4) for g in GROUPS]]

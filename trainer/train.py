@@ -135,6 +135,8 @@ RESUME_FREE_KEYS = {
     ("train", "epochs"), ("train", "cuda_graphs"), ("train", "graph_loader"), ("data", "root"),
     ("data", "train_list"), ("data", "test_list"), ("data", "val_list"), ("data", "download"), ("data", "num_threads"),
     ("data", "eval_batch_size"),
+    # Stage 2 (the router, trainer/router.py) reads these; stage 1 never does.
+    *(("router", k) for k in ("epochs", "lr", "batch_size", "pos_weight", "top_k", "hidden_dim", "threshold")),
 }
 
 
