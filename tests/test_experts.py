@@ -440,3 +440,50 @@ def test_stage_router_end_to_end_on_a_finished_run(tmp_path):
     assert ev["router"]["mean_experts"] == res["mean_experts"] and ev["router"]["routed"] == res["routed"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert f"Experts consulted per test image: {res['mean_experts']:.3f} of 2" in md and "| routed prediction |" in md
+
+
+# --------------------------------------------------------------------------------------------------
+# The graph path with K experts
+# --------------------------------------------------------------------------------------------------
+
+
+def test_three_experts_through_the_graph_path_equal_eager_steps():
+    """The CUDA-graph path's plumbing (static buffers, the body replayed from them; trainer/step.StaticReplay
+    on the CPU) gives the eager steps with K = 3, and reads the diversity temperatures in place: a refresh
+    between replays reaches the replayed body."""
+    from mixtail.trainer.step import StaticReplay
+
+    cfg = _cfg("--model.experts=3", "--loss.diversity_reweight_epoch=1")
+    batches, counts, cpu = _batches(3), _counts(), torch.device("cpu")
+    weights = []
+    for replay in (False, True):
+        torch.manual_seed(0)
+        run = build_training(cfg, C, counts, cpu)
+        if replay:
+            run.step._capture = StaticReplay
+        for i, batch in enumerate(batches):
+            refresh_diversity(run.objective, cfg, counts, i)  # reweighted from the second step on
+            run.step(batch, 0.05)
+        weights.append(run.raw_model.state_dict())
+        assert len(run.step._graphs) == (1 if replay else 0)
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
+def test_graphed_three_experts_follow_the_eager_trajectory(tmp_path):
+    """K = 3 with train.cuda_graphs on and off: the same losses within bf16 noise (benchmarks/gpu_lease.sh)."""
+    from mixtail.trainer.train import train
+
+    common = ["--train.device=cuda", "--train.epochs=3", "--train.max_steps_per_epoch=8", "--loss.impl=auto",
+              "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0", "--train.precision=bf16", "--model.experts=3",
+              "--loss.diversity_reweight_epoch=1"]
+    losses = []
+    for graphs in ("false", "true"):
+        out = tmp_path / graphs
+        train(load_config("smoke_cpu", [f"--train.out_dir={out}", f"--train.cuda_graphs={graphs}", *common]))
+        losses.append([json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                       if "loss" in x])
+    assert len(losses[0]) == len(losses[1]) == 3
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-2)
