@@ -206,6 +206,23 @@ def test_every_diversity_key_is_wired(key, a, b, epoch):
                                                                                          epoch=epoch)
 
 
+def test_expert_classifier_key_is_wired():
+    from mixtail.trainer.experts import CosineClassifier
+
+    x = torch.randn(4, 3, 32, 32)
+    outs = {}
+    for kind in ("linear", "cosine"):
+        torch.manual_seed(0)
+        net = build_model(ModelConfig(arch="resnet8", experts=2, expert_classifier=kind), C).eval()
+        assert all(isinstance(c, CosineClassifier if kind == "cosine" else torch.nn.Linear) for c in net.classifiers)
+        with torch.no_grad():
+            outs[kind] = net(x)[0]
+    assert not torch.allclose(outs["linear"], outs["cosine"])
+    assert outs["cosine"].abs().max() <= 30 + 1e-4  # RIDE's scale bounds every logit
+    # The single network ignores it: K = 1 is SMCNet whatever the key says.
+    assert type(build_model(ModelConfig(arch="resnet8", expert_classifier="cosine"), C)) is SMCNet
+
+
 def test_experts_key_is_wired_and_validated():
     sizes = {k: sum(p.numel() for p in build_model(ModelConfig(arch="resnet8", experts=k), C).parameters())
              for k in (1, 2, 3)}
@@ -374,6 +391,7 @@ def test_router_evaluation_at_the_extremes_of_the_threshold():
     assert never["mean_experts"] == 1 and never["routed"]["all"] == plain["experts"][0]["all"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key,a,b", [("epochs", 1, 2), ("lr", 0.01, 0.5), ("batch_size", 512, 64),
                                      ("pos_weight", 100.0, 1.0), ("top_k", 30, 3), ("hidden_dim", 16, 4),
                                      ("threshold", 0.01, 0.99)])
@@ -447,6 +465,7 @@ def test_stage_router_end_to_end_on_a_finished_run(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_three_experts_through_the_graph_path_equal_eager_steps():
     """The CUDA-graph path's plumbing (static buffers, the body replayed from them; trainer/step.StaticReplay
     on the CPU) gives the eager steps with K = 3, and reads the diversity temperatures in place: a refresh

@@ -56,6 +56,9 @@ class ModelConfig:
     # RIDE's multiple experts (issue 14, trainer/experts.py): K > 1 shares the stem and first stage and gives
     # each expert its own later stages, classifier and MLP head; 1 is the single network of trainer/models.py.
     experts: int = 1
+    # The experts' classifiers (K > 1 only): a linear layer as the single network's, or RIDE's cosine
+    # classifier 30·cos(feature, w_c), whose logits are bounded (docs/experts.md, "Classifier").
+    expert_classifier: Literal["linear", "cosine"] = "linear"
 
 
 @dataclass(frozen=True, kw_only=True)

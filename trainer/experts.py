@@ -10,7 +10,8 @@ the stage-2 router. docs/experts.md states every choice and what differs from RI
     model.features(images)        # (B, K·d): the experts' pooled features side by side (Table 4 scores)
 
 Layout (RIDE's): the stem and the first stage are shared; each expert has its own later stages, its own
-linear classifier and its own SPEC "Network" MLP head. RIDE's `reduce_dimension` makes the experts' later
+linear classifier (or RIDE's cosine classifier of scale 30, model.expert_classifier) and its own SPEC
+"Network" MLP head. RIDE's `reduce_dimension` makes the experts' later
 stages 3/4 as wide as the single network's (ResNet-32: 24 and 48 channels instead of 32 and 64; ResNet-50:
 layer3 and layer4 at 192 and 384 bottleneck planes instead of 256 and 512, stages 1-2 shared), so that three
 experts cost about what one wider network costs. K = 1 never comes here: trainer/models.py builds today's
@@ -40,6 +41,21 @@ REDUCE = 3 / 4
 def _mlp_head(dim: int, head_dim: int) -> nn.Sequential:
     # SPEC "Network": Linear(d, d) -> ReLU -> Linear(d, 128), as SMCNet's, one per expert.
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, head_dim))
+
+
+class CosineClassifier(nn.Module):
+    """RIDE's `NormedLinear` with its scale (model.expert_classifier: cosine): s · cos(feature, w_c) for each
+    class c, so every logit lies in [−s, s]. RIDE's diversity term rewards each expert's distance from the
+    ensemble, which a linear classifier can grow by scaling its logits; bounded logits bound the reward, as in
+    RIDE's code (docs/experts.md, "Classifier", says what the two did in short CPU runs)."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 30.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features).uniform_(-1, 1))  # only directions count
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
 
 class _Pool(nn.Module):
@@ -108,12 +124,14 @@ class MultiExpertNet(nn.Module):
     """
 
     def __init__(self, shared: nn.Module, experts: list[nn.Module], feature_dim: int, num_classes: int,
-                 head_dim: int = 128):
+                 head_dim: int = 128, classifier: str = "linear"):
         super().__init__()
         self.num_experts = len(experts)
         self.shared = shared
         self.experts = nn.ModuleList(experts)
-        self.classifiers = nn.ModuleList(nn.Linear(feature_dim, num_classes) for _ in experts)
+        make = (lambda: CosineClassifier(feature_dim, num_classes)) if classifier == "cosine" else (
+            lambda: nn.Linear(feature_dim, num_classes))
+        self.classifiers = nn.ModuleList(make() for _ in experts)
         self.heads = nn.ModuleList(_mlp_head(feature_dim, head_dim) for _ in experts)
         self.feature_dim = feature_dim
 
@@ -149,7 +167,7 @@ def build_experts_model(cfg, num_classes: int) -> MultiExpertNet:
                           f"(RIDE's layouts), not model.arch={cfg.arch!r}")
     else:
         shared, experts, dim = _torchvision_parts(cfg.arch, cfg.experts)
-    return MultiExpertNet(shared, experts, dim, num_classes, cfg.head_dim)
+    return MultiExpertNet(shared, experts, dim, num_classes, cfg.head_dim, cfg.expert_classifier)
 
 
 # --------------------------------------------------------------------------------------------------
