@@ -20,6 +20,10 @@ JSON (<out>/step_<gpu-or-cpu>_<yyyymmdd>.json) holds the rows, the resolved conf
     mixtail bench step --config cifar10_lt_r100                      # ResNet-32, 32 px, 128 pairs x 2 views
     mixtail bench step --config imagenet_lt_rn50 --modes eager graphs   # ResNet-50 at 224 px
     mixtail bench step --config smoke_cpu --model.arch=resnet8 --data.batch_size=8 --windows 2 --window-steps 2
+    mixtail bench step --config cifar10_lt_r100 --experts 1 2 3 4 --modes eager graphs   # RIDE's experts, issue 14
+
+`--experts K...` times one row per number of experts (model.experts) and adds `cost_vs_1_expert`, each row's
+ms/step over the same mode's 1-expert row.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ DATASET_CLASSES = {"demo": 10, "cifar10": 10, "cifar100": 100, "imagenet_lt": 10
 # (loss parts rtol, relative update error) for the graphed-vs-eager check: tests/test_step.py's trajectory test
 # allows 2e-2 between graphed and eager bf16 losses; fp32 differs only by atomics and TF32 convolutions.
 VERIFY_TOL = {"bf16": (2e-2, 5e-2), "fp32": (1e-3, 1e-2)}
-KEYS = ["mode", "arch", "size_px", "pairs", "views", "precision", "device"]
+KEYS = ["mode", "arch", "experts", "size_px", "pairs", "views", "precision", "device"]
 METRICS = ["images_per_s", "ms_per_step"]
 
 
@@ -217,7 +221,7 @@ def time_steps(run_step: Callable[[], Any], *, device: torch.device, images_per_
 
 def describe_run(cfg, device: torch.device) -> dict[str, Any]:
     """The key columns every step/train row shares."""
-    return {"arch": cfg.model.arch, "size_px": cfg.data.image_size, "pairs": cfg.data.batch_size,
+    return {"arch": cfg.model.arch, "experts": cfg.model.experts, "size_px": cfg.data.image_size, "pairs": cfg.data.batch_size,
             "views": cfg.data.num_views, "precision": precision_name(cfg, device), "device": device.type,
             "loss_impl": loss_impl_name(cfg, device)}
 
@@ -279,8 +283,16 @@ def bench_modes(cfg, modes: list[str], *, num_classes: int, counts: np.ndarray, 
     return rows, verify
 
 
-TABLE_COLUMNS = ["mode", "arch", "size_px", "pairs", "views", "precision", "images_per_s", "images_per_s_p20",
-                 "images_per_s_p80", "ms_per_step", "first_step_s", "peak_MB"]
+TABLE_COLUMNS = ["mode", "arch", "experts", "size_px", "pairs", "views", "precision", "images_per_s",
+                 "images_per_s_p20", "images_per_s_p80", "ms_per_step", "cost_vs_1_expert", "first_step_s", "peak_MB"]
+
+
+def cost_vs_one_expert(rows: list[dict[str, Any]]) -> None:
+    """Add each row's ms/step over the same mode's 1-expert row (RIDE's experts: K = 4 should cost well under
+    4x, the trunk being shared and the experts' stages narrower), where a 1-expert row was timed."""
+    one = {r["mode"]: r["ms_per_step"] for r in rows if r["experts"] == 1}
+    for r in rows:
+        r["cost_vs_1_expert"] = r["ms_per_step"] / one[r["mode"]] if r["mode"] in one else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -289,8 +301,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     p = bench_parser("mixtail bench step", __doc__, windows=10)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--experts", nargs="+", type=int, default=None,
+                   help="rows for each number of RIDE experts K (model.experts; issue 14), e.g. 1 2 3 4; default: "
+                        "the config's")
     args, overrides = split_argv(p, argv)
     cfg = load_config(args.config, overrides)
+    ks = args.experts or [cfg.model.experts]
+    if any(k < 1 for k in ks):
+        raise UsageError(f"--experts: each K must be >= 1, got {ks}")
     device = resolve_device(cfg.train.device)
     num_classes = num_classes_for(cfg, args.classes)
     counts = synthetic_counts(num_classes, cfg.data.imbalance_ratio)
@@ -304,8 +322,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          + " (add --modes eager)")
     print(f"{cfg.model.arch} at {cfg.data.image_size} px, {cfg.data.batch_size} pairs x {cfg.data.num_views} views, "
           f"{num_classes} classes, {precision_name(cfg, device)}, loss {loss_impl_name(cfg, device)}, {device}")
-    rows, verify = bench_modes(cfg, modes, num_classes=num_classes, counts=counts, device=device, warmup=args.warmup,
-                               windows=args.windows, window_steps=args.window_steps)
+    rows, verify = [], {}
+    for k in ks:  # one model per K, each from the run's seed; K = 1 is the single network
+        cfg_k = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, experts=k))
+        if len(ks) > 1:
+            print(f"model.experts={k}:")
+        rows_k, verify_k = bench_modes(cfg_k, modes, num_classes=num_classes, counts=counts, device=device,
+                                       warmup=args.warmup, windows=args.windows, window_steps=args.window_steps)
+        rows += rows_k
+        verify.update(verify_k if len(ks) == 1 else {f"{mode}/experts={k}": v for mode, v in verify_k.items()})
+    cost_vs_one_expert(rows)
     print()
     print(format_table(rows, TABLE_COLUMNS))
     config = {"bench_args": vars(args), "overrides": overrides, "run_config": config_to_dict(cfg),

@@ -4,9 +4,11 @@
 # be cut short: the summary JSON is rewritten after every stage, so whatever time the lease had, the stages
 # that finished are on disk. Stages, in order, each with its own cap (seconds):
 #   1 tests_gpu   60  the CUDA-only tests that decide whether the graphed step and the captured loader work
-#                     (the capture, graphed vs eager); if any fails, the runs below use the eager step
+#                     (the capture, graphed vs eager, with 1 and with 3 RIDE experts); if any fails, the runs
+#                     below use the eager step
 #   2 step_r32    60  mixtail bench step, ResNet-32, 128 pairs x 2 views, eager vs CUDA graphs
 #                     (target: graphs >= 25k images/s)
+#   2b step_experts 40  the same step with 1, 2, 3 and 4 RIDE experts (issue 14): ms/step and cost over 1 expert
 #   3 smc_200ep  240  one solo 200-epoch CIFAR-10-LT rho=100 SMC run, the default recipe, timed from launch to
 #                     exit (evaluation included; target <= 180 s); its final-epoch All/Many/Medium/Few, then
 #                     mixtail eval --report (GLOVE=NPZ adds the semantic similarity score)
@@ -114,7 +116,8 @@ if [ "$cuda" = 1 ] && [ "$tiny" != 1 ]; then
   stage tests_gpu 60 python3 -m pytest -q -p no:cacheprovider -rs --junitxml="$out/tests_gpu.xml" \
     "$root/tests/test_graph_render.py::test_cuda_graph_holds_the_loaders_work" \
     "$root/tests/test_step.py::test_graphed_and_eager_steps_follow_the_same_trajectory" \
-    "$root/tests/test_bench_step.py::test_graphed_step_equals_eager_step"
+    "$root/tests/test_bench_step.py::test_graphed_step_equals_eager_step" \
+    "$root/tests/test_experts.py::test_graphed_three_experts_follow_the_eager_trajectory"
   rc=$?
   # A test that failed (pytest's 1) or could not run (2-5) means the graphs cannot be trusted here; a cap
   # reached (124/137) says nothing about them, and stage 2 checks the graphed step against the eager one anyway.
@@ -129,6 +132,11 @@ fi
 # 2. The step's own ceiling, eager vs graphs.
 stage step_r32 60 python3 -m mixtail bench step --config cifar10_lt_r100 --modes eager graphs "${small[@]}" \
   "${timing[@]}" --out "$out/step_r32"
+
+# 2b. The step's cost against the number of RIDE experts (issue 14), eager and graphed, shorter windows.
+ktiming=(--warmup 3 --windows 5 --window-steps 10); [ "$tiny" = 1 ] && ktiming=("${timing[@]}")
+stage step_experts 40 python3 -m mixtail bench step --config cifar10_lt_r100 --modes eager graphs --experts 1 2 3 4 \
+  "${small[@]}" "${ktiming[@]}" --out "$out/step_experts"
 
 # 3. The headline run, alone on the GPU: the paper's 200-epoch schedule, wall time from launch to exit.
 if stage smc_200ep 240 python3 -m mixtail train cifar10_lt_r100 "${tree[@]}" "${small[@]}" "${run_len[@]}" \

@@ -6,7 +6,8 @@ short still leaves the stages that finished summarized; it reads only files and 
     python -m mixtail.benchmarks.lease_summary OUT_DIR [--tiny 1]
 
 Writes OUT_DIR/gpu_lease_<gpu-or-cpu>_<yyyymmdd>.json: rows (one per training run: epochs done, wall time,
-final-epoch or last evaluated All/Many/Medium/Few, labelled), config.targets, config.stages, config.not_run.
+final-epoch or last evaluated All/Many/Medium/Few, labelled; a multi-expert run's row is its ensemble, followed by
+one row per expert marked `expert_of`), config.targets, config.stages, config.not_run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ GROUPS = ("all", "many", "medium", "few")
 STAGES = {
     "tests_gpu": "the graphed step and the captured loader (CUDA tests)",
     "step_r32": "bench step, ResNet-32, eager vs graphs",
+    "step_experts": "bench step with 1-4 RIDE experts, eager and graphs (issue 14)",
     "smc_200ep": "the solo 200-epoch SMC run",
     "smc_report": "mixtail eval --report of that run",
     "classic": "the classic loop, extrapolated to 200 epochs",
@@ -98,10 +100,25 @@ def run_record(run_dir: Path, stage: dict[str, Any] | None, label: str) -> dict[
     elif evals:
         row.update({f"top1_{g}": evals[-1]["eval"].get(g) for g in GROUPS},
                    accuracy_of=f"last evaluation, epoch {evals[-1]['epoch']} (not the final epoch)")
+    if final.exists() and "experts" in result:  # a multi-expert run (issue 14): its top1 is the ensemble's
+        row["what"] += " (ensemble)"
     if configured is not None:
         row["schedule"] = ("paper (200 epochs)" if configured == done == PAPER_EPOCHS and final.exists()
                            else f"{'stopped at' if not final.exists() else 'shortened:'} {done} of {configured} epochs")
     return row
+
+
+def expert_rows(run_dir: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per expert of a finished multi-expert run (its final_eval.json "experts"), labelled as such and
+    tied to the run's row by `expert_of`; [] for any other run."""
+    final = run_dir / "final_eval.json"
+    experts = json.loads(final.read_text()).get("experts", []) if final.exists() else []
+    base = row["what"].removesuffix(" (ensemble)")
+    return [{"run": f"{row['run']}/expert{k + 1}", "what": f"{base}: expert {k + 1} alone", "expert_of": row["run"],
+             "state": row["state"], "epochs": row.get("epochs"), "epochs_done": row.get("epochs_done"),
+             "finished": True, **{f"top1_{g}": e.get(g) for g in GROUPS}, "accuracy_of": row.get("accuracy_of"),
+             "schedule": row.get("schedule")}
+            for k, e in enumerate(experts)]
 
 
 def targets_of(out: Path, stages: dict[str, dict[str, Any]], smc: dict[str, Any] | None) -> dict[str, dict]:
@@ -156,6 +173,7 @@ def summarize(out: Path, tiny: bool) -> dict[str, Any]:
     for name, label in RUNS.items():
         if (out / name).is_dir():
             rows.append(run_record(out / name, stages.get(name), label))
+            rows += expert_rows(out / name, rows[-1])
     targets = targets_of(out, stages, smc)
     expected = list(STAGES) + [n for n in RUNS if n in stages or (out / n).is_dir()]
     not_run = {n: (stages[n]["note"] or stages[n]["state"]) if n in stages else "not reached"

@@ -1,6 +1,7 @@
 """The `mixtail` command line.
 
     mixtail train [CONFIG] [--resume | --overwrite] [--section.key=value ...]   train (default: the built-in demo)
+    mixtail train CONFIG --stage router [--section.key=value ...]   RIDE's router on a finished multi-expert run
     mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...|auto] [--section.key=value ...]   evaluate a checkpoint
     mixtail convert SOURCE --to ffcv|dali --out PATH [...]       convert a dataset for a loader backend
     mixtail convert --verify PATH                                 check a converted output against its source
@@ -69,10 +70,19 @@ def _train(argv: list[str]) -> int:
     p.add_argument("config", nargs="?", default="demo", help="YAML path or bundled config name (default: demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last good checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again in a train.out_dir that already holds a run")
+    p.add_argument("--stage", choices=("model", "router"), default="model",
+                   help="router: RIDE's stage 2 on the finished multi-expert run in train.out_dir (issue 14)")
     args, unknown = p.parse_known_args(rest)
     if unknown:
         p.error(f"unrecognized arguments {unknown}; overrides look like --optim.lr=0.05")
     cfg = load_config(args.config, overrides)
+    if args.stage == "router":
+        if args.resume or args.overwrite:
+            p.error("--stage router reads the finished stage-1 run; --resume and --overwrite are for stage 1")
+        from mixtail.trainer.router import train_router_stage
+
+        train_router_stage(cfg)
+        return 0
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 

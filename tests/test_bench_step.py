@@ -63,6 +63,18 @@ def test_bench_step_cpu_writes_eager_row_and_says_why_modes_were_skipped(tmp_pat
     assert record["config"]["keys"] == bench_step.KEYS and result["rows"] == record["rows"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's eager rows")
+def test_bench_step_rows_per_number_of_experts(tmp_path):
+    """--experts 1 3: one row per K (issue 14), each built with model.experts=K, its cost over K = 1's."""
+    bench_step.main([*TINY, "--modes", "eager", "--experts", "1", "3", "--out", str(tmp_path)])
+    rows = _record(tmp_path, "step")["rows"]
+    assert [(r["mode"], r["experts"]) for r in rows] == [("eager", 1), ("eager", 3)]
+    assert rows[0]["cost_vs_1_expert"] == 1.0
+    assert rows[1]["cost_vs_1_expert"] == pytest.approx(rows[1]["ms_per_step"] / rows[0]["ms_per_step"])
+    with pytest.raises(UsageError, match="--experts"):
+        bench_step.main([*TINY, "--experts", "0", "--out", str(tmp_path)])
+
+
 def test_bench_step_rejects_a_stray_argument():
     with pytest.raises(UsageError, match="--nonsense"):
         bench_step.main([*TINY, "--nonsense"])

@@ -65,12 +65,19 @@ def test_gpu_lease_script_tiny_on_cpu(tmp_path):
     stages = {s["stage"]: s for s in summary["config"]["stages"]}
     logs = {name: (out / f"{name}.log").read_text()[-1500:] for name in stages if (out / f"{name}.log").exists()}
     assert {n: s["state"] for n, s in stages.items()} == {
-        "tests_gpu": "skipped", "step_r32": "done", "smc_200ep": "done", "smc_report": "done", "classic": "done",
+        "tests_gpu": "skipped", "step_r32": "done", "step_experts": "done", "smc_200ep": "done", "smc_report": "done", "classic": "done",
         **{f"run_{n}": "done" for n in ("lace", "smc_mixed", "smc_aa", "ride3")
            if n != "ride3" or (REPO / "configs" / "cifar10_lt_r100_ride3.yaml").exists()}}, logs
     assert summary["config"]["tiny"] is True and summary["config"]["not_run"] == {"tests_gpu": "TINY=1"}
-    rows = {r["run"]: r for r in summary["rows"]}
+    rows = {r["run"]: r for r in summary["rows"] if "expert_of" not in r}
     assert set(rows) == {"smc_200ep"} | {n for n in stages if n.startswith("run_")}
+    # The 3-expert run (issue 14): its row is the ensemble's, then one row per expert from its final_eval.json.
+    if "run_ride3" in rows:
+        experts = [r for r in summary["rows"] if r.get("expert_of") == "run_ride3"]
+        final = json.loads((out / "run_ride3" / "final_eval.json").read_text())
+        assert [r["top1_all"] for r in experts] == [e["all"] for e in final["experts"]] and len(experts) == 3
+        assert rows["run_ride3"]["what"] == "SMC, 3 RIDE experts (ensemble)"
+        assert rows["run_ride3"]["top1_all"] == final["all"]
     for row in rows.values():
         assert row["finished"] and row["epochs_done"] == 2 and row["schedule"] == "shortened: 2 of 2 epochs"
         assert 0 <= row["top1_all"] <= 100 and row["accuracy_of"] == "final epoch (2)"
@@ -82,6 +89,8 @@ def test_gpu_lease_script_tiny_on_cpu(tmp_path):
     fastest = min(r["extrapolated_s"] for r in classic)
     assert targets["speedup_vs_classic"]["value"] == pytest.approx(fastest / rows["smc_200ep"]["wall_s"])
     assert (out / "smc_200ep" / "report" / "report.json").exists()
+    ks = json.loads(next((out / "step_experts").glob("step_*.json")).read_text())["rows"]
+    assert [(r["mode"], r["experts"]) for r in ks] == [("eager", k) for k in (1, 2, 3, 4)]
     assert "did not run: tests_gpu" in res.stdout and "TINY=1 CPU rehearsal" in res.stdout
     with tarfile.open(out / "gpu_lease_results.tar.gz") as t:
         names = t.getnames()
@@ -150,7 +159,7 @@ def test_a_finished_paper_run_and_its_targets(tmp_path):
     assert t["speedup_vs_classic"]["value"] == pytest.approx(4.0) and t["speedup_vs_classic"]["classic_workers"] == 16
     assert t["speedup_vs_classic"]["pass"] is True
     assert t["graph_tests_pass"]["pass"] is False and t["graph_tests_pass"]["passed"] == 3
-    assert set(s["not_run"]) == {"tests_gpu", "step_r32", "smc_report"}  # no stage line: never reached
+    assert set(s["not_run"]) == {"tests_gpu", "step_r32", "step_experts", "smc_report"}  # no stage line: never reached
     assert all(v == "not reached" for v in s["not_run"].values())
 
 

@@ -190,6 +190,11 @@ def _paper(config: str, *overrides: str):
     ("cifar100_lt_r100", ["--loss.eta=0.05"], 47.0, "Table 5: eta 0.05"),
     ("cifar100_lt_r100", ["--loss.eta=0.2"], 47.2, "Table 5: eta 0.2"),
     ("cifar100_lt_r100", ["--loss.eta=0.1", "--mix.ratio_range=[0.2,0.8]"], 48.9, "Table 5: eta 0.1"),
+    ("cifar100_lt_r100_ride2", [], 49.6, "Table 6: 2 experts (Many 67.5, Medium 50.9, Few 27.1)"),
+    ("cifar100_lt_r100_ride3", [], 50.7, "Table 6: 3 experts (Many 70.5, Medium 50.7, Few 25.8)"),
+    ("cifar100_lt_r100_ride4", [], 52.5, "Table 6: 4 experts (Many 71.6, Medium 50.6, Few 32.3)"),
+    ("cifar100_lt_r100", ["--model.experts=3"], 50.7, "Table 6: 3 experts (Many 70.5, Medium 50.7, Few 25.8)"),
+    ("cifar100_lt_r100_ride4", ["--model.experts=1"], 48.9, "Table 6: 1 expert (Many 61.9, Medium 48.8, Few 33.9)"),
     # Keys that do not make another experiment: the data's place, the seed, the device, the backend, logging.
     ("cifar100_lt_r100", ["--data.root=/elsewhere", "--train.seed=3", "--train.device=cpu", "--data.backend=dali",
                           "--train.precision=fp32", "--train.out_dir=x", "--loss.impl=reference"],
@@ -204,7 +209,8 @@ def test_paper_number_where_the_run_is_that_experiment(config, overrides, top1, 
 def test_the_default_run_is_every_entry_it_matches():
     match = _paper("cifar100_lt_r100")
     assert set(match.sources) == {"Table 1: SMC", "Table 5: ratio range [0.2, 0.8]", "Table 5: Resizing-SMC",
-                                  "Table 5: cropping before mixing", "Table 5: weighted summation", "Table 5: eta 0.1"}
+                                  "Table 5: cropping before mixing", "Table 5: weighted summation", "Table 5: eta 0.1",
+                                  "Table 6: 1 expert (Many 61.9, Medium 48.8, Few 33.9)"}
 
 
 @pytest.mark.parametrize("config,overrides", [
@@ -222,6 +228,9 @@ def test_the_default_run_is_every_entry_it_matches():
     ("cifar100_lt_r100_cmo", ["--data.num_views=2"]),
     ("cifar100_lt_r100_ce", ["--aug.color_prob=0.8"]),
     ("demo", []),
+    ("cifar10_lt_r100_ride3", []),  # Table 6 is CIFAR-100-LT only
+    ("cifar100_lt_r100_ride3", ["--loss.diversity_weight=0"]),  # not RIDE's diversity weight
+    ("cifar100_lt_r100", ["--model.experts=5"]),
 ])
 def test_no_paper_number_for_another_experiment(config, overrides):
     assert _paper(config, *overrides) is None

@@ -638,6 +638,25 @@ def check_prior_mixed(d, c):
 # --------------------------------------------------------------------------------------------------
 
 
+def expert_loss(cfg: RunConfig) -> float:
+    """The trainer's multi-expert objective (issue 14) for cfg at the last epoch, on fixed images: its loss
+    holds the diversity term, which the diversity keys shape (tests/test_experts.py checks it by hand)."""
+    from mixtail.trainer.train import build_training, refresh_diversity
+
+    counts = demo_counts(20.0)
+    torch.manual_seed(0)
+    run = build_training(cfg, len(counts), counts, CPU)
+    refresh_diversity(run.objective, cfg, counts, EPOCHS - 1)
+    images = torch.randn(2 * len(Y_F), 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float(run.objective(run.raw_model, images, Y_F, Y_B, LAM)[0])
+
+
+def check_diversity(d, c):
+    assert abs(expert_loss(c) - expert_loss(d)) > 1e-4
+
+
+
 @dataclass(frozen=True)
 class Row:
     value: object  # a non-default value of the key
@@ -697,6 +716,12 @@ ROWS: dict[str, list[Row]] = {
     "loss.impl": [Row("reference", check_impl), Row("triton", check_impl)],
     "loss.logit_adjust": [Row(False, check_logit_adjust)],
     "loss.prior": [Row("mixed", check_prior_mixed)],
+    # RIDE's diversity term acts only with several experts (issue 14).
+    "loss.diversity_weight": [Row(0.0, check_diversity, ("--model.experts=2",))],
+    "loss.diversity_temperature": [Row(2.0, check_diversity, ("--model.experts=2",))],
+    "loss.diversity_reweight_epoch": [Row(1, check_diversity, ("--model.experts=2",))],
+    "loss.diversity_reweight_factor": [Row(0.5, check_diversity, ("--model.experts=2",
+                                                                  "--loss.diversity_reweight_epoch=1"))],
 }
 
 # Keys that cannot change a batch or a loss on in-memory demo data, and where they are tested instead.

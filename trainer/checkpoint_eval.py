@@ -5,6 +5,10 @@
     mixtail eval CKPT --posthoc-tau auto        # T chosen on the validation split (data.val_per_class), test at it
     mixtail eval CKPT --report runs/x/report --class-vectors ../shared/data/glove/class_vectors_glove6B50d.npz
 
+A multi-expert checkpoint (model.experts > 1, issue 14) is reported as its ensemble's row and one row per expert;
+with a stage-2 router.pt beside it (`mixtail train CONFIG --stage router`), also the routed prediction's accuracy
+and the mean number of experts consulted per image.
+
 Post-hoc adjustment (issue 7 §2): a model trained with logit adjustment by log P_Y on mixed batches has
 learned the soft labels' marginal π (trainer/losses.mixed_prior), not P_Y, so its test logits are over-
 corrected by log(π/P_Y). `--posthoc-tau T` shifts them by T·log(P_Y/π) (T = 1 undoes it exactly under that
@@ -145,6 +149,9 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
                            return_outputs=report_dir is not None)
         if val_loader is not None:
             results["val"] = evaluate(model, val_loader, counts, device, autocast)
+        router = _router_results(path, cfg, model, test_loader, counts, device, autocast)
+        if router is not None:
+            results["router"] = router
         shifted = results.pop("shifted", [])
         posthoc = list(zip(posthoc_taus, shifted))
         if auto:
@@ -159,6 +166,11 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
                 print(posthoc_table(posthoc))
             if auto:
                 print(auto_table(auto))
+            if router is not None:
+                from mixtail.trainer.router import router_table
+
+                print(f"stage-2 router ({path.parent / 'router.pt'}):")
+                print(router_table(router))
         if report_dir is not None:
             _report(Path(report_dir), path, state, cfg, model, results, posthoc, counts, classes, class_vectors,
                     autocast, kw, info.is_main, auto)
@@ -169,6 +181,21 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
         return results
     finally:
         cleanup()
+
+
+def _router_results(path: Path, cfg, model, test_loader, counts, device, autocast) -> dict | None:
+    """With a stage-2 router.pt beside a multi-expert checkpoint (issue 14): the routed prediction's accuracy
+    and the experts consulted per image, on the test set; None otherwise."""
+    from mixtail.trainer.router import ROUTER_FILE, Router, evaluate_router
+
+    router_path = path.parent / ROUTER_FILE
+    if cfg.model.experts < 2 or not router_path.exists():
+        return None
+    saved = torch.load(router_path, map_location=device, weights_only=False)
+    r = saved["router_config"]
+    router = Router(model.num_experts, model.feature_dim, len(counts), r["top_k"], r["hidden_dim"]).to(device)
+    router.load_state_dict(saved["router"])
+    return evaluate_router(model, router, test_loader, counts, device, autocast, r["threshold"])
 
 
 def _fmt(v) -> str:

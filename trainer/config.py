@@ -29,7 +29,7 @@ from mixtail.pipelines.config import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAG
                                       MixConfig, need, normalization)
 
 __all__ = ["ConfigError", "RunConfig", "DataConfig", "AugConfig", "MixConfig", "ModelConfig", "LossConfig",
-           "OptimConfig", "TrainConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
+           "OptimConfig", "TrainConfig", "RouterConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
            "dump_config", "config_path", "validate", "normalization", "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN",
            "IMAGENET_STD"]
 
@@ -53,6 +53,12 @@ class ModelConfig:
     arch: str = "resnet32"
     pretrained_path: str = ""  # timm/<name>: a local weights file to start from; "" keeps random weights
     head_dim: int = 128
+    # RIDE's multiple experts (issue 14, trainer/experts.py): K > 1 shares the stem and first stage and gives
+    # each expert its own later stages, classifier and MLP head; 1 is the single network of trainer/models.py.
+    experts: int = 1
+    # The experts' classifiers (K > 1 only): a linear layer as the single network's, or RIDE's cosine
+    # classifier 30·cos(feature, w_c), whose logits are bounded (docs/experts.md, "Classifier").
+    expert_classifier: Literal["linear", "cosine"] = "linear"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +71,14 @@ class LossConfig:
     # The prior the logits are adjusted by (SPEC Eq. 5 and its extension): `dataset` is log P_Y, the paper's;
     # `mixed` is log π, the marginal of the soft labels the network sees under mixing (losses.mixed_prior).
     prior: Literal["dataset", "mixed"] = "dataset"
+    # RIDE's diversity term (model.experts > 1; trainer/experts.py), its CIFAR config's values: the loss
+    # subtracts diversity_weight · T̄² · Σ_k KL(ensemble ‖ expert k) (RIDE's additional_diversity_factor −0.45),
+    # at temperature diversity_temperature; from epoch diversity_reweight_epoch (0-based; null: never) the
+    # temperature is reweighted per class with diversity_reweight_factor (RIDE's reweight_epoch 160, 0.05).
+    diversity_weight: float = 0.45
+    diversity_temperature: float = 1.0
+    diversity_reweight_epoch: int | None = 160
+    diversity_reweight_factor: float = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +121,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Stage 2 of RIDE (`mixtail train CONFIG --stage router`, trainer/router.py): the expert-assignment router
+    on the frozen stage-1 experts. Defaults are RIDE's CIFAR-100 EA config (5 epochs, batches of 512, lr 0.01
+    cosine, positives weighted 100, the top 30 logits, a hidden layer of 16); none changes stage 1."""
+
+    epochs: int = 5
+    lr: float = 0.01
+    batch_size: int = 512
+    pos_weight: float = 100.0  # BCE weight of "the next expert helps" (rare: most samples are right early)
+    top_k: int = 30  # the largest running-mean logits the router reads (capped at the number of classes)
+    hidden_dim: int = 16
+    threshold: float = 0.5  # consult the next expert while sigmoid(score) > threshold
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A whole run: one frozen section per concern. Defaults are the paper's CIFAR-LT recipe; build one with
     `load_config` (YAML deltas and overrides, strictly checked) or directly, section by section.
@@ -126,6 +155,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,6 +394,15 @@ def validate(cfg: RunConfig) -> None:
     cfg.mix.validate()
     o, t = cfg.optim, cfg.train
     need(cfg.model.head_dim > 0, "model.head_dim", f"must be positive, got {cfg.model.head_dim}")
+    need(cfg.model.experts >= 1, "model.experts", f"must be >= 1, got {cfg.model.experts}")
+    need(cfg.loss.diversity_weight >= 0, "loss.diversity_weight", f"must be >= 0 (it is subtracted: RIDE's "
+         f"additional_diversity_factor -0.45 is diversity_weight 0.45), got {cfg.loss.diversity_weight}")
+    need(cfg.loss.diversity_temperature > 0, "loss.diversity_temperature",
+         f"must be positive, got {cfg.loss.diversity_temperature}")
+    need(0 <= cfg.loss.diversity_reweight_factor < 1, "loss.diversity_reweight_factor",
+         f"must be in [0, 1), got {cfg.loss.diversity_reweight_factor}")
+    need(cfg.loss.diversity_reweight_epoch is None or cfg.loss.diversity_reweight_epoch >= 0,
+         "loss.diversity_reweight_epoch", f"must be >= 0 or null, got {cfg.loss.diversity_reweight_epoch}")
     need(cfg.loss.tau > 0, "loss.tau", f"must be positive, got {cfg.loss.tau}")
     need(cfg.loss.eta >= 0, "loss.eta", f"must be >= 0, got {cfg.loss.eta}")
     need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
@@ -385,3 +424,9 @@ def validate(cfg: RunConfig) -> None:
     from mixtail.trainer.stop import parse_signals  # ConfigError naming train.stop_signals
 
     parse_signals(t.stop_signals)
+    r = cfg.router
+    for key in ("epochs", "batch_size", "top_k", "hidden_dim"):
+        need(getattr(r, key) > 0, f"router.{key}", f"must be positive, got {getattr(r, key)}")
+    need(r.lr > 0, "router.lr", f"must be positive, got {r.lr}")
+    need(r.pos_weight > 0, "router.pos_weight", f"must be positive, got {r.pos_weight}")
+    need(0 < r.threshold < 1, "router.threshold", f"must be in (0, 1), got {r.threshold}")

@@ -87,8 +87,11 @@ def evaluate(model: torch.nn.Module, loader, train_counts: np.ndarray, device: t
     num_classes = len(train_counts)
     shifts = _shift_rows(logit_shift, num_classes, device)
     num_shifts = shifts.shape[0]
-    # Row 0: unshifted; row 1 + s: shift s. One all-reduce for all of them.
-    correct = torch.zeros(1 + num_shifts, num_classes, dtype=torch.float64, device=device)
+    num_experts = getattr(model, "num_experts", 1)
+    # Row 0: unshifted; row 1 + s: shift s; then one row per expert of a multi-expert model (issue 14; its
+    # row 0 is the ensemble, the mean of the experts' logits). One all-reduce for all of them.
+    correct = torch.zeros(1 + num_shifts + (num_experts if num_experts > 1 else 0), num_classes,
+                          dtype=torch.float64, device=device)
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)
     kept: dict[str, list[torch.Tensor]] = {"labels": [], "preds": [], "logits": [], "shifted": []}
     with _eval_mode(model):
@@ -97,8 +100,12 @@ def evaluate(model: torch.nn.Module, loader, train_counts: np.ndarray, device: t
                 logits, _ = model(batch.images)
             # float32 before the shift: bf16 has too few bits to hold a small shift on a large logit.
             logits = logits.float()
+            expert_preds = logits.new_zeros(0, logits.shape[-2], dtype=torch.long)
+            if logits.ndim == 3:  # (K, B, C): each expert's prediction, then the ensemble's
+                expert_preds = logits.argmax(2)
+                logits = logits.mean(0)
             preds = torch.cat([logits.argmax(1)[None], (logits[None] + shifts[:, None]).argmax(2)])  # (1+S, B)
-            hit = (preds == batch.y_f[None]).double()
+            hit = (torch.cat([preds, expert_preds]) == batch.y_f[None]).double()
             correct.index_add_(1, batch.y_f, hit)
             total.index_add_(0, batch.y_f, torch.ones_like(hit[0]))
             if return_outputs:
@@ -110,6 +117,9 @@ def evaluate(model: torch.nn.Module, loader, train_counts: np.ndarray, device: t
     results = accuracy_summary(correct[0], total, train_counts)
     if num_shifts:
         results["shifted"] = [accuracy_summary(correct[1 + s], total, train_counts) for s in range(num_shifts)]
+    if num_experts > 1:
+        results["experts"] = [accuracy_summary(correct[1 + num_shifts + k], total, train_counts)
+                              for k in range(num_experts)]
     if return_outputs:
         results["outputs"] = _outputs(kept, num_classes, num_shifts)
     return results
@@ -196,11 +206,16 @@ def accuracy_summary(correct: np.ndarray, total: np.ndarray, train_counts: np.nd
 
 def format_table(results: dict) -> str:
     """An aligned All/Many/Medium/Few table; empty groups show as '-'. With a validation split
-    (results["val"]) its row stands above the test row."""
+    (results["val"]) its row stands above the test row; a multi-expert model's results (results["experts"])
+    add a row per expert under its ensemble's row."""
     cols = ["all", "many", "medium", "few"]
     sizes = results.get("group_sizes", {})
     head = ["", "All"] + [f"{c.capitalize()} ({sizes.get(c, '?')} cls)" for c in cols[1:]]
-    rows = [("val top-1 %", results["val"]), ("test top-1 %", results)] if "val" in results else [("top-1 %", results)]
+    splits = [("val ", results["val"]), ("test ", results)] if "val" in results else [("", results)]
+    rows = []
+    for split, r in splits:  # a multi-expert model: the ensemble's row, then one per expert (issue 14)
+        rows.append((f"{split}{'ensemble ' if 'experts' in r else ''}top-1 %", r))
+        rows += [(f"{split}expert {k + 1} top-1 %", e) for k, e in enumerate(r.get("experts", []))]
     cells = [[name] + ["-" if r[c] is None else f"{r[c]:.2f}" for c in cols] for name, r in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731

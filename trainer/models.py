@@ -131,5 +131,9 @@ def build_model(cfg, num_classes: int) -> SMCNet:
     >>> logits.shape, z.shape, model.features(torch.randn(4, 3, 32, 32)).shape
     (torch.Size([4, 10]), torch.Size([4, 128]), torch.Size([4, 64]))
     """
+    if cfg.experts > 1:  # RIDE's multi-expert network (issue 14); K = 1 stays this network, unchanged
+        from mixtail.trainer.experts import build_experts_model
+
+        return build_experts_model(cfg, num_classes)
     backbone, dim = build_backbone(cfg.arch, cfg.pretrained_path)
     return SMCNet(backbone, dim, num_classes, cfg.head_dim)

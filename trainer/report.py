@@ -307,6 +307,10 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
     report = {
         "top1": _groups_of(final),
         "val_top1": _groups_of(final["val"]) if by_val else None,
+        # A multi-expert model (issue 14): top1 is its ensemble's; each expert's own rows beside it.
+        "experts_top1": [_groups_of(e) for e in final["experts"]] if "experts" in final else None,
+        "val_experts_top1": [_groups_of(e) for e in final["val"]["experts"]]
+        if by_val and "experts" in final["val"] else None,
         "best_epoch": None if best is None else {
             "label": ("epoch with the best validation accuracy (test numbers; chosen on the validation split)"
                       if by_val else "best evaluated epoch (test set, as some peers report it; not the final model)"),
@@ -314,8 +318,10 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
             "epoch": best["epoch"], "top1": _groups_of(best["eval"])},
         "inter_class_score": group_means(is_k, counts),
         "semantic_similarity_score": None if ss_rows is None else group_means(ss_rows, counts),
-        "feature_scores_note": f"class centres: mean pooled backbone feature over the training set; "
-                               f"IS with tau'={TAU_PRIME:g}, Euclidean; lower is better for both",
+        "feature_scores_note": f"class centres: mean pooled backbone feature over the training set"
+                               + ("" if "experts" not in final else
+                                  f" (the {len(final['experts'])} experts' pooled features side by side)")
+                               + f"; IS with tau'={TAU_PRIME:g}, Euclidean; lower is better for both",
         "group_sizes": sizes,
         "num_test_images": final.get("num_test_images"),
         "top_confusions": [c._asdict() for c in confusions],
@@ -326,6 +332,10 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
                       for k, name in enumerate(class_names)],
         "posthoc": None if posthoc is None else [{"tau": float(t), "top1": _groups_of(r)} for t, r in posthoc],
         "posthoc_auto": posthoc_auto,
+        "router": None if "router" not in final else {
+            "mean_experts": final["router"]["mean_experts"], "num_experts": final["router"]["num_experts"],
+            "mean_experts_by_group": final["router"]["mean_experts_by_group"],
+            "top1": _groups_of(final["router"]["routed"])},
         "meta": meta,
         "files": {"centres": "class_centres.npy", "per_class": "per_class_accuracy.png",
                   "pca": "class_centres_pca.png"},
@@ -352,6 +362,15 @@ def _markdown(report: dict, class_names: list[str]) -> str:
     if report.get("val_top1"):
         rows.insert(0, ["final epoch, validation split"] + [_fmt(report["val_top1"][g], 2) for g in GROUPS])
         rows[1][0] = "final epoch, test set"
+    if report.get("experts_top1"):  # the ensemble is the model; each expert's rows under it
+        at = 1 if report.get("val_top1") else 0
+        rows[at][0] += ", ensemble"
+        rows[at + 1:at + 1] = [[f"final epoch, expert {k + 1}"] + [_fmt(e[g], 2) for g in GROUPS]
+                               for k, e in enumerate(report["experts_top1"])]
+        if report.get("val_experts_top1"):
+            rows[0][0] += ", ensemble"
+            rows[1:1] = [[f"final epoch, validation split, expert {k + 1}"] + [_fmt(e[g], 2) for g in GROUPS]
+                         for k, e in enumerate(report["val_experts_top1"])]
     b = report["best_epoch"]
     if b is not None:
         what = (f"best validation epoch ({b['epoch']}), test set" if b.get("chosen_on") == "val"
@@ -374,6 +393,12 @@ def _markdown(report: dict, class_names: list[str]) -> str:
                   + ". The grid it was chosen from (validation split only):", ""]
         lines += _md_table(["T"] + head[1:], [[f"{r['tau']:g}"] + [_fmt(r[g], 2) for g in GROUPS]
                                                for r in auto["grid"]])
+    router = report.get("router")
+    if router:
+        lines += ["", "### Stage-2 router (RIDE's expert assignment)", "",
+                  f"Experts consulted per test image: {router['mean_experts']:.3f} of {router['num_experts']} "
+                  f"(" + ", ".join(f"{g} {_fmt(v, 3)}" for g, v in router["mean_experts_by_group"].items()) + ").", ""]
+        lines += _md_table(head, [["routed prediction"] + [_fmt(router["top1"][g], 2) for g in GROUPS]])
     lines += ["", "## Feature-space scores (paper Table 4; lower is better)", "",
               report["feature_scores_note"] + ".", ""]
     score_rows = [["inter-class score (IS)"] + [_fmt(report["inter_class_score"][g], 4) for g in GROUPS]]

@@ -139,6 +139,8 @@ RESUME_FREE_KEYS = {
     ("train", "epochs"), ("train", "cuda_graphs"), ("train", "graph_loader"), ("data", "root"),
     ("data", "train_list"), ("data", "test_list"), ("data", "val_list"), ("data", "download"), ("data", "num_threads"),
     ("data", "eval_batch_size"), ("train", "stop_signals"),
+    # Stage 2 (the router, trainer/router.py) reads these; stage 1 never does.
+    *(("router", k) for k in ("epochs", "lr", "batch_size", "pos_weight", "top_k", "hidden_dim", "threshold")),
 }
 
 
@@ -233,6 +235,20 @@ def resolve_cuda_graphs(cfg: RunConfig, device: torch.device, world_size: int) -
     return wanted
 
 
+def refresh_diversity(objective, cfg: RunConfig, counts: np.ndarray, epoch: int) -> None:
+    """Set a multi-expert objective's per-class diversity temperatures for `epoch`, in place (a CUDA graph
+    reads the same tensor); a single-expert objective has none."""
+    temperatures = getattr(objective, "temperatures", None)
+    if temperatures is None:
+        return
+    from mixtail.trainer.experts import diversity_temperatures
+
+    start = cfg.loss.diversity_reweight_epoch
+    t = diversity_temperatures(counts, cfg.loss.diversity_temperature, cfg.loss.diversity_reweight_factor,
+                               start is not None and epoch >= start)
+    temperatures.copy_(torch.as_tensor(t, dtype=torch.float32))
+
+
 @dataclass
 class Training:
     """What a training process runs, built by `build_training`; the loop reaches the DDP-wrapped forward model
@@ -268,6 +284,12 @@ def build_training(cfg: RunConfig, num_classes: int, counts: np.ndarray, device:
     objective = Objective(num_classes=num_classes, log_prior=log_prior_vector(prior, device) if prior is not None
                           else None, eta=cfg.loss.eta, tau=cfg.loss.tau, weighting=cfg.loss.weighting,
                           impl=cfg.loss.impl, autocast=autocast_for(cfg.train.precision, device))
+    if cfg.model.experts > 1:  # each expert on SMC's objective, plus RIDE's diversity term (issue 14)
+        from mixtail.trainer.experts import ExpertsObjective
+
+        objective = ExpertsObjective(objective, cfg.loss.diversity_weight,
+                                     torch.zeros(num_classes, dtype=torch.float32, device=device))
+        refresh_diversity(objective, cfg, counts, 0)
     health = Health(device)
     step = TrainStep(model, sgd, objective, health=health, skip_nonfinite=cfg.train.on_nonfinite == "skip",
                      cuda_graphs=resolve_cuda_graphs(cfg, device, world_size), state_modules=[raw_model],
@@ -439,6 +461,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
             model.train()
             if log_prior is not None:
                 log_prior.copy_(log_prior_vector(adjustment_prior(cfg, counts, epoch), device))
+            refresh_diversity(run.objective, cfg, counts, epoch)
             train_loader.set_epoch(epoch, start_batch)
             bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                        disable=not info.is_main, dynamic_ncols=True, leave=False)
