@@ -8,13 +8,13 @@
 #                     below use the eager step
 #   2 step_r32    60  mixtail bench step, ResNet-32, 128 pairs x 2 views, eager vs CUDA graphs
 #                     (target: graphs >= 25k images/s)
-#   2b step_experts 40  the same step with 1, 2, 3 and 4 RIDE experts (issue 14): ms/step and cost over 1 expert
 #   3 smc_200ep  240  one solo 200-epoch CIFAR-10-LT rho=100 SMC run, the default recipe, timed from launch to
 #                     exit (evaluation included; target <= 180 s); its final-epoch All/Many/Medium/Few, then
 #                     mixtail eval --report (GLOVE=NPZ adds the semantic similarity score)
 #   4 classic     90  the classic loop (mixtail bench classic: PIL + DataLoader + eager fp32 CE) over a few
 #                     whole epochs and one test pass, extrapolated to 200 epochs and labelled so; the ratio
 #                     to stage 3's wall time (target >= 3x)
+#   4b step_experts 40  stage 2's step with 1, 2, 3 and 4 RIDE experts (issue 14): ms/step, cost over 1 expert
 #   5 runs        the rest: LA-CE, SMC + loss.prior=mixed, SMC + AutoAugment and SMC with 3 RIDE experts
 #                     (issue 14; its 1-expert run is stage 3), 200 epochs each, at once; each recorded when it
 #                     finishes, and those the deadline stops recorded as such with their last epoch
@@ -133,11 +133,6 @@ fi
 stage step_r32 60 python3 -m mixtail bench step --config cifar10_lt_r100 --modes eager graphs "${small[@]}" \
   "${timing[@]}" --out "$out/step_r32"
 
-# 2b. The step's cost against the number of RIDE experts (issue 14), eager and graphed, shorter windows.
-ktiming=(--warmup 3 --windows 5 --window-steps 10); [ "$tiny" = 1 ] && ktiming=("${timing[@]}")
-stage step_experts 40 python3 -m mixtail bench step --config cifar10_lt_r100 --modes eager graphs --experts 1 2 3 4 \
-  "${small[@]}" "${ktiming[@]}" --out "$out/step_experts"
-
 # 3. The headline run, alone on the GPU: the paper's 200-epoch schedule, wall time from launch to exit.
 if stage smc_200ep 240 python3 -m mixtail train cifar10_lt_r100 "${tree[@]}" "${small[@]}" "${run_len[@]}" \
     "${graphs[@]}" "--train.out_dir=$out/smc_200ep" --overwrite; then
@@ -149,6 +144,12 @@ fi
 # 4. The classic loop over whole epochs, extrapolated to the same schedule.
 stage classic 90 python3 -m mixtail bench classic --config cifar10_lt_r100 "${tree[@]}" "${small[@]}" \
   "${run_len[@]}" "${classic[@]}" --out "$out/classic"
+
+# 4b. The step's cost against the number of RIDE experts (issue 14), eager and graphed, shorter windows: after
+#     the headline run and the classic loop, so it never takes their time.
+ktiming=(--warmup 3 --windows 5 --window-steps 10); [ "$tiny" = 1 ] && ktiming=("${timing[@]}")
+stage step_experts 40 python3 -m mixtail bench step --config cifar10_lt_r100 --modes eager graphs --experts 1 2 3 4 \
+  "${small[@]}" "${ktiming[@]}" --out "$out/step_experts"
 
 # 5. While time remains: the other runs at once, each recorded as it ends.
 runs=("lace|cifar10_lt_r100_lace|" "smc_mixed|cifar10_lt_r100|--loss.prior=mixed"

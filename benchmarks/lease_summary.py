@@ -33,10 +33,10 @@ GROUPS = ("all", "many", "medium", "few")
 STAGES = {
     "tests_gpu": "the graphed step and the captured loader (CUDA tests)",
     "step_r32": "bench step, ResNet-32, eager vs graphs",
-    "step_experts": "bench step with 1-4 RIDE experts, eager and graphs (issue 14)",
     "smc_200ep": "the solo 200-epoch SMC run",
     "smc_report": "mixtail eval --report of that run",
     "classic": "the classic loop, extrapolated to 200 epochs",
+    "step_experts": "bench step with 1-4 RIDE experts, eager and graphs (issue 14)",
 }
 RUNS = {"run_lace": "LA-CE", "run_smc_mixed": "SMC + loss.prior=mixed", "run_smc_aa": "SMC + AutoAugment",
         "run_ride3": "SMC, 3 RIDE experts"}
