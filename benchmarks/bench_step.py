@@ -301,14 +301,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     p = bench_parser("mixtail bench step", __doc__, windows=10)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--experts", nargs="+", type=int, default=None,
+    p.add_argument("--experts", nargs="+", type=positive_int, default=None,
                    help="rows for each number of RIDE experts K (model.experts; issue 14), e.g. 1 2 3 4; default: "
                         "the config's")
     args, overrides = split_argv(p, argv)
     cfg = load_config(args.config, overrides)
     ks = args.experts or [cfg.model.experts]
-    if any(k < 1 for k in ks):
-        raise UsageError(f"--experts: each K must be >= 1, got {ks}")
     device = resolve_device(cfg.train.device)
     num_classes = num_classes_for(cfg, args.classes)
     counts = synthetic_counts(num_classes, cfg.data.imbalance_ratio)

@@ -12,7 +12,6 @@ a run, as before.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -31,6 +30,8 @@ def die_with_parent() -> bool:
     value = os.environ.pop(ENV_VAR, None)
     if value is None or not sys.platform.startswith("linux"):
         return False
+    import ctypes  # here, not at import: every mixtail command imports this module
+
     try:
         parent = int(value)
         libc = ctypes.CDLL(None, use_errno=True)

@@ -569,7 +569,7 @@ def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print) -> Mani
     try:
         with DirectoryLock(out.parent / f".{out.name}.lock", what="mixtail convert", where=f"--out {out}",
                            advice="choose another --out", log=log):
-            return _convert(opts, log)
+            return _convert(opts, out, log)
     except BaseException:
         for folder in created:  # a failed conversion leaves no empty folder (one inside the source would be a class)
             with contextlib.suppress(OSError):
@@ -577,12 +577,12 @@ def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print) -> Mani
         raise
 
 
-def _convert(opts: ConvertOptions, log: Callable[[str], None]) -> Manifest:
+def _convert(opts: ConvertOptions, out: Path, log: Callable[[str], None]) -> Manifest:
+    """convert() under the output's lock; `out` is opts.out made absolute, its parent already made."""
     fmt = opts.format or detect_format(opts.source)
     source = os.path.abspath(opts.source)
     image_root = os.path.abspath(opts.image_root) if opts.image_root else ""
     test_list = os.path.abspath(opts.test_list) if opts.test_list else ""
-    out = Path(os.path.abspath(opts.out))
     if out.exists():
         _check_replaceable(out, opts.overwrite)
     if fmt == "imagefolder" and (out == Path(source) or Path(source) in out.parents):
@@ -604,7 +604,6 @@ def _convert(opts: ConvertOptions, log: Callable[[str], None]) -> Manifest:
     for name in splits:  # files of another extension are never converted: say how many (issue 16)
         if line := left_out_line(prepared[name].data, f"{name} split of {source}", prepared[name].source_images):
             log(line)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for leftover in remove_leftovers(out):
         log(f"removed {leftover}, left by an interrupted conversion")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
@@ -645,20 +644,17 @@ def _convert(opts: ConvertOptions, log: Callable[[str], None]) -> Manifest:
         with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:
             f.write(manifest.to_json())
         _publish(tmp, out, opts.overwrite)
-    except OSError as err:
-        if err.errno not in _OUT_OF_SPACE:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    except BaseException as err:
         # The OS's ENOSPC from a write() names no file (issue 16): say which output filled the disk, and how far
-        # it got, before the partial folder (and its space) goes.
-        written = _bytes_under(tmp) + getattr(err, "bytes_written", 0)  # ffcv_io.write_beton's removed partial file
+        # it got, measured before the partial folder (and its space) goes.
+        full = isinstance(err, OSError) and err.errno in _OUT_OF_SPACE
+        written = _bytes_under(tmp) + getattr(err, "bytes_written", 0) if full else 0  # + write_beton's removed file
         shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
         raise DataError(f"converting to {out}: {describe_os_error(err)} after {written:,} bytes "
                         f"({written / 2**20:.1f} MiB) were written to {tmp.name} in {out.parent}; the partial output "
                         f"was removed, nothing was written to {out}: free space there, or choose another --out") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     elapsed = time.perf_counter() - start
     total = sum(i.num_images for i in infos.values())
     log(f"wrote {out}: " + ", ".join(f"{n} {i.num_images} images" for n, i in infos.items())

@@ -29,8 +29,8 @@ from mixtail.pipelines.config import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAG
                                       MixConfig, need, normalization)
 
 __all__ = ["ConfigError", "RunConfig", "DataConfig", "AugConfig", "MixConfig", "ModelConfig", "LossConfig",
-           "OptimConfig", "TrainConfig", "RouterConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
-           "dump_config", "config_path", "validate", "normalization", "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN",
+           "OptimConfig", "TrainConfig", "RouterConfig", "load_config", "apply_overrides", "config_from_dict",
+           "config_to_dict", "dump_config", "config_path", "validate", "normalization", "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN",
            "IMAGENET_STD"]
 
 # --------------------------------------------------------------------------------------------------

@@ -318,7 +318,7 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
             "epoch": best["epoch"], "top1": _groups_of(best["eval"])},
         "inter_class_score": group_means(is_k, counts),
         "semantic_similarity_score": None if ss_rows is None else group_means(ss_rows, counts),
-        "feature_scores_note": f"class centres: mean pooled backbone feature over the training set"
+        "feature_scores_note": "class centres: mean pooled backbone feature over the training set"
                                + ("" if "experts" not in final else
                                   f" (the {len(final['experts'])} experts' pooled features side by side)")
                                + f"; IS with tau'={TAU_PRIME:g}, Euclidean; lower is better for both",

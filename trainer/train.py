@@ -20,6 +20,7 @@ and exit status 128 + the signal (trainer/stop.py; issue 16), so a preempted job
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -37,7 +38,7 @@ from mixtail.pipelines.base import build_loader, loader_for_dataset
 from mixtail.pipelines.datasets import VAL_RECORD, build_dataset, validation_record
 from mixtail.pipelines.sampling import foreground_class_probs
 from mixtail.trainer.checkpoint import CheckpointStore
-from mixtail.trainer.config import RunConfig, config_from_dict, config_to_dict, dump_config
+from mixtail.trainer.config import RouterConfig, RunConfig, config_from_dict, config_to_dict, dump_config
 from mixtail.trainer.dist import DistInfo, barrier, cleanup, init_distributed
 from mixtail.trainer.evaluate import evaluate_splits, format_table, plot_per_class
 from mixtail.trainer.losses import log_prior_vector, mean_mix_ratio, mixed_prior
@@ -140,7 +141,7 @@ RESUME_FREE_KEYS = {
     ("data", "train_list"), ("data", "test_list"), ("data", "val_list"), ("data", "download"), ("data", "num_threads"),
     ("data", "eval_batch_size"), ("train", "stop_signals"),
     # Stage 2 (the router, trainer/router.py) reads these; stage 1 never does.
-    *(("router", k) for k in ("epochs", "lr", "batch_size", "pos_weight", "top_k", "hidden_dim", "threshold")),
+    *(("router", f.name) for f in dataclasses.fields(RouterConfig)),
 }
 
 
@@ -183,15 +184,17 @@ def check_classes(state: dict, path: Path, names: list[str], where: str, counts=
         raise DataError(prefix + message)
 
     saved = list(state.get("classes") or [])
-    for i in range(max(len(saved), len(names)) if saved else 0):
-        theirs, mine = (saved[i] if i < len(saved) else None), (names[i] if i < len(names) else None)
-        if mine is None:
-            fail(f"class {i} is {theirs!r} in {path} but {where} has only {len(names)} classes (the checkpoint "
+    if saved:
+        for i, (theirs, mine) in enumerate(zip(saved, names)):
+            if mine != theirs:
+                fail(f"class {i} is {theirs!r} in {path} but {mine!r} in {where} (label {i} would mean another "
+                     f"class)")
+        i = min(len(saved), len(names))  # the first class only one side has
+        if len(names) < len(saved):
+            fail(f"class {i} is {saved[i]!r} in {path} but {where} has only {len(names)} classes (the checkpoint "
                  f"has {len(saved)})")
-        if theirs is None:
-            fail(f"class {i} is {mine!r} in {where} but {path} has only {len(saved)} classes")
-        if mine != theirs:
-            fail(f"class {i} is {theirs!r} in {path} but {mine!r} in {where} (label {i} would mean another class)")
+        if len(saved) < len(names):
+            fail(f"class {i} is {names[i]!r} in {where} but {path} has only {len(saved)} classes")
     saved_counts = state.get("class_counts")
     if counts is None or saved_counts is None:
         return
