@@ -1,8 +1,9 @@
 """Shared fixtures: the repository root, the real data under ../shared/data, and a session-wide
 extraction of the CIFAR-10 JPEG tree (slow; only tests marked `slow` and `data` ask for it).
 
-    python -m pytest tests -q                 # everything
-    python -m pytest tests -q -m "not slow"   # skip the CIFAR-10 extraction
+    python -m pytest -q            # the fast suite (pyproject's addopts deselect tests marked slow)
+    python -m pytest -q -m slow    # only the slow tests (CI runs both)
+    python -m pytest -q -m ""      # everything
 """
 
 from __future__ import annotations

@@ -193,6 +193,7 @@ def test_debug_is_removed_before_dispatch(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_process_one_line_and_debug_traceback(tmp_path):
     missing = tmp_path / "checkpoint.pt"
     res = _run("-m", "mixtail", "eval", str(missing))

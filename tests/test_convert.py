@@ -136,8 +136,9 @@ def _stored_order(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("to,mode", [pytest.param("ffcv", "raw", marks=pytest.mark.ffcv),
-                                     pytest.param("ffcv", "jpg", marks=pytest.mark.ffcv), ("dali", "smart"),
+@pytest.mark.parametrize("to,mode", [pytest.param("ffcv", "raw", marks=[pytest.mark.ffcv, pytest.mark.slow]),
+                                     pytest.param("ffcv", "jpg", marks=[pytest.mark.ffcv, pytest.mark.slow]),
+                                     ("dali", "smart"),
                                      ("dali", "jpg")])
 def test_cifar_tree_round_trip_matches_build_dataset(cifar_tree, tmp_path, to, mode):
     if to == "ffcv":
@@ -430,6 +431,7 @@ def test_files_of_other_extensions_are_reported_by_convert(cifar_tree, tmp_path)
     assert not any(line.startswith("test split") for line in lines)
 
 
+@pytest.mark.slow
 def test_a_file_that_fails_only_when_decoded(cifar_tree, tmp_path, capsys, to):
     """Complete JPEG markers around broken data: the header check passes, the decode does not."""
     _need(PHOTOS)
@@ -620,6 +622,7 @@ def test_converted_data_config_is_validated():
 
 @pytest.mark.dali
 @pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.slow
 def test_train_from_a_converted_dali_output(cifar_tree, tmp_path, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")

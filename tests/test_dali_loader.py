@@ -539,8 +539,9 @@ def _demo_cfg(*overrides):
 
 @pytest.mark.parametrize("overrides", [[], ["--aug.crop=resized", "--mix.mix_prob=0.5"],
                                        ["--mix.mix_prob=0.5", "--mix.mix_per=sample", "--mix.aug_order=after_mix"],
-                                       ["--aug.policy=autoaugment"],
-                                       ["--aug.policy=cmo_randaug", "--mix.mix_prob=0.5", "--mix.mix_per=sample"]])
+                                       pytest.param(["--aug.policy=autoaugment"], marks=pytest.mark.slow),
+                                       pytest.param(["--aug.policy=cmo_randaug", "--mix.mix_prob=0.5",
+                                                     "--mix.mix_per=sample"], marks=pytest.mark.slow)])
 def test_loader_matches_torch_loader(overrides):
     cfg = _demo_cfg(*overrides)
     policy = cfg.aug.policy != "simclr"

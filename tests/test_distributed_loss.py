@@ -82,6 +82,7 @@ def _worker(rank: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process():
     # Spawned ranks inherit os.environ, including the TRITON_INTERPRET=1 that conftest.py set on a CPU.
     with tempfile.TemporaryDirectory() as tmp:

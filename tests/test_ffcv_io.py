@@ -205,6 +205,7 @@ def test_explicit_order_with_repeats_is_followed(data, raw_reader):
     assert _collect(raw_reader.epoch(np.array([], dtype=np.int64)))[4] == []
 
 
+@pytest.mark.slow
 def test_two_readers_iterated_at_once(data, raw_beton, raw_reader):
     """A foreground and a background stream drawn in lockstep, as the FFCV backend will."""
     images, labels, indices = data

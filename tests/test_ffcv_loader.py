@@ -178,6 +178,7 @@ def test_varied_sizes_match_the_torch_executor(varied):
     ffcv_loader.close()
 
 
+@pytest.mark.slow
 def test_images_larger_than_the_canvas_match_within_resampling(tmp_path):
     """Smooth images of 30..60 px shrunk by FFCV onto a 24 px canvas (OpenCV INTER_AREA) against the torch
     executor reading them at full size (after_mix: each whole image resized to S, mixed, then cropped).
@@ -231,6 +232,7 @@ def test_resume_mid_epoch_is_exact(square_loader):
     _assert_same(_epoch(square_loader, 4), full, grey=0.0)
 
 
+@pytest.mark.slow
 def test_two_ranks_disjoint_backgrounds_equal_lengths(square):
     """Each rank's order is its own (the planner's), never FFCV's distributed mode. Unmixed: no foreground
     reader is ever built."""
@@ -298,6 +300,7 @@ def test_a_few_steps_train_a_tiny_model(square_loader):
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_bench_loader_ffcv_row(tmp_path):
     if not PHOTOS.is_dir():
         pytest.skip(f"{PHOTOS} is absent (the real photos live in ../shared/data)")

@@ -285,6 +285,7 @@ _SM90_COMPILE = textwrap.dedent("""
 
 
 @cpu_only
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """No GPU here, but Triton ships ptxas: compile each kernel for an H100 (sm_90) to catch constructs
     that only the interpreter accepts. Uses Triton's compiler API, which moves between releases: a

@@ -184,6 +184,7 @@ def test_nan_stops_the_run_before_a_checkpoint_holds_it(tmp_path):
         assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_demo_sized_run_learns_quickly(tmp_path):
     """The demo data with a short schedule: far above the 10% of chance, on the CPU. 12 epochs, not 8: at 8
     the result sat on the threshold and moved with the thread count (46.4% with 1 thread, 43.8% with 2, seed

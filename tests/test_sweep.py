@@ -303,6 +303,7 @@ def test_baseline_configs_change_only_their_method(dataset, rho, method):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sequential_2x2_grid_writes_the_table(tmp_path):
     out = tmp_path / "sweep"
     res = _sweep("smoke_cpu", "--set", "mix.ratio_range=[0,1],[0.2,0.8]", "--set", "train.seed=0,1", *TINY,
@@ -327,6 +328,7 @@ def test_sequential_2x2_grid_writes_the_table(tmp_path):
     assert [("start" if "] start " in line else "done") for line in lines] == ["start", "done"] * 4
 
 
+@pytest.mark.slow
 def test_jobs_2_runs_at_once(tmp_path):
     out = tmp_path / "sweep"
     res = _sweep("smoke_cpu", "--set", "loss.eta=0,0.1", *TINY, "--out", str(out), "--jobs", "2")
@@ -344,6 +346,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_runs_only_what_is_missing(tmp_path, monkeypatch):
     """One run finished, one killed after its first epoch's checkpoint, one never started: the sweep refuses to
     go on without --resume, then skips the finished run, resumes the killed one and starts the missing one."""
@@ -400,6 +403,7 @@ def test_a_finished_run_of_another_config_is_not_reused(tmp_path):
     _one_line(res.stderr, "holds another run", "optim.lr: there 0.1, now 0.05")
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path):
     out = tmp_path / "sweep"
     res = _sweep("smoke_cpu", "--set", "data.dataset=folder,demo", "--data.root=/nonexistent/tree", *TINY,

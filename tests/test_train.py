@@ -55,6 +55,7 @@ def test_lr_schedule_warmup_and_milestones():
     assert lr_at(o, 1800, spe) == pytest.approx(0.1 * 0.0001)
 
 
+@pytest.mark.slow
 def test_cli_run_writes_everything(tmp_path):
     out = tmp_path / "run"
     res = _run_cli("train", "smoke_cpu", f"--train.out_dir={out}")
@@ -100,6 +101,7 @@ def _crash_after(batches: int, monkeypatch):
 # asked for loses step 5 (last checkpoint: step 4, mid-epoch); when the 4th is asked for, nothing is lost
 # (last checkpoint: the end of epoch 1).
 @pytest.mark.parametrize("crash_at,checkpoint_step", [(5, 4), (3, 3)])
+@pytest.mark.slow
 def test_resume_after_crash_reaches_the_same_weights(tmp_path, monkeypatch, crash_at, checkpoint_step):
     overrides = ["--train.epochs=3", "--train.checkpoint_every_steps=2"]
     straight = _smoke(tmp_path / "straight", *overrides)
@@ -184,6 +186,7 @@ def test_cli_cifar10_lt_from_the_jpeg_tree(cifar10_jpeg_root, tmp_path):
     assert final["num_test_images"] == 10000 and final["group_sizes"] == {"many": 8, "medium": 2, "few": 0}
 
 
+@pytest.mark.slow
 def test_a_run_directory_is_never_overwritten_silently(tmp_path):
     train(_smoke(tmp_path))
     before = (tmp_path / "metrics.jsonl").read_text()
@@ -197,6 +200,7 @@ def test_a_run_directory_is_never_overwritten_silently(tmp_path):
     assert [r["epoch"] for r in records if "loss" in r] == [1]
 
 
+@pytest.mark.slow
 def test_resume_from_a_moved_directory_and_with_more_epochs(tmp_path):
     first = tmp_path / "first"
     train(_smoke(first, "--train.epochs=2"))
@@ -212,6 +216,7 @@ def test_resume_from_a_moved_directory_and_with_more_epochs(tmp_path):
         train(_smoke(moved, "--train.epochs=4", "--mix.mix_prob=0.9"), resume=True)
 
 
+@pytest.mark.slow
 def test_eval_report_and_posthoc_shift(tmp_path):
     """`mixtail eval CKPT --report DIR --posthoc-tau 0,1 --class-vectors ...` on a short run: the report has
     the issue's keys, T = 0 reproduces the plain accuracy, and the shift equals T·log(P_Y/π) (recomputed)."""
@@ -245,6 +250,7 @@ def test_eval_report_and_posthoc_shift(tmp_path):
     assert out.returncode == 0 and "post-hoc shift" in out.stdout, out.stderr
 
 
+@pytest.mark.slow
 def test_training_with_gradient_accumulation_resumes_exactly(tmp_path, monkeypatch):
     """train.accumulate_steps=2 with checkpoints due every 2 batches of epochs of 3: a due checkpoint waits for
     the SGD step, and a crash + resume ends where a straight run does."""
@@ -292,6 +298,7 @@ def _signal_at(batches: int, sig: int, monkeypatch):
 
 
 @pytest.mark.parametrize("sig,at,stopped_step", [(signal.SIGTERM, 4, 5), (signal.SIGUSR1, 2, 3)])
+@pytest.mark.slow
 def test_stop_signal_checkpoints_the_step_and_resumes_exactly(tmp_path, monkeypatch, sig, at, stopped_step):
     """SIGTERM (or SIGUSR1) mid-epoch: the step in flight is finished and checkpointed (no checkpoint was due:
     SIGTERM at batch 4 stops after step 5, the last checkpoint being the end of epoch 1, step 3), the run ends
@@ -360,6 +367,7 @@ def test_sigterm_of_a_real_process_checkpoints_its_step(tmp_path):
     assert "--resume" in lines[0] and state["step"] > 0 and state["batch"] > 0
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch, capsys):
     """Killed in its set-up or first step, a run leaves config.yaml and an empty metrics.jsonl. --resume used to
     fail ("holds a run but no checkpoint") and a plain rerun was refused: only --overwrite worked. Now both

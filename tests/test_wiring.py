@@ -822,6 +822,7 @@ def test_trainer_builds_its_loaders_and_loss_from_the_config():
 
 
 @pytest.mark.parametrize("prior", ["dataset", "mixed"])
+@pytest.mark.slow
 def test_loss_prior_follows_the_window_in_the_loop(tmp_path, monkeypatch, prior):
     """Three one-step epochs with the window [1, 2): the loss adjusts by log π in epoch 1 only (mixed), by
     log P_Y everywhere else."""
