@@ -104,3 +104,27 @@ def test_cli_writes_the_reference_and_prints_a_resolved_config(capsys, tmp_path)
         cli.main(["config", "--reference", "demo"])
     assert exit_info.value.code == 2
     assert "takes no CONFIG" in capsys.readouterr().err
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Box:
+    side: int = 3  # a nested key
+    documented_in_metadata: float = field(default=0.5, metadata={"doc": "from the field's metadata"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Nested:
+    box: _Box = field(default_factory=_Box)  # a sub-section: its keys are listed, not it
+    plain: bool = True  # plain
+
+
+@dataclass(frozen=True, kw_only=True)
+class _NestedRoot:
+    sec: _Nested = field(default_factory=_Nested)
+
+
+def test_nested_sections_and_metadata_docs():
+    rows = {row["key"]: row for row in key_rows(_NestedRoot)}
+    assert list(rows) == ["sec.box.side", "sec.box.documented_in_metadata", "sec.plain"]
+    assert rows["sec.box.side"]["meaning"] == "a nested key"
+    assert rows["sec.box.documented_in_metadata"]["meaning"] == "from the field's metadata"

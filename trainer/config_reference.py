@@ -180,24 +180,34 @@ def _class_summary(cls) -> str:
     return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
 
 
+def _fields(cls, prefix: str):
+    """(dotted key, field, annotation, doc or None, owning class) for every value field below `cls`, a nested
+    dataclass field contributing its own fields under its name."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _fields(tp, f"{key}.")
+        else:
+            yield key, f, tp, f.metadata.get("doc") or docs.get(f.name), cls
+
+
 def key_rows(root=RunConfig) -> list[dict]:
     """One dict per key (key, type, default, allowed, meaning, section), in declaration order.
 
-    Raises UndocumentedKeys naming every key whose field has no comment."""
+    A key's meaning is its field's comment (or a `doc` entry in the field's metadata). Raises UndocumentedKeys
+    naming every key that has neither."""
     sections = _sections(root)
-    modules = {sys.modules[cls.__module__] for _, cls in sections} | {sys.modules[root.__module__]}
+    found = [(section, *row) for section, cls in sections for row in _fields(cls, f"{section}.")]
+    modules = {sys.modules[owner.__module__] for *_, owner in found} | {sys.modules[root.__module__]}
     rules = _checks(sorted(modules, key=lambda m: m.__name__))
     rows, missing = [], []
-    for section, cls in sections:
-        docs, hints = field_docs(cls), typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            key = f"{section}.{f.name}"
-            if f.name not in docs:
-                missing.append(key)
-                continue
-            rows.append({"section": section, "key": key, "type": _type_text(hints[f.name]),
-                         "default": _value_text(_default(f)), "allowed": _allowed(hints[f.name], rules.get(key, [])),
-                         "meaning": docs[f.name]})
+    for section, key, f, tp, doc, _ in found:
+        if not doc:
+            missing.append(key)
+            continue
+        rows.append({"section": section, "key": key, "type": _type_text(tp), "default": _value_text(_default(f)),
+                     "allowed": _allowed(tp, rules.get(key, [])), "meaning": doc})
     if missing:
         raise UndocumentedKeys(f"config keys without documentation: {', '.join(missing)}; write what each means in "
                                f"a comment above its field or at the end of its line, then run `{COMMAND}`")
