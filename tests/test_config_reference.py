@@ -128,3 +128,10 @@ def test_nested_sections_and_metadata_docs():
     assert list(rows) == ["sec.box.side", "sec.box.documented_in_metadata", "sec.plain"]
     assert rows["sec.box.side"]["meaning"] == "a nested key"
     assert rows["sec.box.documented_in_metadata"]["meaning"] == "from the field's metadata"
+
+
+def test_comment_text_shows_as_written_in_markdown():
+    from mixtail.trainer.config_reference import _markdown
+
+    assert _markdown("timm/<name>, 0 <= x, a|b, cifar*, `<kept> | *`") == \
+        "timm/&lt;name>, 0 <= x, a\\|b, cifar\\*, `<kept> \\| *`"

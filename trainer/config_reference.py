@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import re
 import sys
 import textwrap
 import tokenize
@@ -214,8 +215,13 @@ def key_rows(root=RunConfig) -> list[dict]:
     return rows
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+def _markdown(text: str) -> str:
+    """Comment text as Markdown that shows it as written: outside `code` spans, <name> would be an HTML tag and
+    a * could start emphasis. A | would end a table cell anywhere."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):
+        parts[i] = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", parts[i]).replace("*", "\\*")
+    return "`".join(parts).replace("|", "\\|")
 
 
 def config_reference(root=RunConfig) -> str:
@@ -238,11 +244,12 @@ def config_reference(root=RunConfig) -> str:
     for section in summaries:
         out += [f"## {section}", ""]
         if summaries[section]:
-            out += [summaries[section], ""]
+            out += [_markdown(summaries[section]), ""]
         out += ["| Key | Type | Default | Allowed | Meaning |", "|---|---|---|---|---|"]
         for row in rows:
             if row["section"] == section:
-                out.append(f"| `{row['key']}` | {_cell(row['type'])} | `{_cell(row['default'])}` | "
-                           f"{_cell(row['allowed'])} | {_cell(row['meaning'])} |")
+                default = row["default"].replace("|", "\\|")  # a | ends a table cell even inside a code span
+                out.append(f"| `{row['key']}` | {_markdown(row['type'])} | `{default}` | "
+                           f"{_markdown(row['allowed'])} | {_markdown(row['meaning'])} |")
         out.append("")
     return "\n".join(out)
