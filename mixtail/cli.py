@@ -8,6 +8,8 @@
     mixtail bench loss|loader|step|train|classic|compare|convert [ARGS ...]   benchmarks (see --help of each)
     mixtail sweep CONFIG... --set KEY=V1,V2 [--set ...] [--jobs N] [--out DIR] [--resume]
                                                                   run a grid of runs, write one table of results
+    mixtail config [CONFIG] [--section.key=value ...]            print the resolved config as YAML
+    mixtail config --reference [--out PATH]                       every config key: type, default, meaning
 
 CONFIG is a YAML path or the name of a bundled config (demo, smoke_cpu, cifar10_lt_r100,
 cifar100_lt_r100, ...). Overrides use dotted keys and YAML values: --optim.lr=0.05 --mix.ratio_range=[0,1].
@@ -127,11 +129,40 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _config(argv: list[str]) -> int:
+    from mixtail.trainer.config import dump_config, load_config
+
+    rest, overrides = _split_overrides(argv)
+    p = _Parser(prog="mixtail config", description="Print the resolved config, or the reference of every key.")
+    p.add_argument("config", nargs="?", default=None, help="YAML path or bundled config name (default: the defaults)")
+    p.add_argument("--reference", action="store_true", help="print the reference of every config key (Markdown: "
+                   "docs/config.md) instead")
+    p.add_argument("--out", metavar="PATH", help="write to PATH instead of stdout")
+    args, unknown = p.parse_known_args(rest)
+    if unknown:
+        p.error(f"unrecognized arguments {unknown}; overrides look like --optim.lr=0.05")
+    if args.reference:
+        if args.config or overrides:
+            p.error("--reference documents the keys themselves: it takes no CONFIG and no overrides")
+        from mixtail.trainer.config_reference import config_reference
+
+        text = config_reference()
+    else:
+        text = dump_config(load_config(args.config, overrides))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # name -> function(argv after the name) -> exit status. New commands only add a line here.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": _train, "eval": _eval, "bench": _bench,
     "sweep": lambda argv: importlib.import_module("mixtail.trainer.sweep").main(argv),
     "convert": lambda argv: importlib.import_module("mixtail.pipelines.convert").main(argv),
+    "config": _config,
 }
 
 

@@ -3,8 +3,8 @@
 config (trainer/config.py) composes them with the model, loss, optimizer and loop configs, and loads
 all of them strictly from YAML.
 
-Defaults are the paper's CIFAR-LT recipe with CMO's training strategy (SPEC.md "Data and sampling",
-"Mixing"): instance-weighted foregrounds, a whole batch mixed with probability 0.5, only inside the epoch
+Defaults are the paper's CIFAR-LT recipe with CMO's training strategy (docs/method.md, "Foreground sampling"
+and "Mixing"): instance-weighted foregrounds, a whole batch mixed with probability 0.5, only inside the epoch
 window [4, E − 3).
 
     from mixtail.pipelines.config import DataConfig, AugConfig, MixConfig
@@ -50,8 +50,8 @@ class DataConfig:
     download: bool = False  # cifar*: let torchvision download into `root` (needs internet)
     test_dir: str = "test"  # folder: name of the held-out split next to train/
     train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
-    test_list: str = ""
-    # A validation split, so that nothing is chosen on the test set (issue 13 §2): k images of every class held
+    test_list: str = ""  # imagenet_lt / inat2018: the test list, in the format of train_list
+    # A validation split, so that nothing is chosen on the test set: k images of every class held
     # out, never trained on. CIFAR, demo, folder and converted data: from the training images the long-tailed
     # subset left out (a class with fewer left out, the head class, completes them from its own subset);
     # imagenet_lt / inat2018: k per class of data.val_list. 0: no validation split.
@@ -62,15 +62,16 @@ class DataConfig:
     # Which n_k images of each class the subset keeps: LDAM-DRW's seeded shuffle (every published CIFAR-LT
     # number) or, asked for by name only, the first n_k in dataset order (datasets.long_tailed_indices).
     lt_subset: Literal["ldam", "first"] = "ldam"
-    backend: Literal["torch", "dali", "ffcv"] = "torch"
+    backend: Literal["torch", "dali", "ffcv"] = "torch"  # the executor of the batch plan: torch, DALI or FFCV
     batch_size: int = 128  # global mixed pairs per step; each rank gets batch_size / world_size
     eval_batch_size: int = 2000  # per rank: evaluation in a few large batches (CIFAR: 5 for the 10k test images)
     image_size: int = 32  # side S of the square training and test images
-    # SPEC: `instance` weighs each image by n_y^-γ (CMO's code, class-balanced at γ = 1: the default);
-    # `class` draws the class with q(k) ∝ n_k^-γ (the paper's Eq. 2 read literally, a reversed long tail).
+    # How foregrounds are drawn (docs/method.md, "Foreground sampling"): `instance` weighs each image by n_y^-γ
+    # (CMO's code, class-balanced at γ = 1: the default); `class` draws the class with q(k) ∝ n_k^-γ (the
+    # paper's Eq. 2 read literally, a reversed long tail).
     fg_sampling: Literal["class", "instance"] = "instance"
-    fg_gamma: float = 1.0
-    num_views: int = 2
+    fg_gamma: float = 1.0  # γ of the foreground sampler (the paper's Eq. 2)
+    num_views: int = 2  # views of each pair per step: 2, the two views SMC contrasts; 1, a single view
     num_threads: int = 4  # CPU threads for the DALI and FFCV backends
     # A bad image file (missing, zero-byte, truncated, not an image) found when the dataset is built: `stop`
     # names every one in a single error before training; `skip` drops them and lists them (dataset.skipped).
@@ -78,8 +79,9 @@ class DataConfig:
     # How files are checked: `header` parses each header and needs JPEG/PNG end markers (~60 us a file);
     # `decode` decodes every file (~3 ms for a 500x375 photo), catching corrupt data inside a complete file.
     image_check: Literal["header", "decode"] = "header"
-    mean: tuple[float, float, float] | None = None  # None: CIFAR stats for 32 px data, ImageNet stats otherwise
-    std: tuple[float, float, float] | None = None
+    # Per-channel mean for normalization; null: CIFAR's statistics for 32 px data, ImageNet's otherwise.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None  # per-channel std for normalization; null: as for mean
 
     def validate(self) -> None:
         need(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
@@ -106,7 +108,7 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AugConfig:
-    """Per-component augmentation (SPEC: each component is augmented before mixing, Eq. 3).
+    """Per-component augmentation: each component image is augmented before mixing (the paper's Eq. 3).
 
     >>> import mixtail
     >>> aug = mixtail.AugConfig(policy="autoaugment", cutout_px=8)
@@ -119,14 +121,14 @@ class AugConfig:
     # AutoAugment policy and Cutout (the 84-88% CIFAR-10-LT peers); cmo_randaug: CMO's per-image choice.
     policy: Literal["simclr", "autoaugment", "cmo_randaug"] = "simclr"
     crop: Literal["pad", "resized"] = "pad"  # pad: CIFAR pad-and-crop; resized: RandomResizedCrop
-    pad_px: int = 4
+    pad_px: int = 4  # pad crop: pixels of padding on each side before the random crop back to size
     scale: tuple[float, float] = (0.08, 1.0)  # resized crop: area range
     ratio: tuple[float, float] = (0.75, 4.0 / 3.0)  # resized crop: aspect range
-    flip: bool = True
+    flip: bool = True  # random horizontal flip with probability 0.5
     color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns those off (hue is separate)
-    hue: float = 0.1
-    color_prob: float = 0.8
-    grayscale_prob: float = 0.2
+    hue: float = 0.1  # colour jitter's hue strength; 0 turns hue jitter off
+    color_prob: float = 0.8  # probability that an image gets the colour jitter
+    grayscale_prob: float = 0.2  # probability that an image is turned grayscale
     cutout_px: int = 16  # autoaugment: side of the Cutout square (DeVries & Taylor); 0 turns it off
 
     def validate(self) -> None:
@@ -153,16 +155,18 @@ class MixConfig:
     """
 
     alpha: float = 1.0  # λ ~ Beta(α, α) before normalization
-    ratio_range: tuple[float, float] = (0.2, 0.8)
-    mix_op: Literal["resize", "crop"] = "resize"
+    ratio_range: tuple[float, float] = (0.2, 0.8)  # λ' = low + (high − low)·λ; [0, 1] is Table 5's ablation
+    mix_op: Literal["resize", "crop"] = "resize"  # resize: ResizeMix (the paper); crop: CutMix (Table 5)
+    # Where the views' crops happen (Table 5, "augmentation method for positives"): before_mix crops each
+    # component (the paper), after_mix crops the mixed image, none crops nothing (flip and colour stay).
     aug_order: Literal["before_mix", "after_mix", "none"] = "before_mix"
     # CMO's code mixes a whole batch with probability 0.5, one draw per batch; `sample` draws per pair.
     mix_prob: float = 0.5
-    mix_per: Literal["batch", "sample"] = "batch"
+    mix_per: Literal["batch", "sample"] = "batch"  # one mix_prob draw per global batch, or one per pair
     # Mixing happens for start_epoch <= epoch < E − unmixed_last_epochs (0-indexed epochs, E = train.epochs):
     # CMO's 3 < epoch < E − 3. Outside the window the foreground stream is not drawn at all.
     start_epoch: int = 4
-    unmixed_last_epochs: int = 3
+    unmixed_last_epochs: int = 3  # the last epochs of the run, which are not mixed (see start_epoch)
 
     def validate(self) -> None:
         lo, hi = self.ratio_range

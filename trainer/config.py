@@ -52,8 +52,8 @@ class ModelConfig:
     # resnet{8,14,20,32,44,56,110} for 32 px, a torchvision model name, or timm/<name> (the `timm` extra)
     arch: str = "resnet32"
     pretrained_path: str = ""  # timm/<name>: a local weights file to start from; "" keeps random weights
-    head_dim: int = 128
-    # RIDE's multiple experts (issue 14, trainer/experts.py): K > 1 shares the stem and first stage and gives
+    head_dim: int = 128  # output width of the contrastive MLP head (the paper: 128)
+    # RIDE's multiple experts (trainer/experts.py): K > 1 shares the stem and first stage and gives
     # each expert its own later stages, classifier and MLP head; 1 is the single network of trainer/models.py.
     experts: int = 1
     # The experts' classifiers (K > 1 only): a linear layer as the single network's, or RIDE's cosine
@@ -63,30 +63,38 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    eta: float = 0.1  # L = L_CE + η·L_SMC
-    tau: float = 0.1
+    """The objective (trainer/losses.py, kernels/): logit-adjusted soft cross-entropy plus η times the SMC loss,
+    and RIDE's diversity term when there are several experts."""
+
+    eta: float = 0.1  # η of L = L_CE + η·L_SMC (the paper's Eq. 6)
+    tau: float = 0.1  # temperature τ of the SMC loss (the paper's Eq. 4)
+    # How the three positive sets are weighted (Table 5): weighted by the anchor's λ (the paper), average
+    # (1/3 each), or assign_larger (SupCon on the label of each image's larger component).
     weighting: Literal["weighted", "average", "assign_larger"] = "weighted"
     impl: Literal["auto", "reference", "triton"] = "auto"  # triton on a CPU needs TRITON_INTERPRET=1
-    logit_adjust: bool = True
-    # The prior the logits are adjusted by (SPEC Eq. 5 and its extension): `dataset` is log P_Y, the paper's;
-    # `mixed` is log π, the marginal of the soft labels the network sees under mixing (losses.mixed_prior).
+    logit_adjust: bool = True  # add the log prior to the logits in the cross-entropy (the paper's Eq. 5)
+    # The prior the logits are adjusted by (docs/method.md, "Logit adjustment and the mixed prior"): `dataset`
+    # is log P_Y, the paper's; `mixed` is log π, the marginal of the soft labels the network sees under mixing
+    # (losses.mixed_prior).
     prior: Literal["dataset", "mixed"] = "dataset"
     # RIDE's diversity term (model.experts > 1; trainer/experts.py), its CIFAR config's values: the loss
     # subtracts diversity_weight · T̄² · Σ_k KL(ensemble ‖ expert k) (RIDE's additional_diversity_factor −0.45),
     # at temperature diversity_temperature; from epoch diversity_reweight_epoch (0-based; null: never) the
     # temperature is reweighted per class with diversity_reweight_factor (RIDE's reweight_epoch 160, 0.05).
     diversity_weight: float = 0.45
-    diversity_temperature: float = 1.0
-    diversity_reweight_epoch: int | None = 160
-    diversity_reweight_factor: float = 0.05
+    diversity_temperature: float = 1.0  # the diversity term's temperature T (RIDE's)
+    diversity_reweight_epoch: int | None = 160  # first epoch (0-based) of per-class temperatures; null: never
+    diversity_reweight_factor: float = 0.05  # f of the per-class temperatures T·w_k (RIDE's reweight_factor)
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
+    """SGD with momentum and a step schedule after a linear warmup (docs/method.md, "Schedules")."""
+
     lr: float = 0.1  # for the global batch data.batch_size
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    nesterov: bool = False
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 2e-4  # L2 weight decay, on every parameter
+    nesterov: bool = False  # Nesterov momentum
     warmup_epochs: float = 5.0  # linear warmup, per step
     milestones: tuple[int, ...] = (160, 180)  # epochs where the lr factor changes
     lr_factors: tuple[float, ...] = (0.01, 0.0001)  # lr = base·factor from each milestone on
@@ -94,14 +102,16 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    epochs: int = 200
-    eval_every_epochs: int = 10
-    seed: int = 0
-    out_dir: str = "runs/cifar100_lt_r100"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """The loop: length, seed, run directory, device and precision, checkpoints, logging and stopping."""
+
+    epochs: int = 200  # E: the run's length in epochs (the mixing window and lr milestones count in them)
+    eval_every_epochs: int = 10  # evaluate on the test set every this many epochs, and after the last
+    seed: int = 0  # seeds the model's initialization, the sampling, the augmentation and the mixing
+    out_dir: str = "runs/cifar100_lt_r100"  # the run directory: config.yaml, metrics.jsonl, checkpoints
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda where available, else cpu
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the GPU has it
-    channels_last: bool = True
-    compile: bool = False
+    channels_last: bool = True  # the model and images in channels-last memory format
+    compile: bool = False  # torch.compile the model (cuda_graphs then defaults to off)
     # The whole step as CUDA graphs (trainer/step.py); null: on where CUDA is and the run is one process.
     cuda_graphs: bool | None = None
     # Under cuda_graphs, capture the torch loader's on-device work (gather, augmentation, paste) in the same
@@ -112,9 +122,9 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its step is skipped
     tensorboard: bool = False  # also write loss parts, lr, images/s and evaluations as TensorBoard events
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
-    keep_checkpoints: int = 2  # checkpoint.pt plus this many - 1 older ones to fall back on (issue 10)
+    keep_checkpoints: int = 2  # checkpoint.pt plus this many - 1 older ones to fall back on
     max_steps_per_epoch: int | None = None  # truncate epochs (smoke tests)
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # steps between progress updates (loss, lr, images/s) and non-finite checks
     # Signals that stop the run cleanly: the current step is finished and checkpointed, then the process exits
     # 128 + the signal's number (trainer/stop.py; under DDP at the next log step, agreed by all ranks).
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")
@@ -126,12 +136,12 @@ class RouterConfig:
     on the frozen stage-1 experts. Defaults are RIDE's CIFAR-100 EA config (5 epochs, batches of 512, lr 0.01
     cosine, positives weighted 100, the top 30 logits, a hidden layer of 16); none changes stage 1."""
 
-    epochs: int = 5
-    lr: float = 0.01
-    batch_size: int = 512
+    epochs: int = 5  # the router's training epochs
+    lr: float = 0.01  # its initial learning rate, with a cosine decay
+    batch_size: int = 512  # its batch size
     pos_weight: float = 100.0  # BCE weight of "the next expert helps" (rare: most samples are right early)
     top_k: int = 30  # the largest running-mean logits the router reads (capped at the number of classes)
-    hidden_dim: int = 16
+    hidden_dim: int = 16  # width of the router's hidden layer on each expert's pooled feature
     threshold: float = 0.5  # consult the next expert while sigmoid(score) > threshold
 
 
