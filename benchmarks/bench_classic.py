@@ -52,7 +52,7 @@ def test_loader(cfg, dataset, *, workers: int, device: torch.device) -> torch.ut
     from torchvision import transforms as T
 
     from mixtail.benchmarks.classic_baseline import ClassicDataset
-    from mixtail.pipelines.base import test_resize_ratio
+    from mixtail.pipelines.loader import test_resize_ratio
     from mixtail.pipelines.config import normalization
 
     mean, std = normalization(cfg.data)
@@ -106,7 +106,7 @@ def time_classic_epochs(cfg, train_set, test_set, *, num_classes: int, device: t
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mixtail.benchmarks.bench_step import split_argv
-    from mixtail.pipelines.datasets import build_dataset
+    from mixtail.pipelines.sources.build import build_dataset
     from mixtail.trainer.config import config_to_dict, load_config
     from mixtail.trainer.dist import resolve_device
 

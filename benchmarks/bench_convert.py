@@ -92,7 +92,7 @@ def convert_once(source: str, extra: dict, out: Path, target: str, mode: str, ma
 def packed_blob(files: list[str], path: Path):
     """While active, the DALI executor gets each image's bytes from one memory-mapped blob through external_source
     (Sources slices it by an offset index) and decodes them without fn.io.file.read."""
-    import mixtail.pipelines.dali_loader as dl
+    import mixtail.pipelines.backends.dali_executor as dl
 
     offsets = np.zeros(len(files) + 1, np.int64)
     with open(path, "wb") as f:
@@ -123,7 +123,7 @@ def packed_blob(files: list[str], path: Path):
 def dali_read(out: Path, args) -> dict[str, float]:
     from mixtail.benchmarks.bench_loader import make_loader, time_loader
     from mixtail.pipelines.config import DataConfig
-    from mixtail.pipelines.datasets import build_dataset
+    from mixtail.pipelines.sources.build import build_dataset
 
     import torch
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if t not in MODES:
             raise UsageError(f"--targets: {t!r} is not ffcv or dali")
     if "ffcv" in targets:
-        import mixtail.pipelines.ffcv_io  # noqa: F401  (its numba compile at import is not a conversion's cost)
+        import mixtail.pipelines.sources.beton
 
     rows, read_rows = [], []
     with tempfile.TemporaryDirectory(prefix="mixtail_bench_convert_") as tmp_name:
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _largest(out: Path) -> int | None:
     """The longest side of any image in an output written without a bound (None when it had one)."""
-    from mixtail.pipelines.manifest import read_manifest, split_table
+    from mixtail.pipelines.sources.manifest import read_manifest, split_table
 
     m = read_manifest(out)
     if m.options["max_resolution"] is not None:

@@ -45,12 +45,14 @@ import torch
 from mixtail.benchmarks.common import (argument_parser, cuda_device_or_error, environment, format_table, nonnegative_int,
                                        out_dir_argument, positive_float, positive_int, synchronize, write_json)
 from mixtail.errors import UsageError
-from mixtail.pipelines.datasets import ImageArrays, ImageFiles, decode_images, long_tailed_counts
+from mixtail.pipelines.sources.types import ImageArrays, ImageFiles
+from mixtail.pipelines.sources.images import decode_images
+from mixtail.pipelines.sources.subsets import long_tailed_counts
 from mixtail.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, MixConfig
 
 BACKENDS = ("dali", "torch", "ffcv")
-_MODULES = {"dali": "mixtail.pipelines.dali_loader", "torch": "mixtail.pipelines.torch_loader",
-            "ffcv": "mixtail.pipelines.ffcv_loader"}
+_MODULES = {"dali": "mixtail.pipelines.backends.dali_executor", "torch": "mixtail.pipelines.backends.torch_executor",
+            "ffcv": "mixtail.pipelines.backends.ffcv_executor"}
 DEFAULT_PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "photos"
 VERIFY_TOL_GREY = 0.02  # grey levels; tests/test_dali_loader.py explains the value
 
@@ -100,9 +102,10 @@ BENCH_MIX = MixConfig(mix_prob=1.0, start_epoch=0)  # every batch mixed: the loa
 
 def photos_to_beton(ds: ImageFiles, folder: Path, args) -> tuple["object", str]:
     """The photos written to a .beton in `folder` as the FFCV backend reads them: (BetonDataset, note)."""
-    from mixtail.pipelines.ffcv_io import write_beton
-    from mixtail.pipelines.ffcv_loader import beton_dataset, canvas_cap
-    from mixtail.pipelines.images import load_rgb
+    from mixtail.pipelines.sources.beton import write_beton
+    from mixtail.pipelines.backends.ffcv_executor import canvas_cap
+    from mixtail.pipelines.sources.beton import beton_dataset
+    from mixtail.pipelines.sources.images import load_rgb
 
     t0 = time.perf_counter()
     side = canvas_cap(args.size)
@@ -117,7 +120,7 @@ def photos_to_beton(ds: ImageFiles, folder: Path, args) -> tuple["object", str]:
 
 def make_loader(backend: str, ds: ImageFiles, args, device: torch.device, cleanup: contextlib.ExitStack):
     """The backend's loader over the photos and the table's note on its data; temporary files go on `cleanup`."""
-    from mixtail.pipelines.base import loader_for_dataset
+    from mixtail.pipelines.loader import loader_for_dataset
     from mixtail.pipelines.config import DataConfig
 
     data = DataConfig(backend=backend, batch_size=args.batch_size, image_size=args.size, mean=IMAGENET_MEAN,
@@ -162,9 +165,9 @@ def time_loader(loader, device: torch.device, warmup: int, windows: int, window_
 
 def verify_dali(size: int, device: torch.device) -> float:
     """Max |DALI − torch reference| in grey levels on random images with a drawn plan (raises if off)."""
-    from mixtail.pipelines.base import normalize_views
-    from mixtail.pipelines.dali_loader import run_plan_once
-    from mixtail.pipelines.mixing import render_views
+    from mixtail.pipelines.batch import normalize_views
+    from mixtail.pipelines.backends.dali_executor import run_plan_once
+    from mixtail.pipelines.ops.mixing import render_views
     from mixtail.pipelines.plan import Planner
     from mixtail.pipelines.sampling import foreground_weights
 

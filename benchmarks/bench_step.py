@@ -101,14 +101,14 @@ def num_classes_for(cfg, classes: int | None) -> int:
 
 def synthetic_counts(num_classes: int, imbalance_ratio: float) -> np.ndarray:
     """Long-tailed class counts (n_max = 1000) for the logit-adjustment prior of a synthetic run."""
-    from mixtail.pipelines.datasets import long_tailed_counts
+    from mixtail.pipelines.sources.subsets import long_tailed_counts
 
     return np.maximum(long_tailed_counts(1000, num_classes, imbalance_ratio), 1)
 
 
 def synthetic_batches(cfg, num_classes: int, device: torch.device, count: int = 2, seed: int = 0) -> list:
     """`count` mixed batches shaped like the trainer's: (V·B, 3, S, S) normalized-scale images, labels, λ."""
-    from mixtail.pipelines.base import Batch
+    from mixtail.pipelines.batch import Batch
 
     b, v, s = cfg.data.batch_size, cfg.data.num_views, cfg.data.image_size
     lo, hi = cfg.mix.ratio_range

@@ -59,7 +59,7 @@ def backend_unavailable(backend: str, synthetic: bool) -> str | None:
     if backend == "dali" and not _importable("nvidia.dali"):
         return "NVIDIA DALI is not installed (pip install 'mixtail[dali]')"
     if backend == "ffcv":
-        if not _importable("mixtail.pipelines.ffcv_loader"):
+        if not _importable("mixtail.pipelines.backends.ffcv_executor"):
             return "pipelines/ffcv_loader.py (the FFCV executor) does not exist in this version"
         if not _importable("ffcv"):
             return "FFCV is not installed (pip install 'mixtail[ffcv]')"
@@ -70,7 +70,8 @@ def backend_unavailable(backend: str, synthetic: bool) -> str | None:
 
 def synthetic_dataset(cfg, num_images: int, num_classes: int, seed: int = 0):
     """`num_images` random S×S RGB images in memory with long-tailed labels (data.imbalance_ratio)."""
-    from mixtail.pipelines.datasets import ImageArrays, long_tailed_counts
+    from mixtail.pipelines.sources.types import ImageArrays
+    from mixtail.pipelines.sources.subsets import long_tailed_counts
 
     def counts(n_max: int) -> np.ndarray:
         return np.maximum(long_tailed_counts(n_max, num_classes, cfg.data.imbalance_ratio), 1)
@@ -98,7 +99,7 @@ def mode_name(run) -> str:
 
 def bench_backend(cfg, dataset, backend: str, *, device: torch.device, epoch: int, timing: dict) -> dict[str, Any]:
     """Our loader on `backend` feeding the training step; the row without the ratios."""
-    from mixtail.pipelines.base import loader_for_dataset
+    from mixtail.pipelines.loader import loader_for_dataset
     from mixtail.trainer.train import lr_at
 
     data = dataclasses.replace(cfg.data, backend=backend)
@@ -143,7 +144,7 @@ TABLE_COLUMNS = ["backend", "workers", "mode", "precision", "images_per_s", "ima
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mixtail.benchmarks.classic_baseline import bench_classic
-    from mixtail.pipelines.datasets import build_dataset
+    from mixtail.pipelines.sources.build import build_dataset
     from mixtail.pipelines.sampling import class_counts
     from mixtail.trainer.config import config_to_dict, load_config
     from mixtail.trainer.dist import resolve_device

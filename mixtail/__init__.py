@@ -36,18 +36,18 @@ _API = {
     "MixConfig": "mixtail.pipelines.config",
     "ModelConfig": "mixtail.trainer.config",
     # data: loaders on any backend, the batch plan and its views
-    "build_loader": "mixtail.pipelines.base",
+    "build_loader": "mixtail.pipelines.loader",
     "Loader": "mixtail.pipelines.loader",
-    "Batch": "mixtail.pipelines.base",
-    "build_planner": "mixtail.pipelines.base",
+    "Batch": "mixtail.pipelines.batch",
+    "build_planner": "mixtail.pipelines.loader",
     "Planner": "mixtail.pipelines.plan",
     "BatchPlan": "mixtail.pipelines.plan",
-    "render_plan": "mixtail.pipelines.mixing",
+    "render_plan": "mixtail.pipelines.ops.mixing",
     # losses
     "smc_loss": "mixtail.kernels.smc_loss",
     "logit_adjusted_soft_ce": "mixtail.trainer.losses",
     "log_class_prior": "mixtail.trainer.losses",
-    "soft_targets": "mixtail.pipelines.base",
+    "soft_targets": "mixtail.trainer.losses",
     # the model and the trainer the CLI runs
     "build_model": "mixtail.trainer.models",
     "train": "mixtail.trainer.train",
@@ -61,10 +61,12 @@ __all__ = sorted(_API)
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports on first use
     from mixtail.errors import ConfigError, MixtailError
     from mixtail.kernels.smc_loss import smc_loss
-    from mixtail.pipelines.base import Batch, build_loader, build_planner, soft_targets
+    from mixtail.pipelines.batch import Batch
+    from mixtail.pipelines.loader import build_loader, build_planner
+    from mixtail.trainer.losses import soft_targets
     from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig
     from mixtail.pipelines.loader import Loader
-    from mixtail.pipelines.mixing import render_plan
+    from mixtail.pipelines.ops.mixing import render_plan
     from mixtail.pipelines.plan import BatchPlan, Planner
     from mixtail.trainer.config import ModelConfig, RunConfig, load_config
     from mixtail.trainer.losses import log_class_prior, logit_adjusted_soft_ce

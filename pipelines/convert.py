@@ -109,11 +109,14 @@ import numpy as np
 from mixtail import __version__
 from mixtail.errors import DataError, UsageError, describe_os_error
 from mixtail.locks import DirectoryLock, pid_alive
-from mixtail.pipelines.datasets import (DataNotFound, ImageArrays, ImageFiles, check_files, cifar_dataset,
-                                        left_out_line, long_tailed_indices, scan_image_folder)
-from mixtail.pipelines.images import load_rgb
-from mixtail.pipelines.manifest import (MANIFEST_NAME, STORED_KINDS, Manifest, SplitInfo, file_sha256, folder_digest,
-                                        now_utc, outputs_checksum, read_manifest, split_table, write_index)
+from mixtail.pipelines.sources.types import DataNotFound, ImageArrays, ImageFiles
+from mixtail.pipelines.sources.folders import check_files, left_out_line, scan_image_folder
+from mixtail.pipelines.sources.cifar import cifar_dataset
+from mixtail.pipelines.sources.subsets import long_tailed_indices
+from mixtail.pipelines.sources.images import load_rgb
+from mixtail.pipelines.sources.manifest import (
+    MANIFEST_NAME, STORED_KINDS, Manifest, SplitInfo, file_sha256, folder_digest, now_utc, outputs_checksum,
+    read_manifest, split_table, write_index)
 
 FORMATS = ("imagefolder", "cifar", "filelist", "inat-json")
 TARGETS = ("ffcv", "dali")
@@ -228,7 +231,7 @@ def read_split(fmt: str, source: str, split: str, *, image_root: str = "", test_
         if classes is not None and ds.classes != classes:
             raise DataError(f"{source}: the {split} split's classes differ from the training split's")
         return ds
-    from mixtail.pipelines.file_lists import read_listed_dataset
+    from mixtail.pipelines.sources.file_lists import read_listed_dataset
 
     path = source if split == "train" else test_list
     key = "SOURCE" if split == "train" else "--test-list"
@@ -430,7 +433,7 @@ def _largest_side(ds: ImageFiles | ImageArrays, max_resolution: int | None) -> i
 
 
 def _write_ffcv(split: PreparedSplit, tmp: Path, opts: ConvertOptions) -> tuple[dict, np.ndarray, np.ndarray]:
-    from mixtail.pipelines.ffcv_io import beton_info, write_beton
+    from mixtail.pipelines.sources.beton import beton_info, write_beton
 
     ds = split.data
 
@@ -594,7 +597,7 @@ def _convert(opts: ConvertOptions, out: Path, log: Callable[[str], None]) -> Man
                          else "an image folder needs SOURCE/train/ and SOURCE/test/") + ")")
     if opts.to == "ffcv":
         try:  # FFCV's import compiles numba code (5 s here): before the clock starts, and failing early
-            import mixtail.pipelines.ffcv_io  # noqa: F401
+            import mixtail.pipelines.sources.beton
         except ImportError as err:
             raise UsageError(f"--to ffcv needs FFCV: pip install 'mixtail[ffcv]' ({err})") from None
     start = time.perf_counter()
@@ -710,7 +713,7 @@ def _stored_images(manifest: Manifest, name: str, table, positions: np.ndarray) 
         for p in positions:
             yield int(p), None
         return
-    from mixtail.pipelines.ffcv_io import BetonReader
+    from mixtail.pipelines.sources.beton import BetonReader
 
     canvas = int(table.sizes[positions].max())
     reader = BetonReader(manifest.path / manifest.splits[name].data, batch_size=64, canvas=canvas)
@@ -754,7 +757,7 @@ def verify(path: str | os.PathLike, *, sample: int | None = VERIFY_SAMPLE) -> st
             raise DataError(f"{root}: the {name} split holds {len(table)} images; its source gives {n}")
         labels, index = table.labels, table.source_index  # dali: split_table checked them against the list
         if manifest.target == "ffcv":  # what the FFCV backend reads is the .beton's own table
-            from mixtail.pipelines.ffcv_io import beton_info
+            from mixtail.pipelines.sources.beton import beton_info
 
             beton = beton_info(root / info.data)
             if len(beton) != n:

@@ -17,6 +17,14 @@ everything around it, once, for all of them:
     loader.set_epoch(3)
     for batch in loader:
         ...
+
+`build_loader` composes a planner and a backend's executor from the typed configs; the trainer only sees
+`Loader` and `Batch`, and never branches on the backend. A backend module imports its heavy library (DALI,
+FFCV) inside itself, so `import mixtail.pipelines` works on any machine.
+
+    loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=0, world_size=1,
+                          device=torch.device("cpu"), seed=0, num_epochs=cfg.train.epochs)
+    planner = build_planner(labels, cfg.data, cfg.aug, cfg.mix, split="train")   # plans without a loader
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from mixtail.pipelines.base import Batch
+from mixtail.errors import ConfigError
+from mixtail.pipelines.batch import Batch
 from mixtail.pipelines.plan import BatchPlan, DevicePlan, Planner
 
 
@@ -171,3 +180,144 @@ class Loader:
             self.close()
         except Exception:  # interpreter shutdown: the libraries may already be gone
             pass
+
+
+
+
+
+def rank_batch_size(data, split: str, world_size: int) -> int:
+    """Batch size on one rank: data.batch_size (global) split over the ranks for training, else eval's."""
+    if split != "train":
+        return data.eval_batch_size
+    if data.batch_size % world_size:
+        raise ConfigError(f"key 'data.batch_size': {data.batch_size} pairs do not divide over {world_size} ranks; "
+                          f"use a multiple of {world_size}")
+    return data.batch_size // world_size
+
+
+def test_resize_ratio(data) -> float:
+    """SPEC "Evaluation": the 224 px datasets resize the shorter side to S·8/7 and centre-crop S; CIFAR-scale
+    data (S <= 64, the same rule as the normalization statistics) is used whole."""
+    return 8.0 / 7.0 if data.image_size > 64 else 1.0
+
+
+def build_loader(data, aug, mix, *, split: str, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", seed: int = 0, num_epochs: int | None = None,
+                 channels_last: bool = True) -> Loader:
+    """A loader for `split` ("train", "val" or "test") of the dataset in `data` (a DataConfig), on its backend.
+    A validation split (data.val_per_class) is read like the test split: one unaugmented view, every image once.
+
+    data, aug, mix: the typed DataConfig, AugConfig and MixConfig (a RunConfig's sections). rank, world_size:
+    this process's shard (DDP); data.batch_size is global and split over the ranks. seed: with (epoch, batch)
+    it decides every batch, so the same arguments give the same batches on any backend. num_epochs: the run's
+    length, which closes the mixing window (mix.unmixed_last_epochs); None leaves it open. The loader yields
+    `Batch`es on `device`; `len(loader)` is the exact number of batches per epoch, and `loader.set_epoch(e)`
+    picks the epoch the next iteration delivers.
+
+    >>> import mixtail
+    >>> cfg = mixtail.load_config("demo")
+    >>> loader = mixtail.build_loader(cfg.data, cfg.aug, cfg.mix, split="train", device="cpu", seed=0,
+    ...                               num_epochs=cfg.train.epochs)
+    >>> len(loader), loader.num_classes, loader.batch_size
+    (15, 10, 64)
+    >>> loader.set_epoch(5)
+    >>> batch = next(iter(loader))
+    >>> batch.images.shape, batch.y_f.shape, batch.num_views
+    (torch.Size([128, 3, 32, 32]), torch.Size([64]), 2)
+    """
+    from mixtail.pipelines.sources.build import build_dataset
+    from mixtail.pipelines.sources.types import SPLITS
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    dataset = build_dataset(data, split, decoded=False)
+    return loader_for_dataset(dataset, data, aug, mix, split=split, rank=rank, world_size=world_size, device=device,
+                              seed=seed, num_epochs=num_epochs, channels_last=channels_last)
+
+
+def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int = 0, world_size: int = 1,
+                       device: torch.device | str = "cpu", seed: int = 0, num_epochs: int | None = None,
+                       channels_last: bool = True) -> Loader:
+    """The loader of an already built dataset (ImageArrays or ImageFiles); `data` gives batch sizes, views,
+    sampling, normalization and the backend. build_loader is this after reading the dataset.
+
+    Plans are drawn on each image's true size (ImageFiles.sizes, from the image check), whatever copy a
+    backend holds, so every backend crops the same part of each photo; the torch backend decodes files into
+    memory here (datasets.decode_in_memory).
+    """
+    from mixtail.pipelines.config import normalization
+    from mixtail.pipelines.sampling import class_counts
+    from mixtail.pipelines.sources.folders import decode_in_memory
+    from mixtail.pipelines.sources.types import ImageFiles
+
+    train = split == "train"
+    device = torch.device(device)
+    sizes = getattr(dataset, "sizes", None)  # true sizes of files; the valid canvas region of in-memory images
+    if data.backend == "torch" and isinstance(dataset, ImageFiles):
+        dataset = decode_in_memory(dataset, data.image_size, desc=f"decoding {split}")
+    counts = class_counts(dataset.labels, len(dataset.classes))
+    planner = build_planner(dataset.labels, data, aug, mix, split=split, sizes=sizes, num_classes=len(dataset.classes),
+                            rank=rank, world_size=world_size, seed=seed, num_epochs=num_epochs)
+    mean, std = normalization(data)
+    common = dict(device=device, image_size=data.image_size, mean=mean, std=std, train=train,
+                  mix_op=mix.mix_op, aug_order=mix.aug_order, num_views=data.num_views if train else 1,
+                  channels_last=channels_last)
+    if data.backend == "torch":
+        from mixtail.pipelines.backends.torch_executor import TorchExecutor
+
+        executor = TorchExecutor(dataset, **common)
+    elif data.backend == "dali":
+        try:
+            from mixtail.pipelines.backends.dali_executor import DaliExecutor
+        except ImportError as err:
+            raise ConfigError(f"key 'data.backend': dali needs NVIDIA DALI: pip install 'mixtail[dali]' ({err})") from None
+        executor = DaliExecutor(dataset, planner=planner, num_threads=data.num_threads, **common)
+    elif data.backend == "ffcv":
+        try:
+            from mixtail.pipelines.backends.ffcv_executor import FfcvExecutor
+        except ImportError as err:
+            raise ConfigError(f"key 'data.backend': ffcv needs FFCV: pip install 'mixtail[ffcv]' ({err})") from None
+        executor = FfcvExecutor(dataset, planner=planner, num_threads=data.num_threads, **common)
+    else:
+        raise ConfigError(f"key 'data.backend': {data.backend!r} is not a known backend")
+    return Loader(planner, executor, classes=dataset.classes, class_counts=counts)
+
+
+def build_planner(labels, data, aug, mix, *, split: str, sizes=None, num_classes: int | None = None, rank: int = 0,
+                  world_size: int = 1, seed: int = 0, num_epochs: int | None = None) -> "Planner":
+    """The batch planner (pipelines/plan.py) of `split` for a dataset with these labels, from the typed configs:
+    the planner `build_loader` gives its backend, for drawing and rendering plans without a loader.
+
+    labels: (N,) class ids; sizes: (N, 2) true (height, width) of each image, or None when every image is
+    data.image_size square; num_classes: None takes max(labels) + 1. rank, world_size, seed, num_epochs: as
+    for build_loader. `planner.plan(epoch, batch)` is then a pure function of its arguments.
+
+    >>> import numpy as np, mixtail
+    >>> cfg = mixtail.load_config("demo")
+    >>> labels = np.repeat(np.arange(4), [40, 20, 10, 5])
+    >>> planner = mixtail.build_planner(labels, cfg.data, cfg.aug, cfg.mix, split="train", seed=0)
+    >>> len(planner), planner.batch_size
+    (1, 64)
+    >>> plan = planner.plan(epoch=5, batch=0)
+    >>> plan["lam"].shape, plan["bg0.crop"].shape
+    ((64,), (64, 4))
+    """
+    from mixtail.pipelines.plan import Planner
+    from mixtail.pipelines.sampling import foreground_weights, samples_per_rank
+    from mixtail.pipelines.sources.types import SPLITS
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    labels = np.asarray(labels)
+    batch_size = rank_batch_size(data, split, world_size)
+    if split != "train":  # val and test: one unaugmented view of every image, once
+        return Planner.for_testing(labels, sizes, image_size=data.image_size, batch_size=batch_size, rank=rank,
+                                   world_size=world_size, test_resize_ratio=test_resize_ratio(data))
+    if samples_per_rank(len(labels), world_size) < batch_size:
+        raise ConfigError(f"key 'data.batch_size': {len(labels)} training images over {world_size} ranks do not "
+                          f"fill one batch of {batch_size} pairs per rank")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    return Planner.for_training(labels, sizes, aug=aug, mix=mix, image_size=data.image_size, batch_size=batch_size,
+                                num_views=data.num_views,
+                                fg_weights=foreground_weights(labels, num_classes, data.fg_sampling, data.fg_gamma),
+                                seed=seed, rank=rank, world_size=world_size, num_epochs=num_epochs)

@@ -38,9 +38,9 @@ from threading import Lock
 
 import numpy as np
 
-from mixtail.pipelines.augment import AugParams, colour_matrices, sample_aug_params
-from mixtail.pipelines.autoaugment import PolicyParams, cutout_boxes, sample_policy_params, without_colour
-from mixtail.pipelines.mixing import MixParams, sample_mix_params
+from mixtail.pipelines.ops.augment import AugParams, colour_matrices, sample_aug_params
+from mixtail.pipelines.ops.autoaugment import PolicyParams, cutout_boxes, sample_policy_params, without_colour
+from mixtail.pipelines.ops.mixing import MixParams, sample_mix_params
 from mixtail.pipelines.sampling import batch_generator, batch_mixed, batches_per_epoch, sample_order
 
 _I4, _F4 = np.dtype(np.int32), np.dtype(np.float32)

@@ -47,7 +47,7 @@ def test_unknown_name_is_an_attribute_error():
 
 def test_names_are_the_objects_of_their_modules():
     from mixtail.kernels.smc_loss import smc_loss
-    from mixtail.pipelines.base import build_loader
+    from mixtail.pipelines.loader import build_loader
     from mixtail.trainer.train import train
 
     assert mixtail.smc_loss is smc_loss and mixtail.build_loader is build_loader and mixtail.train is train
@@ -96,7 +96,7 @@ def _demo_planner(split: str, **kw):
 
 def test_render_plan_gathers_the_plans_images():
     """Against the gather-then-render_views reference, for a host and a device plan, with valid sizes."""
-    from mixtail.pipelines.mixing import render_test_view, render_views
+    from mixtail.pipelines.ops.mixing import render_test_view, render_views
 
     cfg, planner = _demo_planner("train")
     g = torch.Generator().manual_seed(0)

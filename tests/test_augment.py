@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 import numpy_reference as ref
-from mixtail.pipelines.augment import (AugParams, augment, colour_matrices, identity_aug_params,
-                                       sample_aug_params)
+from mixtail.pipelines.ops.augment import AugParams, augment, colour_matrices, identity_aug_params, sample_aug_params
 from mixtail.trainer.config import AugConfig
 
 NO_COLOUR = dict(color_prob=0.0, grayscale_prob=0.0)

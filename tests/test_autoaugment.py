@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode
 
-from mixtail.pipelines import autoaugment as A
-from mixtail.pipelines.augment import augment, identity_aug_params, sample_aug_params
+from mixtail.pipelines.ops import autoaugment as A
+from mixtail.pipelines.ops.augment import augment, identity_aug_params, sample_aug_params
 from mixtail.pipelines.config import AugConfig
 
 ENHANCE = A.ENHANCE

@@ -20,7 +20,7 @@ from PIL import Image
 from mixtail.benchmarks import bench_classic, bench_step, bench_train, common
 from mixtail.benchmarks.classic_baseline import ClassicDataset
 from mixtail.errors import DataError, UsageError
-from mixtail.pipelines.datasets import ImageArrays, ImageFiles
+from mixtail.pipelines.sources.types import ImageArrays, ImageFiles
 from mixtail.trainer.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent

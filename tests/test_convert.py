@@ -30,10 +30,12 @@ from mixtail import cli
 from mixtail.errors import ConfigError, DataError, UsageError
 from mixtail.pipelines import convert as cv
 from mixtail.pipelines.config import DataConfig
-from mixtail.pipelines.datasets import ImageArrays, build_dataset, scan_image_folder
-from mixtail.pipelines.file_lists import read_file_list
-from mixtail.pipelines.images import load_rgb
-from mixtail.pipelines.manifest import MANIFEST_NAME, read_manifest, split_table
+from mixtail.pipelines.sources.types import ImageArrays
+from mixtail.pipelines.sources.build import build_dataset
+from mixtail.pipelines.sources.folders import scan_image_folder
+from mixtail.pipelines.sources.file_lists import read_file_list
+from mixtail.pipelines.sources.images import load_rgb
+from mixtail.pipelines.sources.manifest import MANIFEST_NAME, read_manifest, split_table
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
@@ -123,7 +125,7 @@ def _stored_order(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels, source indices) of a converted split as the data itself holds them (.beton or list)."""
     m = read_manifest(out)
     if m.target == "ffcv":
-        from mixtail.pipelines.ffcv_io import beton_info
+        from mixtail.pipelines.sources.beton import beton_info
 
         info = beton_info(out / m.splits[split].data)
         return info.labels, info.indices
@@ -644,7 +646,7 @@ def test_a_converted_beton_is_the_ffcv_backends_data_source(cifar_tree, tmp_path
     """build_dataset gives the FFCV backend's BetonDataset (pipelines/ffcv_loader.py, issue 9 §4) with the labels,
     sizes and LT subset build_dataset takes from the source, at .beton positions that hold those images."""
     _ffcv_or_skip()
-    ffcv_loader = pytest.importorskip("mixtail.pipelines.ffcv_loader", reason="the FFCV backend is not merged yet")
+    beton = pytest.importorskip("mixtail.pipelines.sources.beton", reason="FFCV is not installed")
     out = tmp_path / "beton"
     _convert(cifar_tree, out, "ffcv", write_mode="raw")
     with pytest.raises(ConfigError, match="data.backend.*--to ffcv.*data.backend=ffcv"):
@@ -654,7 +656,7 @@ def test_a_converted_beton_is_the_ffcv_backends_data_source(cifar_tree, tmp_path
                                decoded=False)
         conv = build_dataset(DataConfig(dataset="converted", root=str(out), backend="ffcv", imbalance_ratio=4.0),
                              split, decoded=False)
-        assert isinstance(conv, ffcv_loader.BetonDataset) and conv.classes == direct.classes
+        assert isinstance(conv, beton.BetonDataset) and conv.classes == direct.classes
         assert np.array_equal(conv.labels, direct.labels) and np.array_equal(conv.sizes, direct.sizes)
         _, index = _stored_order(out, split)
         source = scan_image_folder(cifar_tree / split, CLASSES if split == "test" else None)
@@ -665,7 +667,7 @@ def test_a_converted_beton_is_the_ffcv_backends_data_source(cifar_tree, tmp_path
 @pytest.mark.ffcv
 def test_train_from_a_converted_beton(cifar_tree, tmp_path):
     _ffcv_or_skip()
-    pytest.importorskip("mixtail.pipelines.ffcv_loader", reason="the FFCV backend is not merged yet")
+    pytest.importorskip("mixtail.pipelines.backends.ffcv_executor", reason="the FFCV backend is not merged yet")
     out = tmp_path / "beton"
     _convert(cifar_tree, out, "ffcv", write_mode="jpg", imbalance_ratio=4.0)
     res = subprocess.run([sys.executable, "-m", "mixtail", "train", "smoke_cpu", "--data.dataset=converted",

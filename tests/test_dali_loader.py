@@ -35,14 +35,16 @@ pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (pip ins
 
 from dataclasses import replace  # noqa: E402
 
-from mixtail.pipelines import autoaugment as AA  # noqa: E402
-from mixtail.pipelines.augment import AugParams, identity_aug_params, sample_aug_params  # noqa: E402
-from mixtail.pipelines.base import build_loader, loader_for_dataset, normalize_views  # noqa: E402
+from mixtail.pipelines.ops import autoaugment as AA  # noqa: E402
+from mixtail.pipelines.ops.augment import AugParams, identity_aug_params, sample_aug_params  # noqa: E402
+from mixtail.pipelines.loader import build_loader, loader_for_dataset
+from mixtail.pipelines.batch import normalize_views  # noqa: E402
 from mixtail.pipelines.config import AugConfig, DataConfig  # noqa: E402
-from mixtail.pipelines import dali_loader  # noqa: E402
-from mixtail.pipelines.dali_loader import run_plan_once  # noqa: E402
-from mixtail.pipelines.datasets import ImageArrays, ImageFiles  # noqa: E402
-from mixtail.pipelines.mixing import MixParams, box_mask, render_views  # noqa: E402
+from mixtail.pipelines.backends import dali_executor as dali_loader  # noqa: E402
+from mixtail.pipelines.backends.dali_executor import run_plan_once  # noqa: E402
+from mixtail.pipelines.sources.types import ImageArrays, ImageFiles  # noqa: E402
+from mixtail.pipelines.ops.mixing import MixParams, render_views
+from mixtail.pipelines.ops.augment import box_mask  # noqa: E402
 from mixtail.pipelines.plan import Planner, pack_train_plan, plan_layout  # noqa: E402
 from mixtail.pipelines.sampling import foreground_class_probs, foreground_weights, sample_order  # noqa: E402
 from mixtail.pipelines.config import MixConfig as _MixConfig  # noqa: E402
@@ -211,7 +213,7 @@ def test_graph_matches_reference_drawn_params(seed):
 def test_antialiased_box_resize_would_fail_the_tolerance():
     """The tolerance tests something: the foreground shrunk with an antialiasing filter (DALI's default)
     instead of the reference's plain bilinear sampling differs by far more than TOL_INSIDE."""
-    from mixtail.pipelines.mixing import resize_into_boxes
+    from mixtail.pipelines.ops.mixing import resize_into_boxes
 
     size = 32
     fg = torch.from_numpy(_noise(1, size, 5)).permute(0, 3, 1, 2).float()

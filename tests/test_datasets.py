@@ -22,10 +22,13 @@ from PIL import Image
 
 from mixtail.errors import DataError
 from mixtail.pipelines.config import DataConfig
-from mixtail.pipelines.datasets import (DEMO_CLASSES, DataNotFound, ImageArrays, ImageFiles, build_dataset,
-                                        check_files, cifar_dataset, decode_images, demo_dataset,
-                                        long_tailed_counts, long_tailed_indices, scan_image_folder, shot_groups,
-                                        training_classes)
+from mixtail.pipelines.sources.demo import DEMO_CLASSES, demo_dataset
+from mixtail.pipelines.sources.types import DataNotFound, ImageArrays, ImageFiles
+from mixtail.pipelines.sources.build import build_dataset, training_classes
+from mixtail.pipelines.sources.folders import check_files, scan_image_folder
+from mixtail.pipelines.sources.cifar import cifar_dataset
+from mixtail.pipelines.sources.images import decode_images
+from mixtail.pipelines.sources.subsets import long_tailed_counts, long_tailed_indices, shot_groups
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CIFAR10_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mixtail.pipelines.base import Batch
+from mixtail.pipelines.batch import Batch
 from mixtail.trainer.evaluate import accuracy_summary, evaluate, extract_features, feature_centres, format_table
 from mixtail.trainer.report import class_centres
 
@@ -218,7 +218,7 @@ def _free_port() -> int:
 
 def _sharded_eval(ckpt: str, rank: int, world_size: int) -> dict:
     """evaluate() of the checkpoint's model on this rank's test shard, from build_loader(rank, world_size)."""
-    from mixtail.pipelines.base import build_loader
+    from mixtail.pipelines.loader import build_loader
     from mixtail.trainer.checkpoint import load_checkpoint
     from mixtail.trainer.checkpoint_eval import posthoc_shift
     from mixtail.trainer.config import apply_overrides, config_from_dict

@@ -29,9 +29,8 @@ from ffcv.reader import Reader  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mixtail.errors import ConfigError, DataError  # noqa: E402
-from mixtail.pipelines.ffcv_io import (  # noqa: E402
-    JPG, RAW, BetonReader, beton_info, fit_size, page_size, read_all, write_beton,
-)
+from mixtail.pipelines.sources.beton import (
+    JPG, RAW, BetonReader, beton_info, fit_size, page_size, read_all, write_beton)
 
 pytestmark = pytest.mark.ffcv
 PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "photos"
@@ -338,7 +337,7 @@ def test_killed_write_leaves_only_a_partial_file(tmp_path):
     """kill -9 in the middle of a write: nothing at the final path, a `.partial-` file beside it."""
     script = (
         "import sys, time, numpy as np\n"
-        "from mixtail.pipelines.ffcv_io import write_beton\n"
+        "from mixtail.pipelines.sources.beton import write_beton\n"
         "def samples():\n"
         "    for i in range(10**6):\n"
         "        if i == 50: print('started', flush=True); time.sleep(600)\n"

@@ -27,11 +27,13 @@ pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffc
 import cv2  # noqa: E402  (opencv-python comes with ffcv)
 
 from mixtail.errors import ConfigError, DataError  # noqa: E402
-from mixtail.pipelines.base import Batch, loader_for_dataset  # noqa: E402
+from mixtail.pipelines.batch import Batch
+from mixtail.pipelines.loader import loader_for_dataset  # noqa: E402
 from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig  # noqa: E402
-from mixtail.pipelines.datasets import ImageArrays, ImageFiles  # noqa: E402
-from mixtail.pipelines.ffcv_io import write_beton  # noqa: E402
-from mixtail.pipelines.ffcv_loader import BetonDataset, beton_dataset, canvas_side  # noqa: E402
+from mixtail.pipelines.sources.types import ImageArrays, ImageFiles  # noqa: E402
+from mixtail.pipelines.sources.beton import write_beton  # noqa: E402
+from mixtail.pipelines.backends.ffcv_executor import canvas_side  # noqa: E402
+from mixtail.pipelines.sources.beton import BetonDataset, beton_dataset  # noqa: E402
 
 pytestmark = pytest.mark.ffcv
 REPO = Path(__file__).resolve().parent.parent

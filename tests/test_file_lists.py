@@ -19,8 +19,9 @@ import pytest
 
 from mixtail.errors import DataError
 from mixtail.pipelines.config import DataConfig
-from mixtail.pipelines.datasets import DataNotFound, ImageFiles, build_dataset, training_classes
-from mixtail.pipelines.file_lists import category_labels, read_file_list, read_inat_json, read_listed_dataset
+from mixtail.pipelines.sources.types import DataNotFound, ImageFiles
+from mixtail.pipelines.sources.build import build_dataset, training_classes
+from mixtail.pipelines.sources.file_lists import category_labels, read_file_list, read_inat_json, read_listed_dataset
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 IMAGES = FIXTURES / "images"

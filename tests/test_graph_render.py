@@ -28,10 +28,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixtail.pipelines.base import Batch, loader_for_dataset, normalize_views
+from mixtail.pipelines.batch import Batch, normalize_views
+from mixtail.pipelines.loader import loader_for_dataset
 from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig
-from mixtail.pipelines.datasets import ImageArrays
-from mixtail.pipelines.mixing import render_views
+from mixtail.pipelines.sources.types import ImageArrays
+from mixtail.pipelines.ops.mixing import render_views
 from mixtail.pipelines.plan import DevicePlan
 from mixtail.trainer.config import load_config
 from mixtail.trainer.step import StaticReplay

@@ -20,9 +20,9 @@ import torch
 from PIL import Image, ImageOps
 
 from mixtail.errors import DataError
-from mixtail.pipelines import images
-from mixtail.pipelines.images import (BadImage, bad_files_message, canvas_shape, check_image, check_images,
-                                      decode_images, decode_to_canvas, load_rgb)
+from mixtail.pipelines.sources import images
+from mixtail.pipelines.sources.images import (
+    BadImage, bad_files_message, canvas_shape, check_image, check_images, decode_images, decode_to_canvas, load_rgb)
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CIFAR10_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"

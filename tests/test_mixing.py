@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from scipy import stats
 
 import numpy_reference as ref
-from mixtail.pipelines.augment import identity_aug_params, sample_aug_params
+from mixtail.pipelines.ops.augment import identity_aug_params, sample_aug_params
 from mixtail.pipelines.config import AugConfig
-from mixtail.pipelines.mixing import box_mask, paste, render_views, sample_mix_params
+from mixtail.pipelines.ops.augment import box_mask
+from mixtail.pipelines.ops.mixing import paste, render_views, sample_mix_params
 from mixtail.pipelines.plan import pack_train_plan, plan_layout
 from mixtail.pipelines.config import MixConfig as _MixConfig
 
@@ -322,7 +323,7 @@ def test_identity_plan_reproduces_the_images():
 def test_policy_views_equal_autoaugment_reference(policy):
     """aug.policy's columns: each component rendered from the plan equals autoaugment.augment_view (crop,
     flip, jitter on SimCLR rows, AutoAugment + Cutout on the others) on the same draws, then the paste."""
-    from mixtail.pipelines.autoaugment import augment_view, sample_policy_params, without_colour
+    from mixtail.pipelines.ops.autoaugment import augment_view, sample_policy_params, without_colour
 
     size, n = 32, 24
     aug = AugConfig(policy=policy, grayscale_prob=0.3)

@@ -103,7 +103,7 @@ def test_without_timm_the_error_says_what_to_install(monkeypatch):
 @needs_timm
 def test_a_tiny_timm_model_learns_a_batch_through_the_training_step():
     """The trainer's own step (channels_last, logit-adjusted CE + SMC, SGD) on one demo batch: the loss falls."""
-    from mixtail.pipelines.base import build_loader
+    from mixtail.pipelines.loader import build_loader
     from mixtail.trainer.train import build_training
 
     cfg = load_config("smoke_cpu", [f"--model.arch=timm/{TINY}", "--train.precision=fp32", "--mix.start_epoch=0",

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from mixtail.pipelines.base import Batch, build_loader, loader_for_dataset, normalize_views
-from mixtail.pipelines.datasets import ImageArrays
-from mixtail.pipelines import mixing
+from mixtail.pipelines.batch import Batch, normalize_views
+from mixtail.pipelines.loader import build_loader, loader_for_dataset
+from mixtail.pipelines.sources.types import ImageArrays
+from mixtail.pipelines.ops import mixing
 from mixtail.pipelines.sampling import batch_mixed, foreground_weights, sample_order
 from mixtail.pipelines.loader import Loader
 from mixtail.pipelines.config import AugConfig, DataConfig

@@ -226,7 +226,7 @@ def test_eval_report_and_posthoc_shift(tmp_path):
     run = tmp_path / "run"
     train(_smoke(run, "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0"))
     vectors = tmp_path / "vectors.npz"
-    from mixtail.pipelines.datasets import DEMO_CLASSES
+    from mixtail.pipelines.sources.demo import DEMO_CLASSES
     np.savez(vectors, names=np.array(DEMO_CLASSES), vectors=np.random.default_rng(0).normal(size=(10, 6)))
     res = evaluate_checkpoint(run / "checkpoint.pt", report_dir=tmp_path / "report", class_vectors=vectors,
                               posthoc_taus=[0.0, 1.0])

@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 
 from mixtail.errors import ConfigError, DataError, UsageError
-from mixtail.pipelines.base import build_loader, loader_for_dataset
+from mixtail.pipelines.loader import build_loader, loader_for_dataset
 from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig
-from mixtail.pipelines.datasets import (build_dataset, hold_out_validation, long_tailed_indices, sample_per_class,
-                                        scan_image_folder)
+from mixtail.pipelines.sources.build import build_dataset
+from mixtail.pipelines.sources.subsets import hold_out_validation, long_tailed_indices, sample_per_class
+from mixtail.pipelines.sources.folders import scan_image_folder
 from mixtail.trainer import checkpoint_eval, sweep
 from mixtail.trainer.config import load_config
 from mixtail.trainer.train import train
@@ -158,7 +159,7 @@ def test_held_out_images_never_reach_a_training_batch(tree, backend, monkeypatch
     train_set = build_dataset(data, "train", decoded=False)
     read = []
     if backend == "dali":  # record what the DALI graph is fed: the encoded files themselves
-        from mixtail.pipelines import dali_loader
+        from mixtail.pipelines.backends import dali_executor as dali_loader
 
         real_init, real_call = dali_loader.Sources.__init__, dali_loader.Sources.__call__
 
@@ -197,7 +198,7 @@ def test_converted_outputs_hold_out_the_same_images(tree, tmp_path):
     positions never include them."""
     pytest.importorskip("ffcv")
     from mixtail.pipelines import convert as cv
-    from mixtail.pipelines.manifest import read_manifest, split_table
+    from mixtail.pipelines.sources.manifest import read_manifest, split_table
 
     folder_val = build_dataset(_data(tree), "val", decoded=False)
     want = sorted(Path(f).relative_to(tree / "train").as_posix() for f in folder_val.files)

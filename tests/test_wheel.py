@@ -90,7 +90,7 @@ def test_wheel_holds_the_package_and_its_configs_only(installed):
 
 def test_the_installed_api_finds_its_bundled_configs(installed):
     python, env, cwd, _, purelib = installed
-    code = ("import os, sys, mixtail, mixtail.pipelines.base as base; from mixtail.trainer.config import config_path; "
+    code = ("import os, sys, mixtail, mixtail.pipelines.sources.build as base; from mixtail.trainer.config import config_path; "
             "cfg = mixtail.load_config('cifar10_lt_r100'); "
             "print(mixtail.__file__); print(base.__file__); print(config_path('cifar10_lt_r100')); "
             "print(cfg.data.dataset, cfg.model.arch); "

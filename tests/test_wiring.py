@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from mixtail.errors import ConfigError
 from mixtail.kernels.reference import smc_loss as reference_smc_loss
-from mixtail.pipelines.base import build_loader
+from mixtail.pipelines.loader import build_loader
 from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig
-from mixtail.pipelines.datasets import DEMO_CLASSES, DEMO_TRAIN_PER_CLASS, demo_dataset
-from mixtail.pipelines.mixing import render_component
+from mixtail.pipelines.sources.demo import DEMO_CLASSES, DEMO_TRAIN_PER_CLASS, demo_dataset
+from mixtail.pipelines.ops.mixing import render_component
 from mixtail.trainer import train as train_module
 from mixtail.trainer.config import LossConfig, RunConfig, load_config
 from mixtail.trainer.step import Objective
@@ -676,9 +676,9 @@ ROWS: dict[str, list[Row]] = {
     "data.imbalance_ratio": [Row(10.0, check_imbalance_ratio)],
     "data.lt_subset": [Row("first", check_lt_subset_first)],
     "data.backend": [
-        Row("dali", check_backend("nvidia.dali", "mixtail.pipelines.dali_loader", "DaliExecutor"),
+        Row("dali", check_backend("nvidia.dali", "mixtail.pipelines.backends.dali_executor", "DaliExecutor"),
             ("--data.num_threads=1",)),
-        Row("ffcv", check_backend("ffcv", "mixtail.pipelines.ffcv_loader", "FfcvExecutor"),
+        Row("ffcv", check_backend("ffcv", "mixtail.pipelines.backends.ffcv_executor", "FfcvExecutor"),
             ("--data.num_threads=1",)),
     ],
     "data.batch_size": [Row(16, check_batch_size)],

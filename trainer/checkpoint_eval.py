@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from mixtail.errors import CheckpointError, ConfigError
-from mixtail.pipelines.base import build_loader, loader_for_dataset
-from mixtail.pipelines.datasets import build_dataset
+from mixtail.pipelines.loader import build_loader, loader_for_dataset
+from mixtail.pipelines.sources.build import build_dataset
 from mixtail.trainer.checkpoint import load_checkpoint
 from mixtail.trainer.config import apply_overrides, config_from_dict
 from mixtail.trainer.dist import cleanup, init_distributed

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixtail.pipelines.datasets import shot_groups
+from mixtail.pipelines.sources.subsets import shot_groups
 from mixtail.trainer.dist import all_reduce_sum
 from mixtail.trainer.report import GROUP_COLOURS
 

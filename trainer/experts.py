@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from mixtail.errors import ConfigError
 from mixtail.kernels import distributed_smc_loss
-from mixtail.pipelines.base import soft_targets
+from mixtail.trainer.losses import soft_targets
 from mixtail.trainer.losses import logit_adjusted_soft_ce
 from mixtail.trainer.models import CIFAR_DEPTHS, _BasicBlock
 

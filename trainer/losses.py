@@ -71,3 +71,18 @@ def log_prior_vector(prior: np.ndarray, device: torch.device | str = "cpu") -> t
     prior = np.asarray(prior, dtype=np.float64)
     floor = prior[prior > 0].min() / 10 if (prior > 0).any() else 1.0
     return torch.from_numpy(np.log(np.maximum(prior, floor))).float().to(device)
+
+
+def soft_targets(y_f: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """ỹ = λ·onehot(y_f) + (1 − λ)·onehot(y_b): (B, C) float32. Built with scatter_add, which never reads the
+    labels back to the host (a CUDA graph cannot hold a synchronization; one_hot's range check is one).
+
+    >>> import torch, mixtail
+    >>> mixtail.soft_targets(torch.tensor([0, 2]), torch.tensor([1, 2]), torch.tensor([0.25, 1.0]), 3)
+    tensor([[0.2500, 0.7500, 0.0000],
+            [0.0000, 0.0000, 1.0000]])
+    """
+    lam = lam.float()[:, None]
+    target = torch.zeros(y_f.shape[0], num_classes, device=lam.device)
+    target.scatter_add_(1, y_f[:, None], lam)
+    return target.scatter_add_(1, y_b[:, None], 1 - lam)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mixtail.errors import DataError
-from mixtail.pipelines.datasets import shot_groups
+from mixtail.pipelines.sources.subsets import shot_groups
 
 GROUPS = ("all", "many", "medium", "few")
 TAU_PRIME = 10.0  # SPEC: IS_k = exp(−(1/C)·Σ_j ‖c_k − c_j‖ / τ'), τ' = 10

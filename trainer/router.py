@@ -142,7 +142,7 @@ def evaluate_router(model, router: Router, loader, train_counts, device, autocas
     out = {"routed": accuracy_summary(correct[0], total, train_counts),
            "all_experts": accuracy_summary(correct[1], total, train_counts),
            "mean_experts": float(used_sum.sum() / max(total.sum(), 1)), "num_experts": router_experts(router)}
-    from mixtail.pipelines.datasets import shot_groups
+    from mixtail.pipelines.sources.subsets import shot_groups
 
     out["mean_experts_by_group"] = {g: float(used_sum[k].sum() / max(total[k].sum(), 1)) if len(k) else None
                                     for g, k in shot_groups(train_counts).items()}
@@ -169,7 +169,7 @@ def router_loader(cfg, device):
     """Stage 2's training loader: RIDE trains its router on single, unmixed, augmented training images, so one
     view, no pasting (mix.mix_prob 0: each sample is its background, drawn uniformly), router.batch_size, and
     a seed of its own (stage 1's batches are not replayed)."""
-    from mixtail.pipelines.base import build_loader
+    from mixtail.pipelines.loader import build_loader
 
     data = dataclasses.replace(cfg.data, num_views=1, batch_size=cfg.router.batch_size)
     mix = dataclasses.replace(cfg.mix, mix_prob=0.0)
@@ -180,7 +180,7 @@ def router_loader(cfg, device):
 def train_router_stage(cfg) -> dict:
     """`mixtail train CONFIG --stage router`: stage 2 on the finished stage-1 run in cfg.train.out_dir.
     Writes router.pt (the router's weights and the config) and router_eval.json; returns the evaluation."""
-    from mixtail.pipelines.base import build_loader
+    from mixtail.pipelines.loader import build_loader
     from mixtail.trainer.checkpoint import CheckpointStore
     from mixtail.trainer.dist import cleanup, init_distributed
     from mixtail.trainer.models import build_model

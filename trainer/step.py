@@ -33,7 +33,7 @@ import torch
 
 from mixtail.errors import MixtailError
 from mixtail.kernels import distributed_smc_loss
-from mixtail.pipelines.base import soft_targets
+from mixtail.trainer.losses import soft_targets
 from mixtail.trainer.losses import logit_adjusted_soft_ce
 
 

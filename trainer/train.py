@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from mixtail.errors import ConfigError, DataError, NonFiniteCheckpointError
 from mixtail.locks import DirectoryLock
-from mixtail.pipelines.base import build_loader, loader_for_dataset
-from mixtail.pipelines.datasets import VAL_RECORD, build_dataset, validation_record
+from mixtail.pipelines.loader import build_loader, loader_for_dataset
+from mixtail.pipelines.sources.subsets import VAL_RECORD, validation_record
+from mixtail.pipelines.sources.build import build_dataset
 from mixtail.pipelines.sampling import foreground_class_probs
 from mixtail.trainer.checkpoint import CheckpointStore
 from mixtail.trainer.config import RouterConfig, RunConfig, config_from_dict, config_to_dict, dump_config

@@ -32,77 +32,35 @@ names a .beton per split, e.g. `data.dataset: beton` with `data.root` holding `t
 `beton_dataset(path, classes=manifest_classes)`; the train split then goes through `subset(long_tailed_indices
 (...))` as the other sources do (a subset only selects .beton positions, nothing is rewritten).
 
-    python -m mixtail.pipelines.ffcv_loader PATH.beton --size 64 --batches 20   # time training batches
+    mixtail bench loader --backend ffcv --device cpu --num-photos 16 --size 64 --batch-size 8   # time it
 """
 
 from __future__ import annotations
 
 import os
-
-import argparse
 import shutil
 import tempfile
-import time
 import weakref
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from mixtail.errors import ConfigError, DataError
-from mixtail.pipelines.base import Batch, normalize_views
-from mixtail.pipelines.datasets import ImageArrays, ImageFiles
-from mixtail.pipelines.ffcv_io import BetonReader, beton_info, fit_size, write_beton
-from mixtail.pipelines.mixing import render_test_view, render_views
-
+from mixtail.errors import ConfigError
+from mixtail.pipelines.batch import Batch, normalize_views
+from mixtail.pipelines.ops.mixing import render_test_view, render_views
+from mixtail.pipelines.sources.beton import (
+    BetonDataset,
+    BetonReader,
+    arrays_to_beton,
+    fit_size,
+)
+from mixtail.pipelines.sources.types import ImageArrays, ImageFiles
 
 # --------------------------------------------------------------------------------------------------
 # The dataset: a .beton as a data source
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BetonDataset:
-    """The samples of a `.beton` as a dataset: sample i is stored at .beton position `positions[i]`."""
-
-    path: Path
-    labels: np.ndarray  # (N,) int64
-    classes: list[str]
-    sizes: np.ndarray  # (N, 2) int32 (height, width) as stored; plans draw their windows on these
-    positions: np.ndarray  # (N,) int64 position of each sample in the .beton
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: np.ndarray) -> "BetonDataset":
-        return replace(self, labels=self.labels[indices], sizes=self.sizes[indices], positions=self.positions[indices])
-
-
-def beton_dataset(path, classes: list[str] | None = None) -> BetonDataset:
-    """Every sample of the `.beton` at `path`, in position order, read from its metadata table (nothing is
-    decoded). classes: the class names (a .beton stores only label numbers); None names them "0", "1", ..."""
-    info = beton_info(path)
-    if len(info) == 0:
-        raise DataError(f"{info.path}: the .beton holds no samples")
-    top = int(info.labels.max())
-    if classes is None:
-        classes = [str(k) for k in range(top + 1)]
-    if info.labels.min() < 0 or top >= len(classes):
-        bad = info.labels[(info.labels < 0) | (info.labels >= len(classes))][0]
-        raise DataError(f"{info.path}: label {bad} is outside the {len(classes)} classes given")
-    sizes = np.stack([info.heights, info.widths], 1).astype(np.int32)
-    return BetonDataset(info.path, info.labels, list(classes), sizes, np.arange(len(info), dtype=np.int64))
-
-
-def arrays_to_beton(dataset: ImageArrays, path) -> BetonDataset:
-    """An in-memory dataset written to a raw `.beton` at `path` (each image's valid region, exactly)."""
-    n, h, w, _ = dataset.images.shape
-    sizes = np.tile([h, w], (n, 1)) if dataset.sizes is None else np.asarray(dataset.sizes)
-    samples = ((dataset.images[i, :sizes[i, 0], :sizes[i, 1]], int(dataset.labels[i]), i) for i in range(n))
-    write_beton(path, samples, num_samples=n, write_mode="raw", max_resolution=int(sizes.max()))
-    return beton_dataset(path, dataset.classes)
 
 
 def canvas_cap(image_size: int) -> int:
@@ -273,47 +231,3 @@ class FfcvExecutor:
                              num_views=self.num_views, fg_hw=fg_hw, bg_hw=self._hw(plan["bg_index"].long()))
         images = normalize_views(views, self.mean, self.std, self.channels_last)
         return Batch(images, plan["y_f"].long(), plan["y_b"].long(), plan["lam"].float(), plan=plan.host)
-
-
-# --------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    from mixtail.pipelines.base import loader_for_dataset
-    from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig
-    # The package's own classes, not this file's copies under __main__ (loader_for_dataset checks the type).
-    from mixtail.pipelines.ffcv_loader import beton_dataset
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("beton", type=Path)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    ds = beton_dataset(args.beton)
-    data = DataConfig(backend="ffcv", batch_size=args.batch_size, image_size=args.size, num_threads=args.threads)
-    loader = loader_for_dataset(ds, data, AugConfig(crop="resized"), MixConfig(mix_prob=1.0, start_epoch=0),
-                                split="train", rank=0, world_size=1, device=torch.device(args.device), seed=0)
-    done, epoch, t0 = 0, 0, None
-    while done < args.batches:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            done += 1
-            if done == 2:  # the first batch pays numba's compile
-                t0 = time.perf_counter()
-            if done >= args.batches:
-                break
-        epoch += 1
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    if t0 is not None:
-        rate = (done - 2) * args.batch_size / (time.perf_counter() - t0)
-        print(f"{rate:,.0f} mixed two-view pairs/s at {args.size} px on {args.device} (canvas "
-              f"{loader.executor.canvas} px, {batch.images.shape} per batch)")
-    loader.close()
-
-
-if __name__ == "__main__":
-    main()

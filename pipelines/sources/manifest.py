@@ -35,7 +35,7 @@ time `data.imbalance_ratio` takes the same long-tailed subset (datasets.long_tai
 with --imbalance-ratio ρ it holds that subset, and only data.imbalance_ratio = ρ reads it. Outputs of file lists
 (ImageNet-LT, iNaturalist) are used as converted, as build_dataset uses the lists themselves.
 
-    python -m mixtail.pipelines.manifest PATH     # classes, counts and Many/Medium/Few of a converted output
+    python -m mixtail.pipelines.sources.manifest PATH     # classes, counts and Many/Medium/Few of a converted output
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def split_table(manifest: Manifest, split: str) -> SplitTable:
 
 def _train_subset(manifest: Manifest, data, labels: np.ndarray) -> np.ndarray | None:
     """Indices (into the stored train split) of the subset data.imbalance_ratio asks for; None: all of it."""
-    from mixtail.pipelines.datasets import long_tailed_indices
+    from mixtail.pipelines.sources.subsets import long_tailed_indices
 
     if manifest.source.get("format") in LISTED_FORMATS:
         return None  # the lists are long-tailed already (build_dataset does not subset them either)
@@ -289,7 +289,8 @@ def converted_dataset(data, split: str, *, classes: list[str] | None = None, dec
     """The `split` of the converted output at data.root: ImageFiles (dali outputs; decoded into memory with
     decoded=True) or the FFCV backend's BetonDataset (ffcv outputs). Classes, labels, sizes and counts come from
     the manifest and its tables: nothing is scanned or checked again (`mixtail convert --verify` checks)."""
-    from mixtail.pipelines.datasets import ImageFiles, decode_in_memory
+    from mixtail.pipelines.sources.folders import decode_in_memory
+    from mixtail.pipelines.sources.types import ImageFiles
 
     if not data.root:
         raise ConfigError("key 'data.root': empty; data.dataset=converted reads the folder mixtail convert wrote")
@@ -301,7 +302,7 @@ def converted_dataset(data, split: str, *, classes: list[str] | None = None, dec
     table = split_table(manifest, stored)
     keep = _train_subset(manifest, data, table.labels) if stored == "train" else None
     if stored == "train" and data.val_per_class:
-        from mixtail.pipelines.datasets import hold_out_validation
+        from mixtail.pipelines.sources.subsets import hold_out_validation
 
         if manifest.source.get("format") in LISTED_FORMATS:
             raise ConfigError(f"key 'data.val_per_class': {manifest.path} was converted from a list dataset, whose "
@@ -315,7 +316,7 @@ def converted_dataset(data, split: str, *, classes: list[str] | None = None, dec
             raise ConfigError(f"key 'data.backend': {manifest.path} holds .beton files (mixtail convert --to ffcv), "
                               f"which data.backend=ffcv reads, not {data.backend}; or convert with --to dali")
         try:
-            from mixtail.pipelines.ffcv_loader import beton_dataset
+            from mixtail.pipelines.sources.beton import beton_dataset
         except ImportError as err:
             raise ConfigError(f"key 'data.backend': ffcv needs FFCV and its backend: pip install 'mixtail[ffcv]' "
                               f"({err})") from None
@@ -333,7 +334,7 @@ def converted_dataset(data, split: str, *, classes: list[str] | None = None, dec
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mixtail.pipelines.datasets import shot_groups
+    from mixtail.pipelines.sources.subsets import shot_groups
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a folder written by mixtail convert")

@@ -20,8 +20,8 @@ in a 4-class list) or a category without images is an error, not a phantom class
 
 Malformed or inconsistent input raises DataError naming the file and the line (lists) or the record (JSON).
 
-    python -m mixtail.pipelines.file_lists ../shared/data/lists/ImageNet_LT_val.txt --root /data/imagenet
-    python -m mixtail.pipelines.file_lists ../shared/data/lists/val-lep.json
+    python -m mixtail.pipelines.sources.file_lists ../shared/data/lists/ImageNet_LT_val.txt --root /data/imagenet
+    python -m mixtail.pipelines.sources.file_lists ../shared/data/lists/val-lep.json
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from mixtail.errors import DataError
-from mixtail.pipelines.datasets import DataNotFound, ImageFiles
+from mixtail.pipelines.sources.types import DataNotFound, ImageFiles
 
 
 def _join(root: str | Path, rel: str) -> str:

@@ -14,14 +14,14 @@ aspect ratio kept, never enlarged; top-left; the rest zero) and reports its (h, 
 windows of the batch plan are applied afterwards on the device by the project's torch ops. The order
 of every epoch is given explicitly (`BetonReader.epoch(order)`), repeats allowed, and FFCV follows it.
 
-    from mixtail.pipelines.ffcv_io import write_beton, BetonReader, read_all
+    from mixtail.pipelines.sources.beton import write_beton, BetonReader, read_all
     write_beton("train.beton", ((img, label, i) for i, (img, label) in enumerate(data)),
                 num_samples=len(data), write_mode="jpg", max_resolution=256)
     reader = BetonReader("train.beton", batch_size=256, canvas=256)
     for b in reader.epoch(order):   # b.images (B, S, S, 3) uint8, b.sizes (B, 2) (h, w), b.labels, b.indices
         ...
 
-    python -m mixtail.pipelines.ffcv_io PATH.beton   # print the sample count, modes, sizes and classes
+    python -m mixtail.pipelines.sources.beton PATH.beton   # print the sample count, modes, sizes and classes
 
 FFCV 1.0.2 facts this module is built on (ENV.md "FFCV on the CPU", and its source):
 - `Loader(order=...)` accepts an `OrderOption` or an *instance* of a `TraversalOrder` subclass, which it
@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from mixtail.errors import ConfigError, DataError
+from mixtail.pipelines.sources.types import ImageArrays
 
 # FFCV imports torch, numba and cv2 and builds numba types at import time; keep it out of
 # `import mixtail.pipelines` (STYLE §3). Importing it also sets torch's thread count to 1 process-wide
@@ -521,6 +522,47 @@ def read_all(path: str | os.PathLike, *, batch_size: int = 256,
         for image, (h, w), label, index in zip(batch.images.numpy(), batch.sizes.tolist(),
                                                batch.labels.tolist(), batch.indices.tolist()):
             yield image[:h, :w].copy(), label, index
+
+@dataclass(frozen=True)
+class BetonDataset:
+    """The samples of a `.beton` as a dataset: sample i is stored at .beton position `positions[i]`."""
+
+    path: Path
+    labels: np.ndarray  # (N,) int64
+    classes: list[str]
+    sizes: np.ndarray  # (N, 2) int32 (height, width) as stored; plans draw their windows on these
+    positions: np.ndarray  # (N,) int64 position of each sample in the .beton
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> "BetonDataset":
+        return replace(self, labels=self.labels[indices], sizes=self.sizes[indices], positions=self.positions[indices])
+
+
+def beton_dataset(path, classes: list[str] | None = None) -> BetonDataset:
+    """Every sample of the `.beton` at `path`, in position order, read from its metadata table (nothing is
+    decoded). classes: the class names (a .beton stores only label numbers); None names them "0", "1", ..."""
+    info = beton_info(path)
+    if len(info) == 0:
+        raise DataError(f"{info.path}: the .beton holds no samples")
+    top = int(info.labels.max())
+    if classes is None:
+        classes = [str(k) for k in range(top + 1)]
+    if info.labels.min() < 0 or top >= len(classes):
+        bad = info.labels[(info.labels < 0) | (info.labels >= len(classes))][0]
+        raise DataError(f"{info.path}: label {bad} is outside the {len(classes)} classes given")
+    sizes = np.stack([info.heights, info.widths], 1).astype(np.int32)
+    return BetonDataset(info.path, info.labels, list(classes), sizes, np.arange(len(info), dtype=np.int64))
+
+
+def arrays_to_beton(dataset: ImageArrays, path) -> BetonDataset:
+    """An in-memory dataset written to a raw `.beton` at `path` (each image's valid region, exactly)."""
+    n, h, w, _ = dataset.images.shape
+    sizes = np.tile([h, w], (n, 1)) if dataset.sizes is None else np.asarray(dataset.sizes)
+    samples = ((dataset.images[i, :sizes[i, 0], :sizes[i, 1]], int(dataset.labels[i]), i) for i in range(n))
+    write_beton(path, samples, num_samples=n, write_mode="raw", max_resolution=int(sizes.max()))
+    return beton_dataset(path, dataset.classes)
 
 
 def main(argv: list[str] | None = None) -> None:

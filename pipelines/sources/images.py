@@ -25,8 +25,8 @@ Pixel formats (tested against known pixel values in tests/test_images.py):
 - EXIF orientation is applied (PIL's ImageOps.exif_transpose semantics), as DALI 2.4 does by default.
 - Anything else (32-bit integer I outside PNG, float F, LAB, HSV) is refused, naming the file and mode.
 
-    python -m mixtail.pipelines.images /data/cifar10/train            # check every image below a folder
-    python -m mixtail.pipelines.images ../shared/data/photos --level decode --repeat 3   # time the check
+    python -m mixtail.pipelines.sources.images /data/cifar10/train            # check every image below a folder
+    python -m mixtail.pipelines.sources.images ../shared/data/photos --level decode --repeat 3   # time the check
 """
 
 from __future__ import annotations

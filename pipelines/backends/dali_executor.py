@@ -61,14 +61,12 @@ Where the two backends can differ, and by how much (tests/test_dali_loader.py me
 Cost on the 2-core CPU (loaded), a mixed two-view batch of 32 at 32 px (4 component views): about 10 ms
 without a policy, about 50 ms with autoaugment (the per-sample `if` trees' splits and merges are most of it).
 
-    python -m mixtail.pipelines.dali_loader --photos ../shared/data/photos --size 64 --batches 5
+    mixtail bench loader --backend dali --device cpu --num-photos 32 --size 64 --batch-size 16   # time it
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -87,10 +85,10 @@ except ImportError as err:  # build_loader turns this into an install hint
     raise ImportError(f"the DALI backend needs nvidia-dali (pip install 'mixtail[dali]'): {err}") from err
 
 from mixtail.errors import DataError
-from mixtail.pipelines.autoaugment import FILL, NO_OP, OP_ID
-from mixtail.pipelines.base import Batch
-from mixtail.pipelines.datasets import ImageArrays, ImageFiles
+from mixtail.pipelines.batch import Batch
+from mixtail.pipelines.ops.autoaugment import FILL, NO_OP, OP_ID
 from mixtail.pipelines.plan import BatchPlan, component_names
+from mixtail.pipelines.sources.types import ImageArrays, ImageFiles
 
 # --------------------------------------------------------------------------------------------------
 # The graph: what is static about it, how a plan becomes its inputs, and the ops
@@ -665,56 +663,3 @@ def run_plan_once(images: np.ndarray, plan: BatchPlan, *, aug, mix_op: str, aug_
         views.append(np.stack([np.array(o[i]) for i in range(len(plan))]))
     del pipe
     return views
-
-
-# --------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig
-    from mixtail.pipelines.loader import Loader
-    from mixtail.pipelines.plan import Planner
-    from mixtail.pipelines.sampling import class_counts, foreground_weights
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--photos", default="../shared/data/photos", help="a folder of JPEGs (fake LT labels)")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    files = sorted(os.path.join(args.photos, f) for f in os.listdir(args.photos)
-                   if f.lower().endswith((".jpg", ".jpeg", ".png")))
-    if not files:
-        raise SystemExit(f"no images in {args.photos}")
-    labels = np.minimum(np.floor(np.random.default_rng(0).pareto(1.0, len(files))).astype(np.int64), 9)
-    ds = ImageFiles(files, labels, [str(k) for k in range(10)])
-    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=1.0, start_epoch=0)
-    planner = Planner.for_training(labels, getattr(ds, "sizes", None), aug=aug, mix=mix, image_size=args.size,
-                                   batch_size=args.batch_size, num_views=2,
-                                   fg_weights=foreground_weights(labels, 10, "instance", 1.0), seed=0, rank=0,
-                                   world_size=1, num_epochs=None)
-    executor = DaliExecutor(ds, planner=planner, device=args.device, image_size=args.size,
-                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train=True, num_views=2,
-                            num_threads=args.threads)
-    loader = Loader(planner, executor, classes=ds.classes, class_counts=class_counts(labels, 10))
-    done, t0, epoch = 0, None, 0
-    while done < args.batches:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            done += 1
-            if done == 2:
-                t0, n0 = time.perf_counter(), done
-            if done >= args.batches:
-                break
-        epoch += 1
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(f"{(done - n0) * args.batch_size / dt:,.0f} mixed two-view pairs/s at {args.size} px on {args.device} "
-          f"({batch.images.shape} per batch)")
-
-
-if __name__ == "__main__":
-    main()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixtail.pipelines.augment import augment_tensors
+from mixtail.pipelines.ops.augment import augment_tensors, box_mask
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,6 @@ def sample_mix_params(rng: np.random.Generator, n: int, height: int, width: int,
     box = np.stack([top, left, bh, bw], axis=1) * mixed[:, None]
     lam = np.where(mixed, (bh * bw) / (height * width), 1.0).astype(np.float32)
     return MixParams(lam, box.astype(np.int64), mixed.copy())
-
-
-def box_mask(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(n, 1, H, W) bool: True inside each sample's box."""
-    i = torch.arange(height, device=box.device)
-    j = torch.arange(width, device=box.device)
-    top, left, bh, bw = (box[:, k, None] for k in range(4))
-    rows = (i[None] >= top) & (i[None] < top + bh)  # (n, H)
-    cols = (j[None] >= left) & (j[None] < left + bw)  # (n, W)
-    return (rows[:, :, None] & cols[:, None, :])[:, None]
 
 
 def resize_into_boxes(fg: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -133,7 +123,7 @@ def _policy_ops(x: torch.Tensor, plan, name: str) -> torch.Tensor:
     """aug.policy's AutoAugment ops, then Cutout, on a cropped and flipped view (pipelines/autoaugment.py;
     AutoAugment rows drew no colour jitter, so jitter-then-policy is the policy's own order). Which rows take
     which op is read from the host copy of the plan, as apply_autoaugment wants."""
-    from mixtail.pipelines.autoaugment import AutoAugmentParams, apply_autoaugment
+    from mixtail.pipelines.ops.autoaugment import AutoAugmentParams, apply_autoaugment
 
     host = getattr(plan, "host", plan)
     op = host[f"{name}.aa_op"]

@@ -71,8 +71,12 @@ import torch
 import torch.nn.functional as F
 
 from mixtail.errors import ConfigError
-from mixtail.pipelines.augment import AugParams, augment, sample_aug_params
-from mixtail.pipelines.mixing import box_mask
+from mixtail.pipelines.ops.augment import (
+    AugParams,
+    augment,
+    box_mask,
+    sample_aug_params,
+)
 
 OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
        "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")

@@ -198,3 +198,13 @@ def augment(images: torch.Tensor, p: AugParams | dict, out_size: int) -> torch.T
     colour = not tp["identity_colour"]
     return augment_tensors(x, tp["crop"], tp["flip"], tp["colour_m"] if colour else None,
                            tp["colour_t"] if colour else None, out_size)
+
+
+def box_mask(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(n, 1, H, W) bool: True inside each sample's box."""
+    i = torch.arange(height, device=box.device)
+    j = torch.arange(width, device=box.device)
+    top, left, bh, bw = (box[:, k, None] for k in range(4))
+    rows = (i[None] >= top) & (i[None] < top + bh)  # (n, H)
+    cols = (j[None] >= left) & (j[None] < left + bw)  # (n, W)
+    return (rows[:, :, None] & cols[:, None, :])[:, None]

@@ -12,7 +12,7 @@ the gather, augmentation, paste and normalization launch nothing outside the gra
 cmo_randaug plans are the exception: which images take which op is read from the host plan
 (pipelines/autoaugment.py), so those batches are made eagerly, before the step.
 
-    python -m mixtail.pipelines.torch_loader            # time the demo set on this machine's device
+    mixtail bench loader --backend torch --device cpu --num-photos 32 --size 64 --batch-size 16   # time it
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mixtail.pipelines.base import Batch, BatchTensors, PlanRender, normalize_views
-from mixtail.pipelines.datasets import ImageArrays
-from mixtail.pipelines.mixing import render_plan
+from mixtail.pipelines.batch import Batch, BatchTensors, PlanRender, normalize_views
+from mixtail.pipelines.ops.mixing import render_plan
 from mixtail.pipelines.plan import BatchPlan, DevicePlan
+from mixtail.pipelines.sources.types import ImageArrays
 
 
 class TorchExecutor:
@@ -82,27 +82,3 @@ class TorchExecutor:
         y = plan["y"].long()
         return Batch(normalize_views(views, self.mean, self.std, self.channels_last), y, y,
                      torch.ones(len(y), device=self.device), plan=plan.host)
-
-
-def main() -> None:
-    import time
-
-    from mixtail.pipelines.base import build_loader
-    from mixtail.trainer.config import load_config
-
-    cfg = load_config("demo")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", rank=0, world_size=1, device=device, seed=0,
-                          num_epochs=cfg.train.epochs)
-    for epoch in (0, 5, 6):
-        loader.set_epoch(epoch)
-        t0, n = time.perf_counter(), 0
-        for batch in loader:
-            n += batch.y_f.numel()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        print(f"epoch {epoch}: {n / (time.perf_counter() - t0):,.0f} pairs/s on {device}")
-
-
-if __name__ == "__main__":
-    main()
