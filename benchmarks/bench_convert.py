@@ -11,7 +11,7 @@ resizing, encoding, writing, checksums, the rename; FFCV's import is paid before
 median; the output is then checked with `mixtail convert --verify` (a sample of 16 images) before its row
 counts. img_per_s counts the images written.
 
---dali-read times, for each dali output, the DALI executor on the CPU (pipelines/dali_loader.py through
+--dali-read times, for each dali output, the DALI executor on the CPU (pipelines/backends/dali_executor.py through
 bench_loader.make_loader: two views, every batch mixed) reading the output's file list, and reading the same
 bytes packed into one blob with an offset index through external_source: a layout measured here and not
 written by convert (pipelines/convert.py says why). Mixed two-view pairs per second, median over windows.

@@ -5,14 +5,14 @@ RandomResizedCrop/flip/colour before mixing (SPEC Eq. 3), resize-and-paste into 
 normalization, at `--size` px (224 by default), batches of `--batch-size` pairs. A "sample" is one mixed
 pair with both views, what one row of the trainer's batch needs.
 
-- dali: decodes the JPEGs every time (pipelines/dali_loader.py; `mixed` nvJPEG decode and GPU ops on
+- dali: decodes the JPEGs every time (pipelines/backends/dali_executor.py; `mixed` nvJPEG decode and GPU ops on
   --device cuda, everything on the CPU otherwise).
 - torch: the photos are decoded once, up front, at --size px into memory (datasets.decode_images), as the
   torch backend keeps CIFAR-scale data; its rate excludes decoding. The table says so.
 - ffcv: the photos are first converted to a temporary .beton (ffcv_io.write_beton, `--beton-mode`, jpg by
   default, longer side at most the executor's canvas: ffcv_loader.canvas_cap), outside the timing, as
   `mixtail convert --to ffcv --max-resolution` would; FFCV then decodes every batch and the shared torch ops
-  crop, mix and normalize (pipelines/ffcv_loader.py). The table says so. Those ops are the reference
+  crop, mix and normalize (pipelines/backends/ffcv_executor.py). The table says so. Those ops are the reference
   itself, so there is no graph to verify first; tests/test_ffcv_loader.py checks the decoding.
 
 The photos (../shared/data/photos, 334 ImageNet JPEGs, one per class) get fake long-tailed labels: class k

@@ -1,7 +1,7 @@
 """Loader + step together: how much of the step's own rate (`mixtail bench step`) training reaches, per backend.
 
-For each backend (torch; dali where NVIDIA DALI is installed; ffcv where pipelines/ffcv_loader.py and FFCV
-exist: the others are skipped with the reason), the config's training loader (pipelines/base.py
+For each backend (torch; dali where NVIDIA DALI is installed; ffcv where pipelines/backends/ffcv_executor.py and FFCV
+exist: the others are skipped with the reason), the config's training loader (pipelines/loader.py
 `loader_for_dataset`) feeds the config's training step (trainer/train.build_training, the mode that
 `mixtail train` would use: CUDA graphs on a GPU by default) for `--warmup` steps and then `--windows`
 timed windows of `--window-steps` steps, from epoch `--epoch` (default: the first mixed epoch,
@@ -60,7 +60,7 @@ def backend_unavailable(backend: str, synthetic: bool) -> str | None:
         return "NVIDIA DALI is not installed (pip install 'mixtail[dali]')"
     if backend == "ffcv":
         if not _importable("mixtail.pipelines.backends.ffcv_executor"):
-            return "pipelines/ffcv_loader.py (the FFCV executor) does not exist in this version"
+            return "pipelines/backends/ffcv_executor.py (the FFCV executor) does not exist in this version"
         if not _importable("ffcv"):
             return "FFCV is not installed (pip install 'mixtail[ffcv]')"
         if synthetic:

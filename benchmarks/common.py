@@ -245,9 +245,9 @@ def write_json(bench: str, rows: Sequence[dict[str, Any]], *, config: dict[str, 
 def argument_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """An argparse parser whose errors are one `mixtail bench: error: ...` line, exit status 2, as
     every other mixtail command's (mixtail/cli.py); the help text keeps the module docstring's layout."""
-    from mixtail.cli import _Parser
+    from mixtail.parsing import Parser
 
-    return _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:

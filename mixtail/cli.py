@@ -9,6 +9,7 @@
     mixtail sweep CONFIG... --set KEY=V1,V2 [--set ...] [--jobs N] [--out DIR] [--resume]
                                                                   run a grid of runs, write one table of results
     mixtail config [CONFIG] [--section.key=value ...]            print the resolved config as YAML
+    mixtail data counts|list|check|info ARGS ...                  look at a dataset, a list, images, a converted output
     mixtail config --reference [--out PATH]                       every config key: type, default, meaning
 
 CONFIG is a YAML path or the name of a bundled config (demo, smoke_cpu, cifar10_lt_r100,
@@ -24,18 +25,15 @@ the same line reaches the elastic error summary.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
 
 from mixtail.errors import MixtailError, TrainingStopped, UsageError, describe_os_error
-
-_OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
+from mixtail.parsing import Parser, split_overrides
 
 BENCHES = {
     "loss": "mixtail.benchmarks.bench_kernel",
@@ -50,25 +48,12 @@ BENCHES = {
 EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are a UsageError, so they print (and reach torchrun) like every other error."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    overrides = [a for a in argv if _OVERRIDE.fullmatch(a)]
-    rest = [a for a in argv if not _OVERRIDE.fullmatch(a)]
-    return rest, overrides
-
-
 def _train(argv: list[str]) -> int:
     from mixtail.trainer.config import load_config
     from mixtail.trainer.train import train
 
-    rest, overrides = _split_overrides(argv)
-    p = _Parser(prog="mixtail train", description="Train SMC. Overrides: --section.key=value.")
+    rest, overrides = split_overrides(argv)
+    p = Parser(prog="mixtail train", description="Train SMC. Overrides: --section.key=value.")
     p.add_argument("config", nargs="?", default="demo", help="YAML path or bundled config name (default: demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last good checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again in a train.out_dir that already holds a run")
@@ -92,8 +77,8 @@ def _train(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     from mixtail.trainer.checkpoint_eval import evaluate_checkpoint
 
-    rest, overrides = _split_overrides(argv)
-    p = _Parser(prog="mixtail eval", description="Evaluate a checkpoint on its test set.")
+    rest, overrides = split_overrides(argv)
+    p = Parser(prog="mixtail eval", description="Evaluate a checkpoint on its test set.")
     p.add_argument("checkpoint")
     p.add_argument("--report", metavar="DIR", help="write report.md/report.json, plots and class centres to DIR")
     p.add_argument("--class-vectors", metavar="NPZ", help="class name vectors (arrays names, vectors) for the "
@@ -132,8 +117,8 @@ def _bench(argv: list[str]) -> int:
 def _config(argv: list[str]) -> int:
     from mixtail.trainer.config import dump_config, load_config
 
-    rest, overrides = _split_overrides(argv)
-    p = _Parser(prog="mixtail config", description="Print the resolved config, or the reference of every key.")
+    rest, overrides = split_overrides(argv)
+    p = Parser(prog="mixtail config", description="Print the resolved config, or the reference of every key.")
     p.add_argument("config", nargs="?", default=None, help="YAML path or bundled config name (default: the defaults)")
     p.add_argument("--reference", action="store_true", help="print the reference of every config key (Markdown: "
                    "docs/config.md) instead")
@@ -161,7 +146,8 @@ def _config(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": _train, "eval": _eval, "bench": _bench,
     "sweep": lambda argv: importlib.import_module("mixtail.trainer.sweep").main(argv),
-    "convert": lambda argv: importlib.import_module("mixtail.pipelines.convert").main(argv),
+    "convert": lambda argv: importlib.import_module("mixtail.commands.convert").main(argv),
+    "data": lambda argv: importlib.import_module("mixtail.commands.data").main(argv),
     "config": _config,
 }
 

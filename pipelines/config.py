@@ -43,7 +43,7 @@ class DataConfig:
     (2, 'instance', 32)
     """
 
-    # converted: the folder `mixtail convert` wrote (data.root), read through its manifest (pipelines/manifest.py)
+    # converted: the folder `mixtail convert` wrote (data.root), read through its manifest (pipelines/sources/manifest.py)
     dataset: Literal["demo", "cifar10", "cifar100", "folder", "imagenet_lt", "inat2018", "converted"] = "cifar100"
     # torchvision root (cifar*), tree with <test_dir>/ and train/ (folder), image root (lists), output (converted)
     root: str = ""

@@ -16,10 +16,10 @@ cifar-10-batches-py/ or cifar-100-python/ cifar, any other folder an imagefolder
   relative to --image-root.
 - inat-json: iNaturalist 2018's COCO-style train2018.json (SOURCE) and val2018.json (--test-list), file names
   relative to --image-root.
-One class map per dataset: the training split's (pipelines/datasets.py), also when only --split test is written.
+One class map per dataset: the training split's (pipelines/sources/), also when only --split test is written.
 --imbalance-ratio ρ writes the canonical long-tailed subset of the training split (datasets.long_tailed_indices,
 LDAM-DRW's rule), in the order build_dataset gives it; without it every training image is written in source
-order and `mixtail train` takes the subset at any ratio (pipelines/manifest.py). Test splits are written whole.
+order and `mixtail train` takes the subset at any ratio (pipelines/sources/manifest.py). Test splits are written whole.
 
 Targets:
 - `--to ffcv`: PATH/<split>.beton (image, label and source-index fields; pipelines/ffcv_io.write_beton) in
@@ -34,7 +34,7 @@ Targets:
   the same RGB.
 - --max-resolution N shrinks every image whose longer side exceeds N to N (aspect ratio kept; PIL bilinear,
   antialiased, as datasets.decode_in_memory resizes), for both targets; smaller images are never enlarged.
-Both write manifest.json (schema: pipelines/manifest.py) and a per-split table of labels, source indices and
+Both write manifest.json (schema: pipelines/sources/manifest.py) and a per-split table of labels, source indices and
 stored sizes, so the samplers and the Many/Medium/Few split read classes and counts without rescanning.
 
 Why these files for DALI: measured with the DALI executor on the 2-core CPU development machine (shared, so
@@ -84,7 +84,6 @@ encoder and decoder give the source pixels at the same quality (`jpeg_round_trip
 wrote it, that is the same image); and last every output file's sha256. Any difference exits 2 with
 one line naming it; an interrupted or partial output is refused. The source must still be there.
 
-    python -m mixtail.pipelines.convert ../shared/data/photos --to dali --out /tmp/photos_dali  # (= mixtail convert)
 """
 
 from __future__ import annotations
@@ -866,65 +865,3 @@ def _verify_checksums(manifest: Manifest) -> None:
             raise DataError(f"{root / rel}: {size} bytes, sha256 {sha[:16]}...: differs from the manifest "
                             f"({entry['bytes']} bytes, {entry['sha256'][:16]}...): the file changed after the "
                             f"conversion")
-
-
-# --------------------------------------------------------------------------------------------------
-# The command
-# --------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mixtail.cli import _Parser  # one-line usage errors
-
-    p = _Parser(prog="mixtail convert", description=__doc__.split("\n\n")[0],
-                usage="mixtail convert SOURCE --to ffcv|dali --out PATH [options] | mixtail convert --verify PATH")
-    p.add_argument("source", nargs="?", help="image folder, CIFAR root, `path label` list or iNaturalist .json")
-    p.add_argument("--verify", metavar="PATH", help="check a converted output against its source")
-    p.add_argument("--sample", default=str(VERIFY_SAMPLE), help="--verify: images per split whose pixels are "
-                   f"compared, or 'all' (default {VERIFY_SAMPLE}, plus the first and last)")
-    p.add_argument("--to", choices=TARGETS)
-    p.add_argument("--out", metavar="PATH",
-                   help="the folder to write (made under a temporary name, renamed at the end)")
-    p.add_argument("--format", choices=FORMATS, help="the source's format (default: detected)")
-    p.add_argument("--image-root", default="", help="filelist, inat-json: the folder the paths are relative to")
-    p.add_argument("--test-list", default="", help="filelist, inat-json: the test split's list or .json")
-    p.add_argument("--split", choices=("train", "test", "both"), default="both",
-                   help="which splits to write (both: every split the source has)")
-    p.add_argument("--imbalance-ratio", type=float, default=None,
-                   help="write the long-tailed subset of the training split at this ratio (default: every image)")
-    p.add_argument("--write-mode", choices=WRITE_MODES, default="smart")
-    p.add_argument("--max-resolution", type=int, default=None, help="shrink longer sides above N px to N")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
-                   help="a bad source file: stop before writing anything (default), or skip and list it")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="decoding/encoding threads")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out")
-    args = p.parse_args(argv)
-    if args.verify is not None:
-        if args.source or args.to or args.out:
-            p.error("--verify PATH takes no SOURCE, --to or --out")
-        if args.sample == "all":
-            sample = None
-        else:
-            try:
-                sample = int(args.sample)
-            except ValueError:
-                p.error(f"--sample takes a number or 'all', got {args.sample!r}")
-            if sample < 1:
-                p.error(f"--sample must be at least 1 (or 'all'), got {sample}")
-        print(verify(args.verify, sample=sample))
-        return 0
-    if not args.source or not args.to or not args.out:
-        p.error("give SOURCE, --to ffcv|dali and --out PATH (or --verify PATH)")
-    convert(ConvertOptions(source=args.source, to=args.to, out=args.out, format=args.format,
-                           image_root=args.image_root, test_list=args.test_list, split=args.split,
-                           imbalance_ratio=args.imbalance_ratio, write_mode=args.write_mode,
-                           max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-                           on_error=args.on_error, jobs=args.jobs, overwrite=args.overwrite))
-    return 0
-
-
-if __name__ == "__main__":
-    from mixtail.cli import main as _cli_main
-
-    _cli_main(["convert", *sys.argv[1:]])

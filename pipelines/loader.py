@@ -103,7 +103,7 @@ class PlanStream:
 
 
 class Loader:
-    """The Loader interface (pipelines/base.py) over a planner and an executor; made by `build_loader`.
+    """The Loader interface (pipelines/loader.py) over a planner and an executor; made by `build_loader`.
 
     `len(loader)` batches per epoch on this rank; `set_epoch(epoch, start_batch=0)` positions the next
     iteration (a resume passes the batch to start from); iterating yields `Batch`es on the device. Also

@@ -132,7 +132,7 @@ def plan_layout(*, train: bool, aug_order: str = "before_mix", num_views: int = 
                  Column(f"{p}.flip", 1, _I4)]
         if colour:
             cols += [Column(f"{p}.colour_m", 9, _F4), Column(f"{p}.colour_t", 3, _F4)]  # x' = M·x + t in [0, 1]
-        if policy != "simclr":  # pipelines/autoaugment.py: two op slots applied in order, then Cutout
+        if policy != "simclr":  # pipelines/ops/autoaugment.py: two op slots applied in order, then Cutout
             cols += [Column(f"{p}.aa_op", 2, _I4),  # op ids, -1 where a slot does not fire
                      Column(f"{p}.aa_mag", 2, _F4),  # signed magnitudes in each op's own units
                      Column(f"{p}.aa_affine", 12, _F4),  # per slot the 2×3 destination-to-source map

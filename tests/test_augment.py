@@ -1,4 +1,4 @@
-"""Tests of pipelines/augment.py against independent numpy rebuilds (tests/numpy_reference.py): pad-crop,
+"""Tests of pipelines/ops/augment.py against independent numpy rebuilds (tests/numpy_reference.py): pad-crop,
 flip, RandomResizedCrop, the colour matrices and the whole `augment` op, plus the parameter sampler.
 
     python -m pytest tests/test_augment.py -q

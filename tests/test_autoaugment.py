@@ -1,4 +1,4 @@
-"""Tests of pipelines/autoaugment.py: every AutoAugment op against torchvision's functional op, the policy and
+"""Tests of pipelines/ops/autoaugment.py: every AutoAugment op against torchvision's functional op, the policy and
 its draws against torchvision's AutoAugment, batched against one-by-one application, the draw frequencies
 against the policy table, Cutout against the reference rule, and the simclr / autoaugment / cmo_randaug
 views.

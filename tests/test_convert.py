@@ -1,4 +1,4 @@
-"""Tests of `mixtail convert` (pipelines/convert.py) and converted outputs as a data source (pipelines/manifest.py):
+"""Tests of `mixtail convert` (pipelines/convert.py) and converted outputs as a data source (pipelines/sources/manifest.py):
 round trips of the real CIFAR-10 JPEGs and photos to both targets, checked against build_dataset on the same source;
 interrupted conversions; bad source files; tampering that --verify must catch; training from a converted output.
 
@@ -643,7 +643,7 @@ def test_train_from_a_converted_dali_output(cifar_tree, tmp_path, backend):
 
 @pytest.mark.ffcv
 def test_a_converted_beton_is_the_ffcv_backends_data_source(cifar_tree, tmp_path):
-    """build_dataset gives the FFCV backend's BetonDataset (pipelines/ffcv_loader.py, issue 9 §4) with the labels,
+    """build_dataset gives the FFCV backend's BetonDataset (pipelines/backends/ffcv_executor.py, issue 9 §4) with the labels,
     sizes and LT subset build_dataset takes from the source, at .beton positions that hold those images."""
     _ffcv_or_skip()
     beton = pytest.importorskip("mixtail.pipelines.sources.beton", reason="FFCV is not installed")

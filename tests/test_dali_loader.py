@@ -1,4 +1,4 @@
-"""The DALI backend (pipelines/dali_loader.py) against the torch reference, on the CPU (device_id=None).
+"""The DALI backend (pipelines/backends/dali_executor.py) against the torch reference, on the CPU (device_id=None).
 
 What is checked:
 - the DALI graph reproduces mixing.render_views for fixed plans and augmentations (every crop mode, aug order

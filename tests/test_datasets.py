@@ -1,4 +1,4 @@
-"""Tests of pipelines/datasets.py: the long-tailed subset on the real CIFAR-100 labels, shot groups, the
+"""Tests of pipelines/sources/: the long-tailed subset on the real CIFAR-100 labels, shot groups, the
 built-in demo set, image-folder trees, one class map per dataset (the test split read onto the training
 classes), bad image files found when the dataset is built (both data.on_error modes, on real CIFAR-10
 JPEGs taken from the archive and broken files the tests write), the offline download error, and (slow)

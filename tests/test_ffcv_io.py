@@ -1,4 +1,4 @@
-""".beton writing and reading (pipelines/ffcv_io.py): round trips in raw and jpg mode, explicit orders with
+""".beton writing and reading (pipelines/sources/beton.py): round trips in raw and jpg mode, explicit orders with
 repeats, two readers at once, resizing at write and at read time, and the write-then-rename guarantee.
 
 Everything runs in this one process, because each new process pays numba's compile of FFCV's pipeline

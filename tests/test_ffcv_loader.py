@@ -1,4 +1,4 @@
-"""Tests of pipelines/ffcv_loader.py: the FFCV executor gives the torch executor's batch for the same plan
+"""Tests of pipelines/backends/ffcv_executor.py: the FFCV executor gives the torch executor's batch for the same plan
 (exactly on images it decodes unresized, within a stated tolerance where it shrinks them), decodes no
 foreground for an unmixed batch, resumes mid-epoch exactly, shards ranks as the planner does, covers the
 test split once, and runs under `mixtail bench loader` and `mixtail train`.

@@ -1,4 +1,4 @@
-"""The ImageNet-LT / iNaturalist 2018 readers (pipelines/file_lists.py) and their build_dataset wiring:
+"""The ImageNet-LT / iNaturalist 2018 readers (pipelines/sources/file_lists.py) and their build_dataset wiring:
 the training list defines the classes and the test list is read onto them; stray labels, classes only in
 the test list, missing classes and annotations of unknown images are errors naming the file and line.
 

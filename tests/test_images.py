@@ -1,4 +1,4 @@
-"""Tests of pipelines/images.py: every pixel format against known pixel values, the file check on broken
+"""Tests of pipelines/sources/images.py: every pixel format against known pixel values, the file check on broken
 files (real CIFAR-10 JPEGs cut short, zero-byte, text named .jpg, macOS `._` forks), its cache, the
 bad-file report, and the squash and canvas decoders; with DALI installed, the same files through DALI's
 CPU decoder (the other backend) agree.

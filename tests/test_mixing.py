@@ -1,4 +1,4 @@
-"""Tests of pipelines/mixing.py: resize-and-paste (and the CutMix-style crop) against a numpy rebuild,
+"""Tests of pipelines/ops/mixing.py: resize-and-paste (and the CutMix-style crop) against a numpy rebuild,
 the λ / box sampler, and the two-view composition for every aug_order.
 
     python -m pytest tests/test_mixing.py -q

@@ -1,4 +1,4 @@
-"""Tests of pipelines/torch_loader.py (and the Batch/normalization helpers of pipelines/base.py): epoch
+"""Tests of pipelines/backends/torch_executor.py (and the Batch/normalization helpers of pipelines/batch.py): epoch
 lengths on every rank, reproducible epochs, mid-epoch resume, unmixed samples, test-split coverage,
 layout, normalization and soft targets.
 

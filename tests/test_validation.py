@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from mixtail.errors import ConfigError, DataError, UsageError
-from mixtail.pipelines.loader import build_loader, loader_for_dataset
+from mixtail.pipelines.loader import loader_for_dataset
 from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig
 from mixtail.pipelines.sources.build import build_dataset
 from mixtail.pipelines.sources.subsets import hold_out_validation, long_tailed_indices, sample_per_class
@@ -197,14 +197,14 @@ def test_converted_outputs_hold_out_the_same_images(tree, tmp_path):
     validation split of each names the same source images as the folder's, and the FFCV executor's training
     positions never include them."""
     pytest.importorskip("ffcv")
-    from mixtail.pipelines import convert as cv
+    from mixtail.commands.convert import main as convert_main
     from mixtail.pipelines.sources.manifest import read_manifest, split_table
 
     folder_val = build_dataset(_data(tree), "val", decoded=False)
     want = sorted(Path(f).relative_to(tree / "train").as_posix() for f in folder_val.files)
     for to in ("dali", "ffcv"):
         out = tmp_path / to
-        assert cv.main([str(tree), "--to", to, "--out", str(out), "--jobs", "1"]) in (0, None)
+        assert convert_main([str(tree), "--to", to, "--out", str(out), "--jobs", "1"]) in (0, None)
         data = _data(tree, dataset="converted", root=str(out), backend="torch" if to == "dali" else "ffcv",
                      num_threads=1)
         source = [Path(f).relative_to(tree / "train").as_posix() for f in scan_image_folder(tree / "train").files]

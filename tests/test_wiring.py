@@ -225,7 +225,7 @@ def check_dataset_converted(d, c):
     import dataclasses
     import tempfile
 
-    from mixtail.pipelines.convert import main as convert
+    from mixtail.commands.convert import main as convert
 
     out = Path(tempfile.mkdtemp(prefix="mixtail_wiring_")) / "converted"
     assert convert([str(FIXTURE_TREE), "--to", "dali", "--out", str(out)]) in (0, None)

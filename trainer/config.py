@@ -115,7 +115,7 @@ class TrainConfig:
     # The whole step as CUDA graphs (trainer/step.py); null: on where CUDA is and the run is one process.
     cuda_graphs: bool | None = None
     # Under cuda_graphs, capture the torch loader's on-device work (gather, augmentation, paste) in the same
-    # graph (pipelines/base.py PlanRender); false makes each batch before the graphed step.
+    # graph (pipelines/batch.py PlanRender); false makes each batch before the graphed step.
     graph_loader: bool = True
     accumulate_steps: int = 1  # batches whose gradients are summed per SGD step (DDP: all-reduced once, no_sync)
     sync_batchnorm: bool = False  # BatchNorm statistics over all ranks (CUDA only: SyncBatchNorm has no CPU kernel)

@@ -587,11 +587,11 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mixtail.cli import _Parser, _split_overrides  # one-line usage errors, the same override syntax
+    from mixtail.parsing import Parser, split_overrides  # one-line usage errors, the same override syntax
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest, common = _split_overrides(argv)
-    p = _Parser(prog="mixtail sweep", description="Run a grid of configs and write one table (sweep.md, sweep.json).")
+    rest, common = split_overrides(argv)
+    p = Parser(prog="mixtail sweep", description="Run a grid of configs and write one table (sweep.md, sweep.json).")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML path or bundled config name; several allowed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                    help="a swept key and its values (YAML, split on commas outside brackets); repeat for a grid")

@@ -26,7 +26,7 @@ image border instead. fn.multi_paste does not scale (ENV.md), hence the explicit
 Windows are relative to each image (plan.py), so a file is cropped on its own size and aspect ratio;
 test images get the plan's centre window (resize the shorter side, centre-crop; SPEC "Evaluation").
 
-AutoAugment and Cutout (aug.policy autoaugment, cmo_randaug; pipelines/autoaugment.py)
+AutoAugment and Cutout (aug.policy autoaugment, cmo_randaug; pipelines/ops/autoaugment.py)
 --------------------------------------------------------------------------------------
 After a component's crop, flip and colour, each sample applies the plan's two AutoAugment slots in order,
 then its Cutout box, as the reference does (mixing.render_component). The numbers are the plan's, never

@@ -1,7 +1,7 @@
 """The FFCV executor: batch plans (pipelines/plan.py) executed over a `.beton`, FFCV decoding and the shared
 torch ops (mixing.render_views) doing everything else on the device (issue 9 §4).
 
-FFCV only decodes, in an order it is given (pipelines/ffcv_io.py: `BetonReader` puts each image on an S×S
+FFCV only decodes, in an order it is given (pipelines/sources/beton.py: `BetonReader` puts each image on an S×S
 canvas and never draws anything). The executor knows each epoch's plans ahead (`Planner.indices`), so per
 stream it hands FFCV the whole rest of the epoch at once:
 

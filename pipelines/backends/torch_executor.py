@@ -6,11 +6,11 @@ on the device, by the same reference ops (mixing.render_views) every other backe
 worker processes and no per-image Python. Photos of varied sizes sit on a fixed canvas with their valid
 size (datasets.ImageArrays.sizes), so crop windows keep each photo's own aspect ratio.
 
-A training batch is handed out as a `PlanRender` (pipelines/base.py): a function of the plan's device table
+A training batch is handed out as a `PlanRender` (pipelines/batch.py): a function of the plan's device table
 alone, which a CUDA-graphed step captures together with the forward, backward and SGD (trainer/step.py), so
 the gather, augmentation, paste and normalization launch nothing outside the graph. AutoAugment and
 cmo_randaug plans are the exception: which images take which op is read from the host plan
-(pipelines/autoaugment.py), so those batches are made eagerly, before the step.
+(pipelines/ops/autoaugment.py), so those batches are made eagerly, before the step.
 
     mixtail bench loader --backend torch --device cpu --num-photos 32 --size 64 --batch-size 16   # time it
 """

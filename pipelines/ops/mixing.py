@@ -120,7 +120,7 @@ def render_component(images: torch.Tensor, plan, name: str, out_size: int, valid
 
 
 def _policy_ops(x: torch.Tensor, plan, name: str) -> torch.Tensor:
-    """aug.policy's AutoAugment ops, then Cutout, on a cropped and flipped view (pipelines/autoaugment.py;
+    """aug.policy's AutoAugment ops, then Cutout, on a cropped and flipped view (pipelines/ops/autoaugment.py;
     AutoAugment rows drew no colour jitter, so jitter-then-policy is the policy's own order). Which rows take
     which op is read from the host copy of the plan, as apply_autoaugment wants."""
     from mixtail.pipelines.ops.autoaugment import AutoAugmentParams, apply_autoaugment

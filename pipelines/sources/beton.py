@@ -21,7 +21,7 @@ of every epoch is given explicitly (`BetonReader.epoch(order)`), repeats allowed
     for b in reader.epoch(order):   # b.images (B, S, S, 3) uint8, b.sizes (B, 2) (h, w), b.labels, b.indices
         ...
 
-    python -m mixtail.pipelines.sources.beton PATH.beton   # print the sample count, modes, sizes and classes
+    mixtail data info PATH.beton   # print the sample count, modes, sizes and classes
 
 FFCV 1.0.2 facts this module is built on (ENV.md "FFCV on the CPU", and its source):
 - `Loader(order=...)` accepts an `OrderOption` or an *instance* of a `TraversalOrder` subclass, which it
@@ -37,7 +37,6 @@ FFCV 1.0.2 facts this module is built on (ENV.md "FFCV on the CPU", and its sour
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import operator
 import os
@@ -563,19 +562,3 @@ def arrays_to_beton(dataset: ImageArrays, path) -> BetonDataset:
     samples = ((dataset.images[i, :sizes[i, 0], :sizes[i, 1]], int(dataset.labels[i]), i) for i in range(n))
     write_beton(path, samples, num_samples=n, write_mode="raw", max_resolution=int(sizes.max()))
     return beton_dataset(path, dataset.classes)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path)
-    args = parser.parse_args(argv)
-    info = beton_info(args.path)
-    classes, counts = np.unique(info.labels, return_counts=True)
-    print(f"{info.path}: {len(info)} samples, {int(info.jpeg.sum())} JPEG and {int((~info.jpeg).sum())} raw, "
-          f"{args.path.stat().st_size / 2**20:.1f} MiB")
-    print(f"stored sizes: h {info.heights.min()}..{info.heights.max()}, w {info.widths.min()}..{info.widths.max()}")
-    print(f"{len(classes)} classes, {counts.max()} to {counts.min()} samples per class")
-
-
-if __name__ == "__main__":
-    main()

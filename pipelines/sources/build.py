@@ -8,7 +8,6 @@ dataset is built, never an accuracy silently computed against shifted labels.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from mixtail.pipelines.sources.subsets import (
     hold_out_validation,
     long_tailed_indices,
     sample_per_class,
-    shot_groups,
 )
 from mixtail.pipelines.sources.types import LISTED, SPLITS, ImageArrays, ImageFiles
 
@@ -103,7 +101,7 @@ def build_dataset(data, split: str, *, decoded: bool = True,
         classes = training_classes(data)
     if data.dataset == "converted":
         # A mixtail convert output (issue 9 §3): classes, labels, sizes and counts come from its manifest and
-        # tables, already checked when converted; the train split's LT subset follows pipelines/manifest.py.
+        # tables, already checked when converted; the train split's LT subset follows pipelines/sources/manifest.py.
         from mixtail.pipelines.sources.manifest import converted_dataset
 
         return converted_dataset(data, split, classes=classes, decoded=decoded)
@@ -153,22 +151,3 @@ def build_dataset(data, split: str, *, decoded: bool = True,
         if decoded:
             ds = decode_in_memory(ds, data.image_size, desc=f"decoding {split}")
     return ds
-
-
-def main(argv: list[str] | None = None) -> None:
-    from mixtail.pipelines.config import DataConfig
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["demo", "cifar10", "cifar100", "folder"])
-    p.add_argument("--root", default="")
-    p.add_argument("--imbalance-ratio", type=float, default=100.0)
-    p.add_argument("--on-error", choices=["stop", "skip"], default="stop")
-    args = p.parse_args(argv)
-    data = DataConfig(dataset=args.dataset, root=args.root, imbalance_ratio=args.imbalance_ratio,
-                      on_error=args.on_error)
-    ds = build_dataset(data, "train", decoded=False)
-    counts = np.bincount(ds.labels, minlength=len(ds.classes))
-    groups = shot_groups(counts)
-    print(f"{len(ds)} train images, {len(ds.classes)} classes, counts {counts.max()}..{counts.min()}; "
-          + ", ".join(f"{g} {len(v)}" for g, v in groups.items())
-          + (f"; {len(ds.skipped)} bad files skipped" if ds.skipped else ""))

@@ -20,13 +20,12 @@ in a 4-class list) or a category without images is an error, not a phantom class
 
 Malformed or inconsistent input raises DataError naming the file and the line (lists) or the record (JSON).
 
-    python -m mixtail.pipelines.sources.file_lists ../shared/data/lists/ImageNet_LT_val.txt --root /data/imagenet
-    python -m mixtail.pipelines.sources.file_lists ../shared/data/lists/val-lep.json
+    mixtail data list ImageNet_LT_val.txt --root /data/imagenet   # what training would read, no image opened
+    mixtail data list val-lep.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -243,20 +242,3 @@ def read_listed_dataset(kind: str, list_path: str, root: str, key: str,
     if kind in ("imagenet_lt", "inat2018"):
         return read_file_list(list_path, root, classes)
     raise ValueError(f"data.dataset={kind!r} is not a listed dataset (imagenet_lt | inat2018)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="a `path label` list or an iNaturalist .json")
-    p.add_argument("--root", default="", help="image root the paths are relative to")
-    args = p.parse_args(argv)
-    kind = "inat2018" if args.path.lower().endswith(".json") else "imagenet_lt"
-    ds = read_listed_dataset(kind, args.path, args.root, "path")
-    counts = np.bincount(ds.labels, minlength=len(ds.classes))
-    print(f"{len(ds)} images, {len(ds.classes)} classes, {int((counts > 0).sum())} with images, "
-          f"counts {counts.max()}..{counts[counts > 0].min()}; first: {ds.files[0]} -> {ds.labels[0]} "
-          f"({ds.classes[ds.labels[0]]})")
-
-
-if __name__ == "__main__":
-    main()

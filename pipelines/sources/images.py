@@ -25,19 +25,17 @@ Pixel formats (tested against known pixel values in tests/test_images.py):
 - EXIF orientation is applied (PIL's ImageOps.exif_transpose semantics), as DALI 2.4 does by default.
 - Anything else (32-bit integer I outside PNG, float F, LAB, HSV) is refused, naming the file and mode.
 
-    python -m mixtail.pipelines.sources.images /data/cifar10/train            # check every image below a folder
-    python -m mixtail.pipelines.sources.images ../shared/data/photos --level decode --repeat 3   # time the check
+    mixtail data check /data/cifar10/train                     # check every image below a folder
+    mixtail data check /data/photos --level decode --repeat 3   # time the check
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import os
 import sys
 import tempfile
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -481,7 +479,7 @@ def bad_files_message(lines: list[str], total: int, what: str, hint: str) -> str
     return f"{head}; ... and {len(lines) - LIST_IN_MESSAGE} more{where}"
 
 
-def _files_under(paths: list[str]) -> list[str]:
+def files_under(paths: list[str]) -> list[str]:
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -492,30 +490,3 @@ def _files_under(paths: list[str]) -> list[str]:
         else:
             files.append(p)
     return files
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
-    p.add_argument("--level", choices=CHECK_LEVELS, default="header")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=1, help="time the check this many times (no cache)")
-    args = p.parse_args(argv)
-    files = _files_under(args.paths)
-    if not files:
-        sys.exit(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {' '.join(args.paths)}")
-    times = []
-    for _ in range(args.repeat):
-        start = time.perf_counter()
-        result = check_images(files, level=args.level, threads=args.threads, cache=args.repeat == 1)
-        times.append(time.perf_counter() - start)
-    for i, reason in result.bad:
-        print(f"{files[i]}: {reason}")
-    med = sorted(times)[len(times) // 2]
-    print(f"{len(files)} files, {len(result.bad)} bad, {result.cached} from the cache; {args.level} check "
-          f"{med:.2f} s median of {len(times)} ({med / len(files) * 1e6:.0f} us/file, "
-          f"{args.threads or default_threads()} threads)")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ A converted output is a folder:
 
     PATH/manifest.json          what this module reads and writes (schema below); written last
     PATH/train.index.npz        per image, in output order: label, source_index, size (h, w) as stored, stored kind
-    PATH/train.beton            --to ffcv: image, label and sample-index fields (pipelines/ffcv_io.py)
+    PATH/train.beton            --to ffcv: image, label and sample-index fields (pipelines/sources/beton.py)
     PATH/train.txt              --to dali: `images/train/00003/0000123.jpg 3` per line, the output order: the
                                 ImageNet-LT list format, which DALI's fn.readers.file(file_root=PATH, file_list=) and
                                 `mixtail convert --format filelist` also read
@@ -35,12 +35,11 @@ time `data.imbalance_ratio` takes the same long-tailed subset (datasets.long_tai
 with --imbalance-ratio ρ it holds that subset, and only data.imbalance_ratio = ρ reads it. Outputs of file lists
 (ImageNet-LT, iNaturalist) are used as converted, as build_dataset uses the lists themselves.
 
-    python -m mixtail.pipelines.sources.manifest PATH     # classes, counts and Many/Medium/Few of a converted output
+    mixtail data info PATH     # classes, counts and Many/Medium/Few of a converted output
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import json
@@ -331,23 +330,3 @@ def converted_dataset(data, split: str, *, classes: list[str] | None = None, dec
     if decoded and isinstance(ds, ImageFiles):
         ds = decode_in_memory(ds, data.image_size, desc=f"decoding {split}")
     return ds
-
-
-def main(argv: list[str] | None = None) -> None:
-    from mixtail.pipelines.sources.subsets import shot_groups
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="a folder written by mixtail convert")
-    args = p.parse_args(argv)
-    m = read_manifest(args.path)
-    print(f"{m.path}: --to {m.target}, {len(m.classes)} classes, from {m.source['format']} {m.source['path']} "
-          f"({m.created}, mixtail {m.mixtail_version}); {len(m.skipped)} bad files skipped")
-    for name, info in m.splits.items():
-        counts = np.asarray(info.class_counts)
-        groups = ", ".join(f"{g} {len(v)}" for g, v in shot_groups(counts).items()) if name == "train" else ""
-        print(f"  {name}: {info.num_images} images of {info.source_images} in the source, counts "
-              f"{counts.max()}..{counts.min()}; stored {info.stored}" + (f"; {groups}" if groups else ""))
-
-
-if __name__ == "__main__":
-    main()
