@@ -29,13 +29,15 @@ from PIL import Image
 from mixtail import cli
 from mixtail.errors import ConfigError, DataError, UsageError
 from mixtail.pipelines import convert as cv
+from mixtail.pipelines.convert import conversion, encoding, writers
+from mixtail.pipelines.convert import sources as convert_sources
 from mixtail.pipelines.config import DataConfig
 from mixtail.pipelines.sources.types import ImageArrays
 from mixtail.pipelines.sources.build import build_dataset
 from mixtail.pipelines.sources.folders import scan_image_folder
 from mixtail.pipelines.sources.file_lists import read_file_list
 from mixtail.pipelines.sources.images import load_rgb
-from mixtail.pipelines.sources.manifest import MANIFEST_NAME, read_manifest, split_table
+from mixtail.pipelines.sources.manifest import MANIFEST_NAME, Manifest, read_manifest, split_table
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
@@ -101,7 +103,7 @@ def to(request) -> str:
     return request.param
 
 
-def _convert(source, out, to, **kw) -> cv.Manifest:
+def _convert(source, out, to, **kw) -> Manifest:
     return cv.convert(cv.ConvertOptions(source=str(source), out=str(out), to=to, jobs=2, **kw), log=lambda m: None)
 
 
@@ -197,7 +199,7 @@ def test_photos_bounded_resolution_round_trip(photo_tree, tmp_path, to):
     source = scan_image_folder(photo_tree)
     for i, src in enumerate(source.files):
         h, w = load_rgb(src).shape[:2]
-        assert tuple(table.sizes[i]) == cv.bounded_size(h, w, 96) and max(table.sizes[i]) <= 96
+        assert tuple(table.sizes[i]) == encoding.bounded_size(h, w, 96) and max(table.sizes[i]) <= 96
     # raw: the resized pixels, exactly (verify compares every image with the source).
     assert "pixels of 9 images match (exactly)" in cv.verify(out, sample=None)
     if to == "dali":
@@ -241,10 +243,10 @@ def test_in_memory_cifar_arrays(tmp_path, monkeypatch, cifar_tree):
     arrays = {s: ImageArrays(np.stack([load_rgb(f) for f in d.files]), d.labels, d.classes)
               for s, d in (("train", scan_image_folder(cifar_tree / "train")),
                            ("test", scan_image_folder(cifar_tree / "test", CLASSES)))}
-    monkeypatch.setattr(cv, "cifar_dataset", lambda name, root, split, download: arrays[split])
+    monkeypatch.setattr(convert_sources, "cifar_dataset", lambda name, root, split, download: arrays[split])
     root = tmp_path / "torchvision"
     (root / "cifar-10-batches-py").mkdir(parents=True)
-    assert cv.detect_format(str(root)) == "cifar"
+    assert convert_sources.detect_format(str(root)) == "cifar"
     for to in ("dali", "ffcv"):
         m = _convert(root, tmp_path / to, to, write_mode="raw", imbalance_ratio=4.0)
         assert m.source["format"] == "cifar" and m.splits["train"].class_counts == [12, 7, 4, 3]
@@ -261,10 +263,10 @@ def _killed_child(source: Path, out: Path, where: str) -> int:
     """Run a conversion in a forked child that dies (os._exit, no clean-up) at `where`; its exit status."""
     def child():
         if where == "mid-write":
-            writer = cv._write_dali
-            cv._write_dali = lambda split, tmp, opts: os._exit(9) if split.name == "test" else writer(split, tmp, opts)
+            writer = conversion._write_dali
+            conversion._write_dali = lambda split, tmp, opts: os._exit(9) if split.name == "test" else writer(split, tmp, opts)
         else:
-            cv._publish = lambda tmp, out, overwrite: os._exit(9)
+            conversion._publish = lambda tmp, out, overwrite: os._exit(9)
         _convert(source, out, "dali")
         os._exit(0)
 
@@ -477,7 +479,7 @@ def test_a_full_disk_names_the_output_and_what_was_written(photo_tree, mount_tmp
 
 def test_a_full_disk_simulated_counts_the_bytes_of_the_files_written(cifar_tree, tmp_path, monkeypatch, capsys):
     """Everywhere (no mount needed): the third encoded image hits ENOSPC; the message counts the two before it."""
-    real, sizes = cv.encode, []
+    real, sizes = encoding.encode, []
 
     def encode(rgb, kind, quality):
         if len(sizes) == 2:
@@ -485,7 +487,7 @@ def test_a_full_disk_simulated_counts_the_bytes_of_the_files_written(cifar_tree,
         sizes.append(len(data := real(rgb, kind, quality)))
         return data
 
-    monkeypatch.setattr(cv, "encode", encode)
+    monkeypatch.setattr(writers, "encode", encode)
     out = tmp_path / "out"
     code, _, err = _cli(capsys, str(cifar_tree), "--to", "dali", "--out", str(out), "--write-mode", "jpg",
                         "--jobs", "1")
@@ -564,7 +566,7 @@ def test_verify_catches_tampered_beton(photo_tree, tmp_path, capsys):
     beton.write_bytes(bytes(data))
     _verify_fails(capsys, out, "train image 3", "in the output", "in the source")
     # One pixel of a raw image, in place: the image's pixels are found in the file by their bytes.
-    image = cv.bound(load_rgb(scan_image_folder(photo_tree).files[2]), 40)
+    image = encoding.bound(load_rgb(scan_image_folder(photo_tree).files[2]), 40)
     at = clean.find(image.tobytes())
     assert at > 0
     data = bytearray(clean)

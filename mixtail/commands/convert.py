@@ -7,6 +7,7 @@ import os
 
 from mixtail.parsing import Parser
 from mixtail.pipelines import convert as cv
+from mixtail.pipelines.convert.options import FORMATS, TARGETS, VERIFY_SAMPLE, WRITE_MODES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,19 +15,19 @@ def main(argv: list[str] | None = None) -> int:
                usage="mixtail convert SOURCE --to ffcv|dali --out PATH [options] | mixtail convert --verify PATH")
     p.add_argument("source", nargs="?", help="image folder, CIFAR root, `path label` list or iNaturalist .json")
     p.add_argument("--verify", metavar="PATH", help="check a converted output against its source")
-    p.add_argument("--sample", default=str(cv.VERIFY_SAMPLE), help="--verify: images per split whose pixels are "
-                   f"compared, or 'all' (default {cv.VERIFY_SAMPLE}, plus the first and last)")
-    p.add_argument("--to", choices=cv.TARGETS)
+    p.add_argument("--sample", default=str(VERIFY_SAMPLE), help="--verify: images per split whose pixels are "
+                   f"compared, or 'all' (default {VERIFY_SAMPLE}, plus the first and last)")
+    p.add_argument("--to", choices=TARGETS)
     p.add_argument("--out", metavar="PATH",
                    help="the folder to write (made under a temporary name, renamed at the end)")
-    p.add_argument("--format", choices=cv.FORMATS, help="the source's format (default: detected)")
+    p.add_argument("--format", choices=FORMATS, help="the source's format (default: detected)")
     p.add_argument("--image-root", default="", help="filelist, inat-json: the folder the paths are relative to")
     p.add_argument("--test-list", default="", help="filelist, inat-json: the test split's list or .json")
     p.add_argument("--split", choices=("train", "test", "both"), default="both",
                    help="which splits to write (both: every split the source has)")
     p.add_argument("--imbalance-ratio", type=float, default=None,
                    help="write the long-tailed subset of the training split at this ratio (default: every image)")
-    p.add_argument("--write-mode", choices=cv.WRITE_MODES, default="smart")
+    p.add_argument("--write-mode", choices=WRITE_MODES, default="smart")
     p.add_argument("--max-resolution", type=int, default=None, help="shrink longer sides above N px to N")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
