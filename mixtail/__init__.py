@@ -62,14 +62,12 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ belo
     from mixtail.errors import ConfigError, MixtailError
     from mixtail.kernels.smc_loss import smc_loss
     from mixtail.pipelines.batch import Batch
-    from mixtail.pipelines.loader import build_loader, build_planner
-    from mixtail.trainer.losses import soft_targets
     from mixtail.pipelines.config import AugConfig, DataConfig, MixConfig
-    from mixtail.pipelines.loader import Loader
+    from mixtail.pipelines.loader import Loader, build_loader, build_planner
     from mixtail.pipelines.ops.mixing import render_plan
     from mixtail.pipelines.plan import BatchPlan, Planner
     from mixtail.trainer.config import ModelConfig, RunConfig, load_config
-    from mixtail.trainer.losses import log_class_prior, logit_adjusted_soft_ce
+    from mixtail.trainer.losses import log_class_prior, logit_adjusted_soft_ce, soft_targets
     from mixtail.trainer.models import build_model
     from mixtail.trainer.train import train
 
