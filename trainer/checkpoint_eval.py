@@ -189,7 +189,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
 
 
 def load_router(path: Path, sha: str, cfg, model, num_classes: int, device, is_main: bool):
-    """With a stage-2 router.pt beside a multi-expert checkpoint (issue 14): (router, threshold) to evaluate the
+    """With a stage-2 router.pt beside a multi-expert checkpoint: (router, threshold) to evaluate the
     routed prediction with; None otherwise.
 
     The router is used only when it was trained on this very checkpoint (the sha256 it records): one from an
@@ -204,9 +204,9 @@ def load_router(path: Path, sha: str, cfg, model, num_classes: int, device, is_m
         if is_main:
             print(f"mixtail eval: router {router_path} left out: {why}", file=sys.stderr, flush=True)
 
-    notes: list[str] = []
     try:
-        saved, _ = read_checkpoint(router_path, map_location=device, log=notes.append, what="router")
+        # A router without a checksum predates the stage-1 binding too: the line below says so, not this log.
+        saved, _ = read_checkpoint(router_path, map_location=device, log=lambda _: None, what="router")
     except UnsafeFileError:
         raise
     except CheckpointError as err:
