@@ -3,6 +3,7 @@
     mixtail train [CONFIG] [--resume | --overwrite] [--section.key=value ...]   train (default: the built-in demo)
     mixtail train CONFIG --stage router [--section.key=value ...]   RIDE's router on a finished multi-expert run
     mixtail eval CHECKPOINT [--report DIR] [--posthoc-tau T,...|auto] [--section.key=value ...]   evaluate a checkpoint
+    mixtail upgrade-checkpoint CHECKPOINT...                      rewrite checkpoints of an older mixtail (numpy arrays)
     mixtail convert SOURCE --to ffcv|dali --out PATH [...]       convert a dataset for a loader backend
     mixtail convert --verify PATH                                 check a converted output against its source
     mixtail bench loss|loader|step|train|classic|compare|convert [ARGS ...]   benchmarks (see --help of each)
@@ -101,6 +102,20 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _upgrade_checkpoint(argv: list[str]) -> int:
+    from mixtail.trainer.checkpoint import upgrade_checkpoint
+
+    p = _Parser(prog="mixtail upgrade-checkpoint",
+                description="Rewrite checkpoints written by an older mixtail (class counts as a numpy array) in "
+                            "today's format, which loads without unpickling code. Nothing but numpy's numeric "
+                            "arrays is read; each file is replaced atomically.")
+    p.add_argument("checkpoints", nargs="+")
+    args = p.parse_args(argv)
+    for path in args.checkpoints:
+        upgrade_checkpoint(path, log=print)
+    return 0
+
+
 def _bench(argv: list[str]) -> int:
     names = " | ".join(BENCHES)
     if not argv or argv[0] in ("-h", "--help"):
@@ -149,6 +164,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "convert": lambda argv: importlib.import_module("mixtail.commands.convert").main(argv),
     "data": lambda argv: importlib.import_module("mixtail.commands.data").main(argv),
     "config": _config,
+    "upgrade-checkpoint": _upgrade_checkpoint,
 }
 
 

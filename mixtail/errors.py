@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import reprlib
 
 
 class MixtailError(Exception):
@@ -51,6 +52,11 @@ class CheckpointError(MixtailError):
     """A checkpoint cannot be written or read: the message names the file and the reason (the OS's, for I/O)."""
 
 
+class UnsafeFileError(CheckpointError):
+    """A file to be loaded (checkpoint, router, pretrained weights) would need more than tensors and plain data
+    to unpickle, i.e. it asks to construct Python objects: refused before anything in it runs."""
+
+
 class NonFiniteCheckpointError(CheckpointError):
     """A checkpoint was refused because the model holds NaN or infinite values; it names the tensors."""
 
@@ -63,6 +69,29 @@ class TrainingStopped(KeyboardInterrupt):
     def __init__(self, message: str, exit_status: int):
         super().__init__(message)
         self.exit_status = exit_status
+
+
+# A value quoted in an error is walked at most this deep and this wide: a YAML alias bomb expands to a list of
+# ~10^8 references to a few lists, and printing it in full took minutes and gigabytes.
+_QUOTE = reprlib.Repr()  # keyword arguments need Python 3.12
+for _name, _limit in (("maxlevel", 2), ("maxtuple", 4), ("maxlist", 4), ("maxarray", 4), ("maxdict", 4),
+                      ("maxset", 4), ("maxfrozenset", 4), ("maxdeque", 4), ("maxstring", 60), ("maxlong", 40),
+                      ("maxother", 40)):
+    setattr(_QUOTE, _name, _limit)
+QUOTE_CHARS = 100
+
+
+def quote(value) -> str:
+    """A short repr of a value for an error message: never longer than QUOTE_CHARS, and never walking more
+    than a few items of a container, so a huge or deeply shared value costs nothing to quote.
+
+    >>> quote("x" * 500)[:20], len(quote("x" * 500)) <= 100
+    ("'xxxxxxxxxxxxxxxxxxx", True)
+    >>> quote([list(range(10**6))] * 10**6)
+    '[[0, 1, 2, 3, ...], [0, 1, 2, 3, ...], [0, 1, 2, 3, ...], [0, 1, 2, 3, ...], ...]'
+    """
+    text = _QUOTE.repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
 
 
 def describe_os_error(err: OSError) -> str:

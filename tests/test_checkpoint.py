@@ -34,7 +34,7 @@ def _state(marker: int, numel: int = 64) -> dict:
     return {"model": {"w": torch.randn(numel, generator=g), "b": torch.randn(3, generator=g),
                       "steps": torch.tensor(marker)},
             "optimizer": {"state": {0: {"momentum_buffer": torch.randn(numel, generator=g)}}},
-            "epoch": marker, "class_counts": np.arange(marker + 3), "classes": [f"c{marker}"]}
+            "epoch": marker, "class_counts": list(range(marker + 3)), "classes": [f"c{marker}"]}
 
 
 def _assert_is(state: dict, marker: int) -> None:
@@ -42,7 +42,7 @@ def _assert_is(state: dict, marker: int) -> None:
     assert state["epoch"] == marker
     for k, v in want["model"].items():
         assert torch.equal(state["model"][k], v), k
-    assert np.array_equal(state["class_counts"], want["class_counts"]) and state["classes"] == want["classes"]
+    assert state["class_counts"] == want["class_counts"] and state["classes"] == want["classes"]
 
 
 def _store(run_dir: Path, keep: int = 2) -> tuple[CheckpointStore, list[str]]:
@@ -133,7 +133,7 @@ def test_zip_that_is_not_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match="could not be read") as info:
         load_checkpoint(plain, log=messages.append)
     _one_line(str(info.value))
-    assert len(messages) == 1 and "no checksum" in messages[0]
+    assert messages == []  # a refused file gets its one line and no other
 
 
 def test_checkpoint_without_checksum_loads_with_a_message(tmp_path):
@@ -142,6 +142,86 @@ def test_checkpoint_without_checksum_loads_with_a_message(tmp_path):
     messages = []
     _assert_is(load_checkpoint(path, log=messages.append), 4)
     assert len(messages) == 1 and str(path) in messages[0] and "unverified" in messages[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading never runs code from the file
+# --------------------------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that loading a file ran code from it."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _payload_state(marker: Path) -> dict:
+    state = _state(3)
+    state["optimizer"]["state"][0]["note"] = Payload(marker)  # deep inside, where a user would not look
+    return state
+
+
+def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    from mixtail import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as code:
+        cli.main(list(argv))
+    return code.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("checksummed", [True, False])
+def test_a_payload_checkpoint_never_runs_under_eval(tmp_path, capsys, checksummed):
+    """`mixtail eval` unpickled checkpoints (weights_only=False): a payload ran, rc 0. Now it is refused in one
+    line naming the file, exit 2, and the payload's marker never appears, checksum or not."""
+    marker, path = tmp_path / "ran", tmp_path / "checkpoint.pt"
+    if checksummed:
+        save_checkpoint(path, _payload_state(marker))
+    else:
+        torch.save(_payload_state(marker), path)
+    code, err = _cli(capsys, "eval", str(path))
+    assert not marker.exists()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"mixtail eval: error: checkpoint {path} is refused: it asks to construct Python "
+                             f"objects (1 kind, e.g. 'io.open')"), err
+
+
+def test_a_payload_checkpoint_never_runs_under_resume(tmp_path, capsys):
+    """Written through save_checkpoint its checksum verifies, and `train --resume` ran the payload silently (even
+    when the resume was then refused over the config): now one line, exit 2, nothing run."""
+    marker = tmp_path / "ran"
+    save_checkpoint(tmp_path / "checkpoint.pt", _payload_state(marker))
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    code, err = _cli(capsys, "train", "smoke_cpu", f"--train.out_dir={tmp_path}", "--resume")
+    assert not marker.exists()
+    assert code == 2 and len(err) == 1 and "is refused: it asks to construct Python objects" in err[0], err
+
+
+def test_an_older_checkpoint_is_refused_with_its_upgrade_and_upgrades_without_running_code(tmp_path, capsys):
+    """mixtail's checkpoints held the class counts as a numpy array, which the weights-only unpickler refuses:
+    the refusal says so and names the command, `mixtail upgrade-checkpoint` rewrites the file (numpy's numeric
+    arrays are all it reads) and the result loads; it refuses a payload and an array of Python objects."""
+    old = tmp_path / "checkpoint.pt"
+    state = _state(5)
+    state["class_counts"] = np.arange(8)
+    save_checkpoint(old, state)
+    code, err = _cli(capsys, "eval", str(old))
+    assert code == 2 and len(err) == 1 and err[0].endswith(f"convert it once with `mixtail upgrade-checkpoint {old}`")
+    code, _ = _cli(capsys, "upgrade-checkpoint", str(old))
+    assert code == 0 and verify_checkpoint(old) is True
+    upgraded = load_checkpoint(old)
+    assert upgraded["class_counts"] == list(range(8)) and torch.equal(upgraded["model"]["w"], state["model"]["w"])
+    marker = tmp_path / "ran"
+    for name, bad in (("payload.pt", {**_payload_state(marker), "class_counts": np.arange(3)}),
+                      ("objects.pt", {**_state(1), "class_counts": np.array([Payload(marker)], dtype=object)})):
+        save_checkpoint(tmp_path / name, bad)
+        code, err = _cli(capsys, "upgrade-checkpoint", str(tmp_path / name))
+        assert code == 2 and len(err) == 1 and "is refused" in err[0], err
+    assert not marker.exists()
 
 
 def test_nonfinite_tensors_names_only_the_bad_ones():

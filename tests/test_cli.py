@@ -116,7 +116,8 @@ def test_unknown_option_is_a_one_line_usage_error(capsys):
 def test_unknown_command_and_benchmark(capsys):
     code, _, err = _main(capsys, "trian")
     assert code == 2 and err.strip().splitlines() == [
-        "mixtail: error: unknown command 'trian'; choose one of train | eval | bench | sweep | convert | data | config (see mixtail --help)"]
+        "mixtail: error: unknown command 'trian'; choose one of train | eval | bench | sweep | convert | data | config "
+        "| upgrade-checkpoint (see mixtail --help)"]
     code, _, err = _main(capsys, "bench", "nope")
     assert code == 2
     _assert_one_line(err, "bench", "unknown benchmark 'nope'", "loss | loader")

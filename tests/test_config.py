@@ -106,6 +106,39 @@ def test_malformed_file_names_file(tmp_path, text, what):
     assert what in msg and str(path) in msg, msg
 
 
+def _alias_bomb(levels: int) -> str:
+    """`train.out_dir` as a YAML "billion laughs": 9**levels references to one string, in a few hundred bytes."""
+    lines = ["train:", "  out_dir:", '    - &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"    - &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_in_a_string_key_fails_at_once_in_one_short_line(tmp_path):
+    """The type error printed the whole expanded value: a 424-byte file ran past 60 s at 1.9 GB. The value is
+    quoted through a short prefix now. The small bomb shows it deterministically (its full repr is 4 MB); the
+    full one in a child process must end well inside a timeout it used to exceed many times over."""
+    msg = load_error(write_yaml(tmp_path, _alias_bomb(6)))
+    assert msg.startswith(f"{tmp_path / 'run.yaml'}: key 'train.out_dir': expected a string, got list [[")
+    assert len(msg) < 300 and "\n" not in msg, len(msg)
+    import subprocess
+    import sys
+
+    path = write_yaml(tmp_path, _alias_bomb(9), "bomb.yaml")
+    assert len(path.read_bytes()) < 600
+    code = f"import mixtail; mixtail.load_config({str(path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and err[-1].startswith("mixtail.errors.ConfigError: ") and len(err[-1]) < 300, err[-1:]
+
+
+def test_a_yaml_syntax_error_names_the_place_not_the_text(tmp_path):
+    """PyYAML's message quotes the offending lines; ours gives the problem, line and column in one line."""
+    path = write_yaml(tmp_path, "data:\n  root: /data\ntoken: [hunter2-secret\n")
+    msg = load_error(path)
+    assert "hunter2" not in msg and "\n" not in msg and msg.startswith(f"{path}: not valid YAML: "), msg
+    assert "(line 4, column 1)" in msg, msg
+
+
 def test_missing_file_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

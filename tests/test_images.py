@@ -200,7 +200,7 @@ def broken_files(folder: Path) -> dict[str, str]:
     (folder / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
     (folder / "folder.jpg").mkdir()
     return {"truncated.jpg": "truncated", "no_eoi.jpg": "end-of-image marker FF D9", "zero.jpg": "zero-byte",
-            "text.jpg": "not an image file (it starts with b'this is a no", "._fork.jpg": "AppleDouble",
+            "text.jpg": "not an image file (it is text)", "._fork.jpg": "AppleDouble",
             "truncated.png": "IEND", "missing.jpg": "does not exist", "folder.jpg": "directory"}
 
 
@@ -209,6 +209,25 @@ def test_check_image_reasons(tmp_path):
         with pytest.raises(BadImage, match=None) as err:
             check_image(str(tmp_path / name))
         assert phrase in str(err.value), (name, str(err.value))
+
+
+def test_a_file_that_is_not_an_image_is_described_never_quoted(tmp_path):
+    """A non-image named x.jpg that was really /etc/passwd was refused with its first bytes in the message: the
+    file is named and described (text, a zip archive, binary data), its bytes never appear."""
+    passwd = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+    files = {"passwd.jpg": (passwd.encode(), "it is text"),
+             "notes.jpg": ("Grüße, café ☕ ".encode() * 60, "it is text"),  # 900 bytes: a character cut at 512
+             "archive.jpg": (b"PK\x03\x04root:x:0:0" + bytes(40), "a zip archive"),
+             "blob.jpg": (b"\x01\x02root:x:0:0\xff\xfe" + bytes(range(256)), "binary data")}
+    for name, (data, kind) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BadImage) as err:
+            check_image(str(tmp_path / name))
+        assert str(err.value) == f"not an image file ({kind})" or kind in str(err.value), str(err.value)
+        assert "root" not in str(err.value) and "Gr" not in str(err.value), str(err.value)
+    with pytest.raises(DataError) as err:
+        load_rgb(str(tmp_path / "passwd.jpg"))
+    assert str(tmp_path / "passwd.jpg") in str(err.value) and "root:" not in str(err.value).replace(str(tmp_path), "")
 
 
 def test_good_files_pass_with_their_sizes(tmp_path):

@@ -85,8 +85,38 @@ def test_bad_inputs_name_the_key(tmp_path):
         build_model(ModelConfig(arch=f"timm/{TINY}", pretrained_path=str(other)), num_classes=3)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="key 'model.pretrained_path': .*junk.pth does not load"):
+    with pytest.raises(ConfigError, match="key 'model.pretrained_path': .*junk.pth could not be read"):
         build_model(ModelConfig(arch=f"timm/{TINY}", pretrained_path=str(junk)), num_classes=3)
+
+
+class _Payload:
+    """Unpickling this creates `marker`: proof that loading a file ran code from it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@needs_timm
+def test_a_payload_weights_file_never_runs(tmp_path, capsys):
+    """model.pretrained_path is read by mixtail with the weights-only unpickler, whatever timm's version would
+    do: a file whose state asks to construct an object is refused in one line, exit 2, and nothing in it runs."""
+    from mixtail import cli
+
+    marker, path = tmp_path / "ran", tmp_path / "weights.pth"
+    state = timm.create_model(TINY, num_classes=0).state_dict()
+    torch.save({"state_dict": state, "args": _Payload(marker)}, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as code:
+        cli.main(["train", "smoke_cpu", f"--model.arch=timm/{TINY}", f"--model.pretrained_path={path}",
+                  f"--train.out_dir={tmp_path / 'run'}", "--train.epochs=1", "--train.max_steps_per_epoch=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists()
+    assert code.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"mixtail train: error: key 'model.pretrained_path': weights file {path} is refused: "
+                             f"it asks to construct Python objects"), err
 
 
 def test_pretrained_path_is_for_timm_only(tmp_path):

@@ -5,6 +5,7 @@
     found = store.load_latest()              # (path, state) of the newest checkpoint that verifies, or None
     store.save({"model": model.state_dict(), ...})   # -> run_dir/checkpoint.pt
     state = load_checkpoint("runs/x/checkpoint.pt")  # one explicit file (`mixtail eval PATH`), verified
+    state, sha256 = read_checkpoint(path)    # the same, with the sha256 of exactly the bytes read
 
 Why each part (issue 10): a kill during a write must leave the previous checkpoint in place, so a checkpoint is
 written to a temporary file in the same directory, fsynced, renamed over `checkpoint.pt` (a rename within one
@@ -12,6 +13,13 @@ directory is atomic on POSIX) and the directory fsynced so the rename itself sur
 still be damaged later (a truncated copy, a flipped bit), so each carries a sha256 of its contents that loading
 checks, and the `keep - 1` previous checkpoints stay beside it as `checkpoint.1.pt`, `checkpoint.2.pt`, ...
 (1 is the newer) to fall back on. A NaN model is never written, because it would push a good checkpoint out.
+
+A checkpoint holds plain data only: tensors, numbers, strings, lists and dicts (the config as a dict, the class
+counts as a list), and every file is read with torch's weights-only unpickler, which constructs nothing else,
+so a shared checkpoint cannot run code: one that asks for more is refused in one line (UnsafeFileError) before
+anything in it runs. Checkpoints of older mixtail versions held the class counts as a numpy array; they are
+refused with a line naming `mixtail upgrade-checkpoint PATH`, which rewrites them once (upgrade_checkpoint: it
+allows numpy's numeric arrays and nothing more). The same reader loads `router.pt` (trainer/router.py).
 
 The file is exactly what `torch.save` writes, so `torch.load("checkpoint.pt")` still works. torch.save writes
 a zip archive, and a zip archive ends with an end record that may carry a comment of up to 64 KiB, which zip
@@ -36,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from mixtail.errors import CheckpointError, NonFiniteCheckpointError, describe_os_error
+from mixtail.errors import CheckpointError, NonFiniteCheckpointError, UnsafeFileError, describe_os_error, quote
 
 LATEST = "checkpoint.pt"
 _OLDER = re.compile(r"checkpoint\.([1-9][0-9]*)\.pt")
@@ -209,62 +217,192 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     _fsync_dir(path.parent)
 
 
+def _verify(f, path: Path, what: str) -> tuple[bool, str]:
+    """(checked, sha256) of the open file f: checked is False for a plain torch.save archive (no checksum), whose
+    sha256 is then that of the whole file; raises CheckpointError for an empty, truncated or corrupt file."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes)")
+    if f.read(4) != b"PK\x03\x04":
+        raise CheckpointError(f"{what} {path} is not a {what} (it does not start like a torch.save archive)")
+    f.seek(max(size - _TRAILER_LEN, 0))
+    tail = f.read()
+    end = tail[-_TRAILER_LEN:]
+    if (len(end) == _TRAILER_LEN and end.startswith(_EOCD) and end[_EOCD_LEN:].startswith(_MAGIC)
+            and int.from_bytes(end[20:22], "little") == _COMMENT_LEN):
+        expected = end[_EOCD_LEN + len(_MAGIC):].decode("ascii", errors="replace")
+        # The checksum covers the archive as torch.save wrote it: up to the comment length, which was 0.
+        covered, suffix = size - _COMMENT_LEN - 2, b"\x00\x00"
+    elif tail[-_EOCD_LEN:].startswith(_EOCD) and tail.endswith(b"\x00\x00"):
+        expected, covered, suffix = None, size, b""  # torch.save's own output: nothing to verify against
+    else:
+        raise CheckpointError(f"{what} {path} is truncated or damaged at its end ({size} bytes; "
+                              "the archive's end record is missing)")
+    sha = hashlib.sha256()
+    f.seek(0)
+    remaining = covered
+    while remaining > 0:
+        chunk = f.read(min(_CHUNK, remaining))
+        if not chunk:
+            raise CheckpointError(f"{what} {path} shrank while it was being read")
+        sha.update(chunk)
+        remaining -= len(chunk)
+    sha.update(suffix)
+    if expected is not None and sha.hexdigest() != expected:
+        raise CheckpointError(f"{what} {path} is corrupt (its sha256 does not match its contents)")
+    return expected is not None, sha.hexdigest()
+
+
 def verify_checkpoint(path: str | Path) -> bool:
     """Check a checkpoint's checksum: True if it matches, False for a file written before checksums
     (a plain torch.save archive); raises CheckpointError for a missing, truncated or corrupt file."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-            if f.read(4) != b"PK\x03\x04":
-                raise CheckpointError(f"checkpoint {path} is not a checkpoint (it does not start like a "
-                                      "torch.save archive)")
-            f.seek(max(size - _TRAILER_LEN, 0))
-            tail = f.read()
-            end = tail[-_TRAILER_LEN:]
-            if (len(end) == _TRAILER_LEN and end.startswith(_EOCD) and end[_EOCD_LEN:].startswith(_MAGIC)
-                    and int.from_bytes(end[20:22], "little") == _COMMENT_LEN):
-                expected = end[_EOCD_LEN + len(_MAGIC):].decode("ascii", errors="replace")
-            elif tail[-_EOCD_LEN:].startswith(_EOCD) and tail.endswith(b"\x00\x00"):
-                return False  # torch.save's own output: nothing to verify against
-            else:
-                raise CheckpointError(f"checkpoint {path} is truncated or damaged at its end ({size} bytes; "
-                                      "the archive's end record is missing)")
-            # The checksum covers the archive as torch.save wrote it: up to the comment length, which was 0.
-            sha = hashlib.sha256()
-            f.seek(0)
-            remaining = size - _COMMENT_LEN - 2
-            while remaining > 0:
-                chunk = f.read(min(_CHUNK, remaining))
-                if not chunk:
-                    raise CheckpointError(f"checkpoint {path} shrank while it was being read")
-                sha.update(chunk)
-                remaining -= len(chunk)
-            sha.update(b"\x00\x00")
+            return _verify(f, path, "checkpoint")[0]
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except OSError as err:
         raise CheckpointError(f"checkpoint {path} cannot be read: {describe_os_error(err)}") from None
-    if sha.hexdigest() != expected:
-        raise CheckpointError(f"checkpoint {path} is corrupt (its sha256 does not match its contents)")
-    return True
+
+
+# What an older mixtail wrote beyond plain data: the class counts as a numpy integer array. Reading exactly
+# these constructs an array of numbers and runs nothing else (an array of Python objects would name further
+# globals, and is refused); upgrade_checkpoint alone allows them, once, to rewrite such a file.
+_OLD_NUMPY = {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct",
+              "numpy._core.multiarray._reconstruct", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
+
+
+def _old_numpy_globals(names: list[str]) -> bool:
+    return bool(names) and all(n in _OLD_NUMPY or n.startswith("numpy.dtypes.") for n in names)
+
+
+def _globals_needed(f) -> list[str]:
+    """The Python globals a torch.save archive names in its pickle (read from its opcodes; nothing is run)."""
+    try:
+        f.seek(0)
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+    except Exception:  # noqa: BLE001 - a damaged pickle: the caller reports the load failure itself
+        return []
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, log: Log = _stderr,
+                    what: str = "checkpoint") -> tuple[dict, str]:
+    """Verify and read one file written by save_checkpoint (a checkpoint, a router): (state, sha256), where
+    sha256 is that of exactly the bytes read (the file is opened once). Every failure is a one-line
+    CheckpointError naming the file; one that asks to construct Python objects is an UnsafeFileError.
+
+    Loading uses torch's weights-only unpickler: tensors, numbers, strings, lists, tuples and dicts, nothing
+    that can run code. A shared checkpoint is untrusted input.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a directory (give the file, e.g. {path / LATEST})")
+    try:
+        with open(path, "rb") as f:
+            checked, sha = _verify(f, path, what)
+            f.seek(0)
+            try:
+                state = torch.load(f, map_location=map_location, weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+                needed = _globals_needed(f)
+                raise _load_error(path, what, err, needed) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} does not exist") from None
+    except OSError as err:
+        raise CheckpointError(f"{what} {path} cannot be read: {describe_os_error(err)}") from None
+    if not checked:  # said only of a file that loads: a refused one gets its one line and no more
+        log(f"{what} {path} has no checksum (written before checksums were added): loading it unverified")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} {path} is not a mixtail {what} (it holds a {type(state).__name__}, "
+                              f"not a dict)")
+    return state, sha
+
+
+def _load_error(path: Path, what: str, err: Exception, needed: list[str]) -> CheckpointError:
+    """The one line for a file torch's weights-only unpickler refused or could not read. The file's own bytes
+    (torch's message quotes them) are never echoed; only the count and a short prefix of what it asks for."""
+    if _old_numpy_globals(needed):
+        return UnsafeFileError(
+            f"{what} {path} was written by an older mixtail (it holds numpy arrays, which loading without "
+            f"running code does not read): convert it once with `mixtail upgrade-checkpoint {path}`")
+    if needed:
+        return UnsafeFileError(
+            f"{what} {path} is refused: it asks to construct Python objects ({len(needed)} kind"
+            f"{'s' if len(needed) > 1 else ''}, e.g. {quote(needed[0])}), and a {what} may hold only tensors and "
+            f"plain data; nothing in it was run")
+    return CheckpointError(f"{what} {path} could not be read: its contents are damaged or not a torch.save "
+                           f"archive of plain data ({type(err).__name__})")
+
+
+def read_weights(path: str | Path, what: str) -> object:
+    """A weights file from elsewhere (model.pretrained_path: torch.save output, no mixtail checksum), read with
+    torch's weights-only unpickler; a file that asks to construct Python objects is an UnsafeFileError naming
+    `what` and the file, any other failure a one-line CheckpointError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            try:
+                return torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - see _load_error
+                raise _load_error(path, what, err, _globals_needed(f)) from None
+    except OSError as err:
+        raise CheckpointError(f"{what} {path} cannot be read: {describe_os_error(err)}") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, log: Log = _stderr) -> dict:
     """Verify and read one checkpoint file; every failure is a one-line CheckpointError naming it."""
+    return read_checkpoint(path, map_location, log=log)[0]
+
+
+def _plain(value):
+    """value with every numpy array and numpy scalar turned into lists and Python numbers (recursively)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((k, _plain(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def upgrade_checkpoint(path: str | Path, *, log: Log = _stderr) -> Path:
+    """Rewrite a checkpoint written by an older mixtail in today's format (numpy arrays as lists), in place,
+    atomically and checksummed; returns the path. Reading it allows numpy's numeric arrays and nothing more:
+    an array of Python objects, or any other object, is refused as read_checkpoint refuses it."""
+    import numpy as np
+
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory (give the file, e.g. {path / LATEST})")
-    if not verify_checkpoint(path):
-        log(f"checkpoint {path} has no checksum (written before checksums were added): loading it unverified")
     try:
-        # Our checkpoints hold numpy arrays and plain dicts besides tensors.
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        first = next(iter(str(err).strip().splitlines()), "")
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(err).__name__}: {first})") from None
+        with open(path, "rb") as f:
+            _verify(f, path, "checkpoint")
+            needed = _globals_needed(f)
+            if needed and not _old_numpy_globals(needed):
+                raise _load_error(path, "checkpoint", RuntimeError(), needed)
+            f.seek(0)
+            multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+            # numpy 2 moved numpy.core to numpy._core; a file names the module its writer had.
+            allowed = [np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")),
+                       *((getattr(multiarray, fn), f"{mod}.multiarray.{fn}") for fn in ("_reconstruct", "scalar")
+                         for mod in ("numpy.core", "numpy._core"))]
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    state = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001
+                raise _load_error(path, "checkpoint", err, []) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {describe_os_error(err)}") from None
+    if isinstance(state, dict) and any(isinstance(v, np.ndarray) and v.dtype.hasobject for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} holds an array of Python objects: not converted")
+    save_checkpoint(path, _plain(state))
+    log(f"{path}: rewritten in the current checkpoint format (numpy arrays as lists)")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +426,7 @@ class CheckpointStore:
         self.log = log
         self.latest = self.run_dir / LATEST
         self._corrupt: set[Path] = set()  # found by load_latest; moved aside by the next save
+        self.loaded_sha256: str | None = None  # of the checkpoint load_latest returned last
 
     def slot(self, i: int) -> Path:
         return self.latest if i == 0 else self.run_dir / f"checkpoint.{i}.pt"
@@ -393,7 +532,9 @@ class CheckpointStore:
         problems = []
         for path in self.paths():
             try:
-                state = load_checkpoint(path, map_location, log=self.log)
+                state, self.loaded_sha256 = read_checkpoint(path, map_location, log=self.log)
+            except UnsafeFileError:
+                raise  # not damage to fall back from: someone put a file here that asks to run code
             except CheckpointError as err:
                 self._corrupt.add(path)
                 problems.append(str(err))

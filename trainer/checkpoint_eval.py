@@ -6,8 +6,10 @@
     mixtail eval CKPT --report runs/x/report --class-vectors ../shared/data/glove/class_vectors_glove6B50d.npz
 
 A multi-expert checkpoint (model.experts > 1, issue 14) is reported as its ensemble's row and one row per expert;
-with a stage-2 router.pt beside it (`mixtail train CONFIG --stage router`), also the routed prediction's accuracy
-and the mean number of experts consulted per image.
+with a stage-2 router.pt beside it (`mixtail train CONFIG --stage router`) that was trained on this very
+checkpoint (the sha256 router.pt records), also the routed prediction's accuracy and the mean number of experts
+consulted per image; a stale, damaged or mismatched router.pt is named in one line and left out. An override of
+any model key is refused: the weights fix the network.
 
 Post-hoc adjustment (issue 7 §2): a model trained with logit adjustment by log P_Y on mixed batches has
 learned the soft labels' marginal π (trainer/losses.mixed_prior), not P_Y, so its test logits are over-
@@ -34,14 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixtail.errors import CheckpointError, ConfigError
+import dataclasses
+import sys
+
+from mixtail.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from mixtail.pipelines.loader import build_loader, loader_for_dataset
 from mixtail.pipelines.sources.build import build_dataset
-from mixtail.trainer.checkpoint import load_checkpoint
+from mixtail.trainer.checkpoint import read_checkpoint
 from mixtail.trainer.config import apply_overrides, config_from_dict
 from mixtail.trainer.dist import cleanup, init_distributed
 from mixtail.trainer.evaluate import evaluate, feature_centres, format_table
 from mixtail.trainer.models import build_model
+from mixtail.trainer.router import ROUTER_FILE, Router, evaluate_router, router_table, stage1_model_config
 from mixtail.trainer.report import (best_eval, group_means, inter_class_scores, load_class_vectors,
                                     semantic_similarity_rows, top_confusions, write_report)
 from mixtail.trainer.train import autocast_for, check_classes, class_priors, data_source
@@ -80,21 +86,20 @@ def check_validation_keys(cfg, saved: dict, path: Path) -> None:
     for key in VAL_KEYS if held_out else VAL_KEYS[:1]:
         theirs, mine = saved["data"].get(key, getattr(type(cfg.data)(), key)), getattr(cfg.data, key)
         if mine != theirs:
-            raise ConfigError(f"key 'data.{key}': {path} was trained with {theirs!r}; evaluating with {mine!r} "
-                              f"would draw another validation split, holding out images it trained on")
-
-
-# The model keys that shape the network's weights: an evaluation cannot change them and still load them.
-ARCH_KEYS = ("arch", "head_dim")
+            raise ConfigError(f"key 'data.{key}': {path} was trained with {quote(theirs)}; evaluating with "
+                              f"{quote(mine)} would draw another validation split, holding out images it trained on")
 
 
 def check_model_keys(cfg, saved_cfg, path: Path) -> None:
-    """Refuse overrides that change the checkpoint's architecture (they were an internal error loading it)."""
-    for key in ARCH_KEYS:
-        theirs, mine = getattr(saved_cfg.model, key), getattr(cfg.model, key)
+    """Refuse any override of a model key: every field of the model config describes the network the
+    checkpoint's weights belong to (the backbone, the head, the experts and their classifiers; new fields
+    included without a list to update), and model.pretrained_path only where training started, which an
+    evaluation never reads (the weights come from the checkpoint)."""
+    for f in dataclasses.fields(saved_cfg.model):
+        theirs, mine = getattr(saved_cfg.model, f.name), getattr(cfg.model, f.name)
         if mine != theirs:
-            raise ConfigError(f"key 'model.{key}': {path} holds a model with {key} {theirs!r}; its weights cannot "
-                              f"be evaluated as {mine!r} (drop the override)")
+            raise ConfigError(f"key 'model.{f.name}': {path} holds a model with {f.name} {quote(theirs)}; its "
+                              f"weights cannot be evaluated as {quote(mine)} (drop the override)")
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_dir: str | Path | None = None,
@@ -107,7 +112,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
     test set at that T only.
     """
     path = Path(path)
-    state = load_checkpoint(path)
+    state, sha = read_checkpoint(path)
     for key in ("config", "model", "class_counts", "epoch"):
         if key not in state:
             raise CheckpointError(f"{path} is not a mixtail checkpoint (it has no {key!r}; keys: "
@@ -130,10 +135,12 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
         check_classes(state, path, list(test_loader.classes), data_source(cfg.data, "test"))
         val_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="val", **kw) if cfg.data.val_per_class else None
         counts = np.asarray(state["class_counts"])
-        model = build_model(cfg.model, len(counts)).to(device)
+        model = build_model(stage1_model_config(cfg.model), len(counts)).to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.load_state_dict(state["model"])
+        # Before any evaluation: a router.pt that is refused stops the command before it has printed anything.
+        router = load_router(path, sha, cfg, model, len(counts), device, info.is_main)
         autocast = autocast_for(cfg.train.precision, device)
         auto = None
         if posthoc_auto:  # the choice first, from the validation split alone
@@ -149,9 +156,9 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
                            return_outputs=report_dir is not None)
         if val_loader is not None:
             results["val"] = evaluate(model, val_loader, counts, device, autocast)
-        router = _router_results(path, cfg, model, test_loader, counts, device, autocast)
         if router is not None:
-            results["router"] = router
+            router = results["router"] = evaluate_router(model, router[0], test_loader, counts, device, autocast,
+                                                         router[1])
         shifted = results.pop("shifted", [])
         posthoc = list(zip(posthoc_taus, shifted))
         if auto:
@@ -167,9 +174,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
             if auto:
                 print(auto_table(auto))
             if router is not None:
-                from mixtail.trainer.router import router_table
-
-                print(f"stage-2 router ({path.parent / 'router.pt'}):")
+                print(f"stage-2 router ({path.parent / ROUTER_FILE}):")
                 print(router_table(router))
         if report_dir is not None:
             _report(Path(report_dir), path, state, cfg, model, results, posthoc, counts, classes, class_vectors,
@@ -183,19 +188,59 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
         cleanup()
 
 
-def _router_results(path: Path, cfg, model, test_loader, counts, device, autocast) -> dict | None:
-    """With a stage-2 router.pt beside a multi-expert checkpoint (issue 14): the routed prediction's accuracy
-    and the experts consulted per image, on the test set; None otherwise."""
-    from mixtail.trainer.router import ROUTER_FILE, Router, evaluate_router
+def load_router(path: Path, sha: str, cfg, model, num_classes: int, device, is_main: bool):
+    """With a stage-2 router.pt beside a multi-expert checkpoint: (router, threshold) to evaluate the
+    routed prediction with; None otherwise.
 
+    The router is used only when it was trained on this very checkpoint (the sha256 it records): one from an
+    earlier stage 1, a resumed or another run is stale. A stale, damaged or mismatched router.pt is named in one
+    line on stderr and left out; the checkpoint's own results stand without it. A router.pt that asks to run
+    code is refused with the whole evaluation (UnsafeFileError), as a checkpoint would be."""
     router_path = path.parent / ROUTER_FILE
     if cfg.model.experts < 2 or not router_path.exists():
         return None
-    saved = torch.load(router_path, map_location=device, weights_only=False)
-    r = saved["router_config"]
-    router = Router(model.num_experts, model.feature_dim, len(counts), r["top_k"], r["hidden_dim"]).to(device)
-    router.load_state_dict(saved["router"])
-    return evaluate_router(model, router, test_loader, counts, device, autocast, r["threshold"])
+
+    def leave_out(why: str) -> None:
+        if is_main:
+            print(f"mixtail eval: router {router_path} left out: {why}", file=sys.stderr, flush=True)
+
+    try:
+        # A router without a checksum predates the stage-1 binding too: the line below says so, not this log.
+        saved, _ = read_checkpoint(router_path, map_location=device, log=lambda _: None, what="router")
+    except UnsafeFileError:
+        raise
+    except CheckpointError as err:
+        leave_out(str(err))
+        return None
+    trained_on = saved.get("stage1_sha256")
+    if not isinstance(trained_on, str):
+        leave_out("it records no stage-1 checkpoint (written before routers were bound to one); retrain it with "
+                  "`mixtail train CONFIG --stage router`")
+        return None
+    if trained_on != sha:
+        leave_out(f"it is stale: trained on the stage-1 checkpoint with sha256 {quote(trained_on[:16])}..., not "
+                  f"on {path} ({sha[:16]}...); retrain it with `mixtail train CONFIG --stage router`")
+        return None
+    try:
+        r = saved["router_config"]
+        top_k, hidden, threshold = r["top_k"], r["hidden_dim"], r["threshold"]
+        if not (isinstance(top_k, int) and isinstance(hidden, int) and isinstance(threshold, float)
+                and top_k > 0 and hidden > 0 and 0 < threshold < 1):
+            raise ValueError("router_config")
+        # Shapes first, on the meta device (nothing allocated): a router for another K, class count or width.
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in Router(model.num_experts, model.feature_dim, num_classes, top_k,
+                                                           hidden).state_dict().items()}
+        weights = saved["router"]
+        if not isinstance(weights, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()} != shapes:
+            raise ValueError("shapes")
+        router = Router(model.num_experts, model.feature_dim, num_classes, top_k, hidden).to(device)
+        router.load_state_dict(weights)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        leave_out(f"it does not fit {path} (a router for another number of experts, classes or width, or not a "
+                  f"mixtail router)")
+        return None
+    return router, threshold
 
 
 def _fmt(v) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mixtail.errors import ConfigError
+from mixtail.errors import ConfigError, quote
 from mixtail.pipelines.config import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig,
                                       MixConfig, need, normalization)
 
@@ -182,7 +182,7 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(
-                    f"duplicate key '{key}' (line {key_node.start_mark.line + 1}, "
+                    f"duplicate key {quote(key)} (line {key_node.start_mark.line + 1}, "
                     f"first on line {seen[key]})"
                 )
             seen[key] = key_node.start_mark.line + 1
@@ -198,6 +198,14 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, in one line; never the file's text (its message quotes the lines)."""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or type(err).__name__
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
@@ -208,7 +216,7 @@ def _read_yaml(path: Path) -> dict:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -224,7 +232,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; return it in the field's own type (tuples, floats)."""
 
     def fail(expected: str):
-        raise ConfigError(f"{source}: key '{key}': expected {expected}, got {type(value).__name__} {value!r}")
+        # Quoted through a short prefix: the value may be a YAML alias bomb (10^8 shared references).
+        raise ConfigError(f"{source}: key '{key}': expected {expected}, got {type(value).__name__} {quote(value)}")
 
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -234,9 +243,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             fail(f"a mapping (section {tp.__name__})")
         return _build(tp, value, key, source)
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        # By type first: `in` compares a list with each choice, and equality walks it.
+        if not isinstance(value, (str, int, float, bool)) or value not in typing.get_args(tp):
             choices = " | ".join(repr(a) for a in typing.get_args(tp))
-            raise ConfigError(f"{source}: key '{key}': expected one of {choices}, got {value!r}")
+            raise ConfigError(f"{source}: key '{key}': expected one of {choices}, got {quote(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -306,7 +316,7 @@ def _apply_override(cfg: RunConfig, text: str) -> RunConfig:
     try:
         value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""  # noqa: S506
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: value is not valid YAML: {err}") from None
+        raise ConfigError(f"{source}: value is not valid YAML: {_yaml_problem(err)}") from None
 
     def set_in(node, path: list[str], done: str):
         hints = typing.get_type_hints(type(node))

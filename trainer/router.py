@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixtail.errors import ConfigError
+from mixtail.trainer.models import build_model
 
 ROUTER_FILE = "router.pt"
 ROUTER_EVAL = "router_eval.json"
@@ -180,11 +181,8 @@ def router_loader(cfg, device):
 def train_router_stage(cfg) -> dict:
     """`mixtail train CONFIG --stage router`: stage 2 on the finished stage-1 run in cfg.train.out_dir.
     Writes router.pt (the router's weights and the config) and router_eval.json; returns the evaluation."""
-    from mixtail.pipelines.loader import build_loader
-    from mixtail.trainer.checkpoint import CheckpointStore
     from mixtail.trainer.dist import cleanup, init_distributed
-    from mixtail.trainer.models import build_model
-    from mixtail.trainer.train import autocast_for, check_resume_config
+    from mixtail.trainer.train import run_dir_lock
 
     if cfg.model.experts < 2:
         raise ConfigError(f"key 'model.experts': --stage router needs a multi-expert run (K >= 2), got "
@@ -195,44 +193,64 @@ def train_router_stage(cfg) -> dict:
         cleanup()
         raise ConfigError("--stage router runs in one process (a few epochs of a small head); not under torchrun")
     try:
-        found = CheckpointStore(out_dir, keep=cfg.train.keep_checkpoints).load_latest(map_location=info.device)
-        if found is None:
-            raise FileNotFoundError(f"--stage router: no stage-1 checkpoint in {out_dir}; train stage 1 first")
-        path, state = found
-        check_resume_config(cfg, state["config"], path, state["epoch"])
-        if state["epoch"] != cfg.train.epochs or state["batch"] != 0:
-            raise ConfigError(f"--stage router: {path} is at epoch {state['epoch']} of {cfg.train.epochs}; finish "
-                              f"stage 1 first (mixtail train ... --resume)")
-        device = info.device
-        counts = np.asarray(state["class_counts"])
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, len(counts)).to(device)
-        model.load_state_dict(state["model"])
-        for p in model.parameters():
-            p.requires_grad_(False)
-        autocast = autocast_for(cfg.train.precision, device)
-        r = cfg.router
-        train_loader = router_loader(cfg, device)
-        test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", device=device, seed=cfg.train.seed,
-                                   channels_last=cfg.train.channels_last)
-        limit = cfg.train.max_steps_per_epoch or math.inf
-
-        def batches(epoch):
-            train_loader.set_epoch(epoch)
-            for b, batch in enumerate(train_loader):
-                if b >= limit:
-                    break
-                yield batch
-
-        print(f"stage 2 (router) on {path}: {r.epochs} epochs, batches of {r.batch_size}, stage-1 weights frozen")
-        router = train_router(model, batches, r, counts, device, autocast)
-        res = evaluate_router(model, router, test_loader, counts, device, autocast, r.threshold)
-        torch.save({"router": router.state_dict(), "config": state["config"], "router_config":
-                    dataclasses.asdict(r), "stage1_checkpoint": str(path), "stage1_epoch": state["epoch"]},
-                   out_dir / ROUTER_FILE)
-        (out_dir / ROUTER_EVAL).write_text(json.dumps(res, indent=1))
-        print(router_table(res))
-        print(f"router: {out_dir / ROUTER_FILE}, evaluation: {out_dir / ROUTER_EVAL}")
-        return res
+        # The run directory's lock: a `train --resume` beside this would replace the checkpoint the router is
+        # being trained on, and the router would be written beside a checkpoint it does not belong to.
+        with run_dir_lock(out_dir, info):
+            return _router_stage(cfg, out_dir, info)
     finally:
         cleanup()
+
+
+def _router_stage(cfg, out_dir: Path, info) -> dict:
+    from mixtail.pipelines.loader import build_loader
+    from mixtail.trainer.checkpoint import CheckpointStore, save_checkpoint
+    from mixtail.trainer.train import autocast_for, check_resume_config
+
+    store = CheckpointStore(out_dir, keep=cfg.train.keep_checkpoints)
+    found = store.load_latest(map_location=info.device)
+    if found is None:
+        raise FileNotFoundError(f"--stage router: no stage-1 checkpoint in {out_dir}; train stage 1 first")
+    path, state = found
+    check_resume_config(cfg, state["config"], path, state["epoch"])
+    if state["epoch"] != cfg.train.epochs or state["batch"] != 0:
+        raise ConfigError(f"--stage router: {path} is at epoch {state['epoch']} of {cfg.train.epochs}; finish "
+                          f"stage 1 first (mixtail train ... --resume)")
+    device = info.device
+    counts = np.asarray(state["class_counts"])
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(stage1_model_config(cfg.model), len(counts)).to(device)
+    model.load_state_dict(state["model"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    autocast = autocast_for(cfg.train.precision, device)
+    r = cfg.router
+    train_loader = router_loader(cfg, device)
+    test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", device=device, seed=cfg.train.seed,
+                               channels_last=cfg.train.channels_last)
+    limit = cfg.train.max_steps_per_epoch or math.inf
+
+    def batches(epoch):
+        train_loader.set_epoch(epoch)
+        for b, batch in enumerate(train_loader):
+            if b >= limit:
+                break
+            yield batch
+
+    print(f"stage 2 (router) on {path}: {r.epochs} epochs, batches of {r.batch_size}, stage-1 weights frozen")
+    router = train_router(model, batches, r, counts, device, autocast)
+    res = evaluate_router(model, router, test_loader, counts, device, autocast, r.threshold)
+    # Atomic and checksummed like a checkpoint, and bound to the stage-1 checkpoint by its sha256: evaluation
+    # uses the router only beside that checkpoint (a resumed, retrained or other run's is stale).
+    save_checkpoint(out_dir / ROUTER_FILE, {
+        "router": router.state_dict(), "config": state["config"], "router_config": dataclasses.asdict(r),
+        "stage1_checkpoint": str(path), "stage1_epoch": state["epoch"], "stage1_sha256": store.loaded_sha256})
+    (out_dir / ROUTER_EVAL).write_text(json.dumps(res, indent=1))
+    print(router_table(res))
+    print(f"router: {out_dir / ROUTER_FILE}, evaluation: {out_dir / ROUTER_EVAL}")
+    return res
+
+
+def stage1_model_config(model_cfg):
+    """The model config to rebuild a trained network from: no pretrained weights file is read (every weight
+    comes from the checkpoint, and the file may have moved since training)."""
+    return dataclasses.replace(model_cfg, pretrained_path="")

@@ -44,6 +44,7 @@ from mixtail.trainer.dist import DistInfo, barrier, cleanup, init_distributed
 from mixtail.trainer.evaluate import evaluate_splits, format_table, plot_per_class
 from mixtail.trainer.losses import log_prior_vector, mean_mix_ratio, mixed_prior
 from mixtail.trainer.models import build_model
+from mixtail.trainer.router import ROUTER_EVAL, ROUTER_FILE
 from mixtail.trainer.step import SGD, Health, NonFiniteError, Objective, TrainStep
 from mixtail.trainer.stop import StopSignals
 
@@ -218,8 +219,10 @@ def prepare_run_dir(out_dir: Path, store: CheckpointStore, *, resume: bool, over
         raise ConfigError(f"run directory {out_dir} already holds a run (checkpoint or metrics.jsonl): pass --resume "
                           f"to continue it, --overwrite to start again, or another --train.out_dir")
     if overwrite and holds and is_main:
+        # Everything the run wrote, its stage-2 router included: a router of the old run beside the new run's
+        # checkpoint would be read as the new run's.
         for p in store.paths() + [out_dir / n for n in ("metrics.jsonl", "final_eval.json", "per_class_accuracy.png",
-                                                        VAL_RECORD)]:
+                                                        VAL_RECORD, ROUTER_FILE, ROUTER_EVAL)]:
             p.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
 
@@ -429,7 +432,8 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
             state = {"model": raw_model.state_dict(), "optimizer": sgd.state_dict(),
                      "epoch": epoch, "batch": batch, "step": step, "epoch_sums": epoch_sums.cpu(),
                      "epoch_time": epoch_time, "metrics_lines": log.lines, "config": config_to_dict(cfg),
-                     "class_counts": np.asarray(counts), "classes": classes, "extended": extended}
+                     # Plain data only: checkpoints are read with torch's weights-only unpickler.
+                     "class_counts": [int(c) for c in counts], "classes": classes, "extended": extended}
             try:
                 store.save(state)
             except NonFiniteCheckpointError as err:  # finite losses, but the weights (or BN statistics) blew up

@@ -164,17 +164,33 @@ def load_rgb(path: str) -> np.ndarray:
         raise DataError(f"cannot decode image {path}: {err}") from None
 
 
+# What a file that is not an image most often is, by its first bytes: named in the error in its place (the
+# bytes themselves may be anything, /etc/passwd included, and never go into a message).
+_KINDS = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "gzip data"),
+          (b"\x7fELF", "an executable (ELF)"), (b"<?xml", "an XML file"), (b"<svg", "an SVG drawing"),
+          (b"\x00\x00\x00 ftyp", "a video or HEIF file"), (b"RIFF", "a RIFF file (WAV, AVI or WebP)"))
+
+
 def _not_an_image(path: str) -> str:
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(512)
     except OSError as err:
         return f"unreadable ({err.strerror})"
     if not head:
         return "zero-byte file"
     if head.startswith(_APPLE_DOUBLE):
         return "a macOS AppleDouble resource fork (._ file), not an image"
-    return f"not an image file (it starts with {head[:12]!r})"
+    for magic, kind in _KINDS:
+        if head.startswith(magic):
+            return f"not an image file ({kind})"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a multi-byte character cut at the end of the 512 bytes is still text
+        text = head[:err.start].decode("utf-8") if err.start >= len(head) - 3 else ""
+    if text and all(c.isprintable() or c in "\t\n\r\f" for c in text):
+        return "not an image file (it is text)"
+    return "not an image file (binary data of no image format PIL reads)"
 
 
 def _decode_failure(err: Exception) -> str:
