@@ -105,10 +105,10 @@ def _eval(argv: list[str]) -> int:
 def _upgrade_checkpoint(argv: list[str]) -> int:
     from mixtail.trainer.checkpoint import upgrade_checkpoint
 
-    p = _Parser(prog="mixtail upgrade-checkpoint",
-                description="Rewrite checkpoints written by an older mixtail (class counts as a numpy array) in "
-                            "today's format, which loads without unpickling code. Nothing but numpy's numeric "
-                            "arrays is read; each file is replaced atomically.")
+    p = Parser(prog="mixtail upgrade-checkpoint",
+               description="Rewrite checkpoints written by an older mixtail (class counts as a numpy array) in "
+                           "today's format, which loads without unpickling code. Nothing but numpy's numeric "
+                           "arrays is read; each file is replaced atomically.")
     p.add_argument("checkpoints", nargs="+")
     args = p.parse_args(argv)
     for path in args.checkpoints:
