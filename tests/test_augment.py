@@ -1,4 +1,4 @@
-"""Tests of pipelines/ops/augment.py against independent numpy rebuilds (tests/numpy_reference.py): pad-crop,
+"""Tests of pipelines/ops/augment.py against independent numpy rebuilds (tests/helpers/numpy_reference.py): pad-crop,
 flip, RandomResizedCrop, the colour matrices and the whole `augment` op, plus the parameter sampler.
 
     python -m pytest tests/test_augment.py -q
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-import numpy_reference as ref
+from helpers import numpy_reference as ref
 from mixtail.pipelines.ops.augment import AugParams, augment, colour_matrices, identity_aug_params, sample_aug_params
 from mixtail.trainer.config import AugConfig
 

@@ -337,7 +337,7 @@ def test_clean_stale_removes_only_temporary_files(tmp_path):
                                       for m in messages)
 
 
-class _Crash(BaseException):
+class _PowerCut(BaseException):
     """A simulated power cut: raised at one filesystem call, and by every call after it."""
 
 
@@ -358,7 +358,7 @@ def test_a_crash_at_any_step_of_a_save_leaves_new_or_previous(tmp_path, monkeypa
                 calls["n"] += 1
                 if calls["dead"] or calls["n"] == k:
                     calls["dead"] = True
-                    raise _Crash
+                    raise _PowerCut
                 return real[name](*args, **kwargs)
             return call
 
@@ -367,7 +367,7 @@ def test_a_crash_at_any_step_of_a_save_leaves_new_or_previous(tmp_path, monkeypa
         try:
             store.save(_state(100))
             finished = True
-        except _Crash:
+        except _PowerCut:
             finished = False
         finally:
             for n in names:

@@ -292,12 +292,28 @@ def test_data_on_error_and_image_check():
             DataConfig(**{field: value}).validate()
 
 
-def test_validate_accepts_edge_values():
-    cfg = load_config(None, ["--mix.ratio_range=[0,1]", "--mix.mix_prob=0", "--optim.milestones=[]",
-                             "--optim.lr_factors=[]", "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0",
-                             "--train.keep_checkpoints=1"])
-    assert cfg.mix.ratio_range == (0.0, 1.0) and cfg.optim.milestones == ()
-    assert cfg.train.keep_checkpoints == 1 and load_config(None).train.keep_checkpoints == 2
+# (key, the edge value that must load, the value just past it that must be refused)
+EDGES = [
+    ("mix.ratio_range", "[0,1]", "[-0.01,1]"),
+    ("mix.ratio_range", "[0,1]", "[0,1.01]"),
+    ("mix.mix_prob", "0", "-0.01"),
+    ("mix.mix_prob", "1", "1.01"),
+    ("mix.start_epoch", "0", "-1"),
+    ("mix.unmixed_last_epochs", "0", "-1"),
+    ("train.keep_checkpoints", "1", "0"),
+]
+
+
+@pytest.mark.parametrize("key,edge,past", EDGES)
+def test_validate_draws_the_line_at_the_edge(key, edge, past):
+    """Each range's edge value is accepted, and the value just past it is refused naming the key."""
+    load_config(None, [f"--{key}={edge}"])
+    assert f"'{key}'" in load_error(None, [f"--{key}={past}"])
+
+
+def test_empty_schedules_are_accepted():
+    cfg = load_config(None, ["--optim.milestones=[]", "--optim.lr_factors=[]"])
+    assert cfg.optim.milestones == () and cfg.optim.lr_factors == ()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-WORKER = REPO / "tests" / "elastic_worker.py"
+WORKER = REPO / "tests" / "helpers" / "elastic_worker.py"
 # 3 epochs of 4 steps, a checkpoint after every step, one evaluation at the end.
 # --resume on every attempt: it starts the run when there is no checkpoint yet (docs/scaling.md).
 RUN = ["train", "smoke_cpu", "--train.epochs=3", "--train.max_steps_per_epoch=4", "--train.checkpoint_every_steps=1",

@@ -257,15 +257,12 @@ def test_evaluation_reports_the_ensemble_and_every_expert():
                      "test expert 3 top-1 %"]
 
 
-class _Crash(RuntimeError):
-    pass
-
 
 @pytest.mark.slow
 def test_three_experts_resume_exactly(tmp_path, monkeypatch):
     """A K = 3 run killed mid-epoch and resumed ends with the straight run's weights, and its metrics, after
     the diversity temperatures were reweighted on the way (loss.diversity_reweight_epoch=1)."""
-    from train_hooks import wrap_train_loader
+    from helpers.train_hooks import SimulatedCrash, wrap_train_loader
 
     from mixtail.trainer.train import train
 
@@ -277,12 +274,12 @@ def test_three_experts_resume_exactly(tmp_path, monkeypatch):
 
     def crash(_batch):
         if seen["n"] == 5:  # the last checkpoint is step 4, mid-epoch 2
-            raise _Crash("simulated crash")
+            raise SimulatedCrash("simulated crash")
         seen["n"] += 1
 
     with monkeypatch.context() as m:
         wrap_train_loader(m, crash)
-        with pytest.raises(_Crash):
+        with pytest.raises(SimulatedCrash):
             train(cfg)
     train(cfg, resume=True)
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("straight", "crashed"))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-import numpy_reference as ref
+from helpers import numpy_reference as ref
 from mixtail.pipelines.ops.augment import identity_aug_params, sample_aug_params
 from mixtail.pipelines.config import AugConfig
 from mixtail.pipelines.ops.augment import box_mask

@@ -7,7 +7,7 @@ trainer is broken the way a reviewer would break it.
 - every epoch trains on its own data (an epoch replaying epoch 0 fails);
 - the SGD update equals torch.optim.SGD over several steps, Nesterov and skip-on-NaN included;
 - a demo-sized run learns (far above chance) in well under a minute on the CPU;
-- DDP (2 gloo processes, tests/ddp_step_check.py): both ranks end with identical weights, and one step's
+- DDP (2 gloo processes, tests/helpers/ddp_step_check.py): both ranks end with identical weights, and one step's
   loss and gradients equal one process on the concatenated batch for a model without batch statistics
   (removing the DDP wrapper fails it).
 
@@ -34,7 +34,7 @@ from mixtail.trainer import train as train_module
 from mixtail.trainer.config import load_config
 from mixtail.trainer.models import build_model
 from mixtail.trainer.step import SGD, Health, NonFiniteError, Objective, TrainStep
-from train_hooks import wrap_train_loader
+from helpers.train_hooks import wrap_train_loader
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,7 +198,7 @@ def test_demo_sized_run_learns_quickly(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_step_equals_one_process_on_the_concatenated_batch(tmp_path):
-    script = REPO / "tests" / "ddp_step_check.py"
+    script = REPO / "tests" / "helpers" / "ddp_step_check.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(tmp_path)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -244,7 +244,7 @@ def test_graphed_and_eager_steps_follow_the_same_trajectory(tmp_path):
 @gpu
 @pytest.mark.gpu
 def test_graphed_run_resumes_exactly(tmp_path, monkeypatch):
-    from train_hooks import wrap_train_loader as wrap
+    from helpers.train_hooks import wrap_train_loader as wrap
 
     common = ["--train.device=cuda", "--train.epochs=3", "--train.max_steps_per_epoch=4",
               "--train.checkpoint_every_steps=2", "--train.cuda_graphs=true", "--train.precision=fp32"]

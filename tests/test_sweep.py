@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train_hooks import wrap_train_loader
+from helpers.train_hooks import SimulatedCrash, wrap_train_loader
 from mixtail import cli
 from mixtail.errors import ConfigError, UsageError
 from mixtail.trainer.config import load_config
@@ -342,9 +342,6 @@ def test_jobs_2_runs_at_once(tmp_path):
         _check_row_is_its_run(row)
 
 
-class _Crash(Exception):
-    pass
-
 
 @pytest.mark.slow
 def test_resume_after_a_kill_runs_only_what_is_missing(tmp_path, monkeypatch):
@@ -360,11 +357,11 @@ def test_resume_after_a_kill_runs_only_what_is_missing(tmp_path, monkeypatch):
     def crash_in_epoch_2(batch):
         batches.append(batch)
         if len(batches) == 2:
-            raise _Crash
+            raise SimulatedCrash
 
     with monkeypatch.context() as m:
         wrap_train_loader(m, crash_in_epoch_2)
-        with pytest.raises(_Crash):
+        with pytest.raises(SimulatedCrash):
             train(killed.cfg)
     assert (killed.run_dir / "checkpoint.pt").exists() and not (killed.run_dir / "final_eval.json").exists()
     finished_stamp = (finished.run_dir / "final_eval.json").stat().st_mtime_ns

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_hooks import wrap_train_loader
+from helpers.train_hooks import SimulatedCrash, wrap_train_loader
 from mixtail.errors import ConfigError, DataError
 from mixtail.trainer.config import load_config
 from mixtail.trainer.train import lr_at, train
@@ -81,9 +81,6 @@ def test_cli_rejects_bad_override_naming_the_key(tmp_path):
     assert "optim.lr" in res.stderr and "fast" in res.stderr
 
 
-class _Crash(RuntimeError):
-    pass
-
 
 def _crash_after(batches: int, monkeypatch):
     """Make the training loader raise after `batches` batches in total, like a process dying mid-epoch."""
@@ -91,7 +88,7 @@ def _crash_after(batches: int, monkeypatch):
 
     def count(_batch):
         if seen["n"] == batches:
-            raise _Crash("simulated crash")
+            raise SimulatedCrash("simulated crash")
         seen["n"] += 1
 
     wrap_train_loader(monkeypatch, count)
@@ -109,7 +106,7 @@ def test_resume_after_crash_reaches_the_same_weights(tmp_path, monkeypatch, cras
     cfg = _smoke(tmp_path / "crashed", *overrides)
     with monkeypatch.context() as m:
         _crash_after(crash_at, m)
-        with pytest.raises(_Crash):
+        with pytest.raises(SimulatedCrash):
             train(cfg)
     state = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)
     assert state["step"] == checkpoint_step
@@ -260,7 +257,7 @@ def test_training_with_gradient_accumulation_resumes_exactly(tmp_path, monkeypat
     cfg = _smoke(tmp_path / "crashed", *overrides)
     with monkeypatch.context() as m:
         _crash_after(4, m)
-        with pytest.raises(_Crash):
+        with pytest.raises(SimulatedCrash):
             train(cfg)
     train(cfg, resume=True)
     _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "crashed"))
@@ -377,7 +374,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeyp
         cfg = _smoke(tmp_path / name, "--train.epochs=1")
         with monkeypatch.context() as m:
             _crash_after(0, m)
-            with pytest.raises(_Crash):
+            with pytest.raises(SimulatedCrash):
                 train(cfg)
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["config.yaml", "metrics.jsonl"]
         assert (tmp_path / name / "metrics.jsonl").stat().st_size == 0

@@ -62,7 +62,7 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         # A finished run's DDP wrapper can still hold the group through reference cycles; collected only at
-        # interpreter shutdown, gloo's threads then abort the process (tests/ddp_step_check.py saw SIGABRT
+        # interpreter shutdown, gloo's threads then abort the process (tests/helpers/ddp_step_check.py saw SIGABRT
         # once in CI). Collect it while the group is alive.
         gc.collect()
         dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """A torchrun entry point for tests/test_elastic.py: `python -m mixtail ARGS`, which kills itself once.
 
     MIXTAIL_TEST_KILL_RANK=0 MIXTAIL_TEST_KILL_AT_STEP=6 \
-        torchrun --standalone --nproc_per_node 2 --max-restarts 1 tests/elastic_worker.py train smoke_cpu ...
+        torchrun --standalone --nproc_per_node 2 --max-restarts 1 tests/helpers/elastic_worker.py train smoke_cpu ...
 
 On the first attempt (torchrun's TORCHELASTIC_RESTART_COUNT=0) the worker whose RANK is MIXTAIL_TEST_KILL_RANK
 sends itself SIGKILL when the training loop asks for the batch after step MIXTAIL_TEST_KILL_AT_STEP: with

@@ -4,7 +4,7 @@ half of a fixed batch, then, on rank 0, the same step in one process on the conc
 Writes OUT/rank{r}.pt ({"loss", "grads", "weights"} after one step and weights after three) and OUT/single.pt.
 The model has no batch statistics (BatchNorm statistics are per rank by design), so the two must agree.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_step_check.py OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/ddp_step_check.py OUT
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""A hook into the trainer's training loader, shared by tests/test_train.py and tests/test_step.py.
+"""A hook into the trainer's training loader, and the crash the tests simulate with it.
 
     wrap_train_loader(monkeypatch, lambda batch: seen.append(batch))   # called before each batch is handed out
+    wrap_train_loader(monkeypatch, lambda batch: raise_(SimulatedCrash("mid-epoch")))   # a process dying
 """
 
 from __future__ import annotations
@@ -8,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mixtail.trainer import train as train_module
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised inside the training loop to stand for a process that dies there."""
 
 
 def wrap_train_loader(monkeypatch, on_batch: Callable) -> None:
