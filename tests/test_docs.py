@@ -46,3 +46,15 @@ def test_method_cites_the_paper_and_nothing_outside_the_repository():
     text = METHOD.read_text()
     assert "2211.11938" in text
     assert "SPEC" not in text and "../shared" not in text and not re.search(r"\bissue \d+", text)
+
+
+def test_readme_is_a_front_door_and_every_relative_link_resolves():
+    """README stays short (the measured tables live in docs/results.md) and no page links to a missing file."""
+    readme = REPO_ROOT / "README.md"
+    assert len(readme.read_text(encoding="utf-8").splitlines()) <= 150
+    missing = []
+    for page in [readme, *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if "://" not in target and not (page.parent / target).exists():
+                missing.append(f"{page.relative_to(REPO_ROOT)} -> {target}")
+    assert missing == []
