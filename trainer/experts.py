@@ -220,7 +220,8 @@ def diversity_term(logits: torch.Tensor, temperatures: torch.Tensor,
 
 class ExpertsObjective:
     """L = Σ_k [CE(f_k(x̃) + log prior, ỹ) + η·SMC(z_k)] − w·diversity: SMC's objective on each expert's own
-    outputs (one fused SMC call per expert) and RIDE's diversity term. Returns (loss, ce, smc) like
+    outputs (one fused SMC call per expert) and RIDE's diversity term, taken on the same f_k(x̃) + log prior
+    the CE sees (`diversity_term` says why). Returns (loss, ce, smc) like
     trainer/step.Objective, with ce and smc summed over the experts (RIDE sums its per-expert losses)."""
 
     def __init__(self, base, diversity_weight: float, temperatures: torch.Tensor):
