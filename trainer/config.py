@@ -417,6 +417,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.model.experts >= 1, "model.experts", f"must be >= 1, got {cfg.model.experts}")
     need(cfg.loss.diversity_weight >= 0, "loss.diversity_weight", f"must be >= 0 (it is subtracted: RIDE's "
          f"additional_diversity_factor -0.45 is diversity_weight 0.45), got {cfg.loss.diversity_weight}")
+    need(cfg.loss.diversity_weight < 1, "loss.diversity_weight", f"must be < 1 (from 1 on, CE minus the diversity "
+         f"term is no longer convex in an expert's logits), got {cfg.loss.diversity_weight}")
     need(cfg.loss.diversity_temperature > 0, "loss.diversity_temperature",
          f"must be positive, got {cfg.loss.diversity_temperature}")
     need(0 <= cfg.loss.diversity_reweight_factor < 1, "loss.diversity_reweight_factor",

@@ -1,4 +1,4 @@
-"""SMC with RIDE's multiple experts (paper §4.6, Table 6; issue 14): the network, the stage-1 objective and
+"""SMC with RIDE's multiple experts (paper §4.6, Table 6): the network, the stage-1 objective and
 the stage-2 router. docs/experts.md states every choice and what differs from RIDE's code.
 
     mixtail train cifar100_lt_r100_ride3 --data.root=data/cifar100            # stage 1: K = 3 experts
@@ -45,13 +45,15 @@ def _mlp_head(dim: int, head_dim: int) -> nn.Sequential:
 
 class CosineClassifier(nn.Module):
     """RIDE's `NormedLinear` with its scale (model.expert_classifier: cosine): s · cos(feature, w_c) for each
-    class c, so every logit lies in [−s, s]. RIDE's diversity term rewards each expert's distance from the
-    ensemble, which a linear classifier can grow by scaling its logits; bounded logits bound the reward, as in
-    RIDE's code (docs/experts.md, "Classifier", says what the two did in short CPU runs)."""
+    class c, so every logit lies in [−s, s].
+
+    The class vectors start at unit norm, as RIDE's (uniform(−1, 1) renormalized). Only their directions
+    count, but the optimizer's angular step on a vector of norm r is about lr/r²: uniform(−1, 1) alone has
+    norm √(d/3) (4 at d = 48, 22.6 at d = 1,536), whose directions barely rotate in a short run."""
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 30.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features).uniform_(-1, 1))  # only directions count
+        self.weight = nn.Parameter(F.normalize(torch.empty(num_classes, in_features).uniform_(-1, 1), dim=1))
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,13 +190,26 @@ def diversity_temperatures(counts: np.ndarray, temperature: float, reweight_fact
     return temperature * w / w.max()
 
 
-def diversity_term(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """Σ_k T̄² · KL(softmax(l̄/T) ‖ softmax(l_k/T)), batch mean, with l̄ = mean_k l_k held constant (RIDE's
-    no_grad target) and T̄ the mean of the (C,) temperatures. It measures how far each expert's distribution
-    is from the ensemble's; the objective subtracts it (loss.diversity_weight ≥ 0), which is RIDE's
-    `additional_diversity_factor` < 0. logits: (K, N, C), any float dtype (computed in float32 at least)."""
+def diversity_term(logits: torch.Tensor, temperatures: torch.Tensor,
+                   log_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_k T̄² · KL(softmax(a̅/T) ‖ softmax(a_k/T)), batch mean, with a_k = l_k + log prior (the logits the
+    cross-entropy's prediction is made from; a_k = l_k when log_prior is None), a̅ = mean_k a_k held constant
+    (RIDE's no_grad target) and T̄ the mean of the (C,) temperatures. It measures how far each expert's
+    distribution is from the ensemble's; the objective subtracts it (loss.diversity_weight in [0, 1)), which
+    is RIDE's `additional_diversity_factor` < 0. logits: (K, N, C), any float dtype (computed in float32 at
+    least); log_prior: (C,) or None.
+
+    Why the adjusted logits: RIDE pairs the term with LDAM, which lowers only the target logit, so its CE
+    prediction is never below the raw softmax on a non-target class and, for weight < 1, the CE's restoring
+    force always beats the term's push. The logit-adjusted CE's prediction on a tail class j of a head sample
+    is about (π_j/π_y) times the raw one, a restoring force that a push of the raw distribution overwhelms
+    wherever π_j/π_y < weight: an expert is driven to predict j. On l_k + log prior the per-sample Hessian of
+    CE − weight·KL in l_k is (1 − weight)(diag p̃ − p̃ p̃ᵀ) at T = 1, convex for weight < 1
+    (docs/experts.md, "Why the diversity term sees the adjusted logits")."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     logits, t = logits.to(dtype), temperatures.to(dtype)
+    if log_prior is not None:
+        logits = logits + log_prior.to(dtype)
     with torch.no_grad():
         target = F.softmax(logits.mean(0) / t, dim=-1)
     log_p = F.log_softmax(logits / t, dim=-1)  # (K, N, C)
@@ -205,7 +220,8 @@ def diversity_term(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Te
 
 class ExpertsObjective:
     """L = Σ_k [CE(f_k(x̃) + log prior, ỹ) + η·SMC(z_k)] − w·diversity: SMC's objective on each expert's own
-    outputs (one fused SMC call per expert) and RIDE's diversity term. Returns (loss, ce, smc) like
+    outputs (one fused SMC call per expert) and RIDE's diversity term, taken on the same f_k(x̃) + log prior
+    the CE sees (`diversity_term` says why). Returns (loss, ce, smc) like
     trainer/step.Objective, with ce and smc summed over the experts (RIDE sums its per-expert losses)."""
 
     def __init__(self, base, diversity_weight: float, temperatures: torch.Tensor):
@@ -233,5 +249,6 @@ class ExpertsObjective:
                       for k in range(z.shape[0]))
         loss = ce + b.eta * smc
         if self.diversity_weight:
-            loss = loss - self.diversity_weight * diversity_term(logits, self.temperatures)
+            # In the space the CE sees: on l_k + log prior (the prior tensor the CE adds, updated in place).
+            loss = loss - self.diversity_weight * diversity_term(logits, self.temperatures, b.log_prior)
         return loss, ce, smc
