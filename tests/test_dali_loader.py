@@ -196,11 +196,13 @@ def _drawn_plan(seed, n, size, aug, mix, labels_n):
     return planner.plan(0, 0)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_graph_matches_reference_drawn_params(seed):
-    """The plans the loaders actually draw, RandomResizedCrop at 48 px, some pairs unmixed."""
+@pytest.mark.parametrize("seed,box", [(0, {}), (1, {}), (2, {"box": "clipped", "mix_op": "crop"}),
+                                      (3, {"box": "clipped", "box_per": "batch", "mix_op": "crop"})])
+def test_graph_matches_reference_drawn_params(seed, box):
+    """The plans the loaders actually draw, RandomResizedCrop at 48 px, some pairs unmixed; CutMix's clipped
+    boxes (mix.box) too, per pair and one per batch."""
     size, n = 48, 16
-    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.7, mix_per="sample")
+    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.7, mix_per="sample", **box)
     images = _noise(40, size, 3 + seed)
     plan = _drawn_plan(seed, n, size, aug, mix, 40)
     assert 0 < plan["mixed"].sum() < n
@@ -540,7 +542,9 @@ def _demo_cfg(*overrides):
 @pytest.mark.parametrize("overrides", [[], ["--aug.crop=resized", "--mix.mix_prob=0.5"],
                                        ["--mix.mix_prob=0.5", "--mix.mix_per=sample", "--mix.aug_order=after_mix"],
                                        ["--aug.policy=autoaugment"],
-                                       ["--aug.policy=cmo_randaug", "--mix.mix_prob=0.5", "--mix.mix_per=sample"]])
+                                       ["--aug.policy=cmo_randaug", "--mix.mix_prob=0.5", "--mix.mix_per=sample"],
+                                       ["--mix.box=clipped", "--mix.box_per=batch", "--mix.mix_op=crop",
+                                        "--mix.mix_prob=0.5", "--data.drop_last=false"]])
 def test_loader_matches_torch_loader(overrides):
     cfg = _demo_cfg(*overrides)
     policy = cfg.aug.policy != "simclr"
@@ -554,9 +558,10 @@ def test_loader_matches_torch_loader(overrides):
         tl.set_epoch(epoch)
         dl.set_epoch(epoch)
         pipe = dl.executor._pipe
-        n = 0
+        n = pairs = 0
         for bt, bd in zip(tl, dl):
-            assert bd.images.shape == bt.images.shape == (32, 3, 32, 32) and bd.images.dtype == torch.float32
+            pairs += len(bt.y_f)
+            assert bd.images.shape == bt.images.shape == (2 * len(bt.y_f), 3, 32, 32) and bd.images.dtype == torch.float32
             assert bd.images.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.y_b, bt.y_b) and torch.equal(bd.lam, bt.lam)
             if policy:  # AutoAugment: rows that hang on a rounding tie get the mean rule (see _policy_row_failures)
@@ -568,6 +573,8 @@ def test_loader_matches_torch_loader(overrides):
                 assert (bd.images - bt.images).abs().max() <= _grey(TOL_INSIDE)
             n += 1
         assert n == len(tl)
+        # Every backend yields the count it promises: full batches, or every sample with the short tail kept.
+        assert pairs == (len(tl) * 16 if cfg.data.drop_last else tl.planner.num_samples)
         if epoch == 1:
             assert dl.executor._pipe is pipe, "a fully iterated epoch should not restart the pipeline"
 
