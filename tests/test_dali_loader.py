@@ -82,10 +82,11 @@ def _grey(tol: float) -> float:
 
 
 def _any_loader(backend, dataset, *, train=True, batch_size=8, aug=None, mix=None, rank=0, world_size=1, seed=0,
-                image_size=None, device="cpu", mean=MEAN, std=STD, fg_sampling="class", num_threads=2):
+                image_size=None, device="cpu", mean=MEAN, std=STD, fg_sampling="class", num_threads=2, drop_last=True):
     size = image_size or (dataset.images.shape[1] if isinstance(dataset, ImageArrays) else 32)
     data = DataConfig(backend=backend, batch_size=batch_size * world_size, eval_batch_size=batch_size,
-                      image_size=size, mean=mean, std=std, fg_sampling=fg_sampling, num_threads=num_threads)
+                      image_size=size, mean=mean, std=std, fg_sampling=fg_sampling, num_threads=num_threads,
+                      drop_last=drop_last)
     return loader_for_dataset(dataset, data, aug or AugConfig(), mix or MixConfig(), split="train" if train else "test",
                               rank=rank, world_size=world_size, device=torch.device(device), seed=seed)
 
@@ -683,18 +684,22 @@ def test_foreground_class_frequencies_follow_q(mode):
     assert chisquare(observed, prior * total).pvalue < 1e-9
 
 
-def test_two_ranks_disjoint_and_equal_lengths():
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_two_ranks_disjoint_and_equal_lengths(drop_last):
+    """35 samples a rank in batches of 4: 8 batches, or 9 with the short last one kept (data.drop_last false),
+    which then delivers every sample of the rank's streams."""
     n = 70
     labels = np.arange(n) % 7
     global_batch = 8
     lengths, bgs = [], []
     for rank in (0, 1):
-        loader, ds = _flat_loader(n, labels, batch_size=global_batch // 2, rank=rank, world_size=2, seed=2)
-        torch_len = len(_torch_loader(ds, batch_size=global_batch // 2, rank=rank, world_size=2, seed=2))
+        kw = dict(batch_size=global_batch // 2, rank=rank, world_size=2, seed=2, drop_last=drop_last)
+        loader, ds = _flat_loader(n, labels, **kw)
+        torch_len = len(_torch_loader(ds, **kw))
         loader.set_epoch(0)
         seen_bg, seen_fg = [], []
         for b, batch in enumerate(loader):
-            x = batch.images[:4].permute(0, 2, 3, 1)
+            x = batch.images[:len(batch.y_f)].permute(0, 2, 3, 1)
             for i, (t, l, h, w) in enumerate(batch.plan["box"]):
                 outside = np.ones((16, 16), bool)
                 outside[t:t + h, l:l + w] = False
@@ -706,8 +711,9 @@ def test_two_ranks_disjoint_and_equal_lengths():
         assert seen_fg == sample_order(foreground_weights(labels, 7, "class", 1.0), **kw)[:m].tolist()
         lengths.append((len(loader), torch_len))
         bgs.append(set(seen_bg))
-    assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1] == (n // 2) // 4
+    assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1] == (n // 2) // 4 + (not drop_last)
     assert not bgs[0] & bgs[1], "ranks must see disjoint backgrounds"
+    assert len(bgs[0]) == len(bgs[1]) == (32 if drop_last else 35)
 
 
 # --------------------------------------------------------------------------------------------------
