@@ -297,9 +297,11 @@ def table(out: Path, peer_best: bool, results_dir: Path | None, peer_commit: str
                "ours_mean": round(float(ours_all.mean()), 2),
                "ours_spread": round(float(ours_all.max() - ours_all.min()), 2),
                "ours_std": round(float(ours_all.std(ddof=1)), 2) if len(seeds) > 1 else None,
-               "mean_diff": round(float((ours_all - peer_all).mean()), 2)}
+               "mean_diff": round(float((ours_all - peer_all).mean()), 2),
+               "diff_std": round(float((ours_all - peer_all).std(ddof=1)), 2) if len(seeds) > 1 else None,
+               "seeds_ours_higher": int((ours_all > peer_all).sum())}
     summary["within_spread"] = abs(summary["mean_diff"]) <= max(summary["peer_spread"], summary["ours_spread"])
-    print(format_table(rows))
+    print(format_table([{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]))
     print(f"mean All: peer {summary['peer_mean']} (spread {summary['peer_spread']}), ours {summary['ours_mean']} "
           f"(spread {summary['ours_spread']}); ours - peer {summary['mean_diff']:+.2f}, within the seed spread: "
           f"{summary['within_spread']}")
