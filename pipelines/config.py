@@ -82,6 +82,13 @@ class DataConfig:
     # Per-channel mean for normalization; null: CIFAR's statistics for 32 px data, ImageNet's otherwise.
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None  # per-channel std for normalization; null: as for mean
+    # Training epochs end with the last full batch of every rank (true), or also run the partial batch that
+    # is left (false: torch's DataLoader default, so LDAM-DRW's and CMO's cifar_train.py take 97 steps of
+    # 128 over CIFAR-10-LT ρ = 100 where true takes 96). Either way every rank sees the same count.
+    drop_last: bool = True
+
+    def __post_init__(self):
+        need(isinstance(self.drop_last, bool), "data.drop_last", f"must be true or false, got {self.drop_last!r}")
 
     def validate(self) -> None:
         need(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
@@ -167,6 +174,18 @@ class MixConfig:
     # CMO's 3 < epoch < E − 3. Outside the window the foreground stream is not drawn at all.
     start_epoch: int = 4
     unmixed_last_epochs: int = 3  # the last epochs of the run, which are not mixed (see start_epoch)
+    # Where the box lies. `inside`: side √λ'·(H, W) rounded, placed uniformly inside the image (SMC's
+    # ResizeMix, whose pasted whole image must fit). `clipped`: CutMix's and CMO's rand_bbox: side
+    # int(√λ'·H), a uniform centre pixel, the half-side ⌊side/2⌋ on each side of it, clipped at the border,
+    # λ from the clipped area (so a mean foreground share of about 0.30 at λ' ~ U(0, 1), against 0.50 inside).
+    box: Literal["inside", "clipped"] = "inside"
+    # One λ' and box per pair, or one for the whole global batch (CutMix's and CMO's code draw one per batch).
+    box_per: Literal["pair", "batch"] = "pair"
+
+    def __post_init__(self):
+        need(self.box in ("inside", "clipped"), "mix.box", f"must be inside or clipped, got {str(self.box)[:40]!r}")
+        need(self.box_per in ("pair", "batch"), "mix.box_per",
+             f"must be pair or batch, got {str(self.box_per)[:40]!r}")
 
     def validate(self) -> None:
         lo, hi = self.ratio_range

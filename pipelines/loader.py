@@ -313,11 +313,12 @@ def build_planner(labels, data, aug, mix, *, split: str, sizes=None, num_classes
     if split != "train":  # val and test: one unaugmented view of every image, once
         return Planner.for_testing(labels, sizes, image_size=data.image_size, batch_size=batch_size, rank=rank,
                                    world_size=world_size, test_resize_ratio=test_resize_ratio(data))
-    if samples_per_rank(len(labels), world_size) < batch_size:
+    if samples_per_rank(len(labels), world_size) < (batch_size if data.drop_last else 1):
         raise ConfigError(f"key 'data.batch_size': {len(labels)} training images over {world_size} ranks do not "
                           f"fill one batch of {batch_size} pairs per rank")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     return Planner.for_training(labels, sizes, aug=aug, mix=mix, image_size=data.image_size, batch_size=batch_size,
                                 num_views=data.num_views,
                                 fg_weights=foreground_weights(labels, num_classes, data.fg_sampling, data.fg_gamma),
-                                seed=seed, rank=rank, world_size=world_size, num_epochs=num_epochs)
+                                seed=seed, rank=rank, world_size=world_size, num_epochs=num_epochs,
+                                drop_last=data.drop_last)

@@ -40,8 +40,9 @@ import numpy as np
 
 from mixtail.pipelines.ops.augment import AugParams, colour_matrices, sample_aug_params
 from mixtail.pipelines.ops.autoaugment import PolicyParams, cutout_boxes, sample_policy_params, without_colour
-from mixtail.pipelines.ops.mixing import MixParams, sample_mix_params
-from mixtail.pipelines.sampling import batch_generator, batch_mixed, batches_per_epoch, sample_order
+from mixtail.pipelines.ops.mixing import MixParams, sample_mix_params, shared_mix_params
+from mixtail.pipelines.sampling import (batch_box_generator, batch_generator, batch_mixed, batches_per_epoch,
+                                        sample_order)
 
 _I4, _F4 = np.dtype(np.int32), np.dtype(np.float32)
 
@@ -241,7 +242,7 @@ class Planner:
     def __init__(self, *, train: bool, labels: np.ndarray, sizes: np.ndarray | None, image_size: int,
                  batch_size: int, seed: int, rank: int, world_size: int, aug=None, mix=None, num_views: int = 1,
                  fg_weights: np.ndarray | None = None, num_epochs: int | None = None,
-                 test_resize_ratio: float = 1.0):
+                 test_resize_ratio: float = 1.0, drop_last: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.train = train
@@ -254,6 +255,7 @@ class Planner:
         self.aug, self.mix, self.num_views = aug, mix, num_views
         self.num_epochs = num_epochs
         self.test_resize_ratio = test_resize_ratio
+        self.drop_last = drop_last  # training: whether the partial last batch of an epoch is dropped
         if train:
             if fg_weights is None or aug is None or mix is None:
                 raise ValueError("a training planner needs aug, mix and fg_weights")
@@ -271,10 +273,11 @@ class Planner:
 
     @classmethod
     def for_training(cls, labels, sizes, *, aug, mix, image_size: int, batch_size: int, num_views: int,
-                     fg_weights, seed: int, rank: int, world_size: int, num_epochs: int | None) -> "Planner":
+                     fg_weights, seed: int, rank: int, world_size: int, num_epochs: int | None,
+                     drop_last: bool = True) -> "Planner":
         return cls(train=True, labels=labels, sizes=sizes, image_size=image_size, batch_size=batch_size,
                    seed=seed, rank=rank, world_size=world_size, aug=aug, mix=mix, num_views=num_views,
-                   fg_weights=fg_weights, num_epochs=num_epochs)
+                   fg_weights=fg_weights, num_epochs=num_epochs, drop_last=drop_last)
 
     @classmethod
     def for_testing(cls, labels, sizes, *, image_size: int, batch_size: int, rank: int, world_size: int,
@@ -283,9 +286,10 @@ class Planner:
                    seed=0, rank=rank, world_size=world_size, test_resize_ratio=test_resize_ratio)
 
     def __len__(self) -> int:
-        """Exact batches per epoch on this rank (training drops the partial last batch)."""
+        """Exact batches per epoch on this rank (training drops the partial last batch unless drop_last is
+        False; the last batch of a kept tail is shorter, and as long on every rank)."""
         return batches_per_epoch(self.num_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
-                                 train=self.train)
+                                 train=self.train, drop_last=self.drop_last)
 
     # -- indices ------------------------------------------------------------------------------------
 
@@ -302,8 +306,7 @@ class Planner:
         """Whether `epoch` lies in the mixing window (with num_epochs=None the window has no end)."""
         return self.mix.active(epoch, self.num_epochs if self.num_epochs is not None else 1 << 62)
 
-    def _mixed_pairs(self, epoch: int, b: int, rng: np.random.Generator) -> np.ndarray:
-        n = self.batch_size
+    def _mixed_pairs(self, epoch: int, b: int, n: int, rng: np.random.Generator) -> np.ndarray:
         if not self.mixing_on(epoch) or self.mix.mix_prob == 0:
             return np.zeros(n, bool)
         if self.mix.mix_per == "batch":
@@ -326,8 +329,8 @@ class Planner:
         """(bg indices, fg indices, mixed pairs) of a training batch, from the first draws of its generator."""
         n = self.batch_size
         orders = self._epoch_orders(epoch)
-        bg_idx = orders.bg[b * n:(b + 1) * n]
-        mixed = self._mixed_pairs(epoch, b, rng)
+        bg_idx = orders.bg[b * n:(b + 1) * n]  # shorter for the kept tail (drop_last false)
+        mixed = self._mixed_pairs(epoch, b, len(bg_idx), rng)
         # An unmixed batch reads no foreground: no executor decodes, resizes or pastes one.
         fg_idx = np.where(mixed, orders.fg[b * n:(b + 1) * n], bg_idx) if mixed.any() else bg_idx
         return bg_idx, fg_idx, mixed
@@ -356,10 +359,14 @@ class Planner:
         return BatchPlan(epoch=0, batch=b, train=False, mixed=False, colour=False, table=table, layout=self.layout)
 
     def _train_plan(self, epoch: int, b: int) -> BatchPlan:
-        n, s = self.batch_size, self.image_size
+        s = self.image_size
         rng = batch_generator(self.seed, epoch, self.rank, b)
         bg_idx, fg_idx, mixed = self._train_indices(epoch, b, rng)
-        mp = sample_mix_params(rng, n, s, s, self.mix, mixed)
+        n = len(bg_idx)
+        if self.mix.box_per == "batch":  # one box for the global batch, from its own stream: the same on every rank
+            mp = shared_mix_params(batch_box_generator(self.seed, epoch, b), s, s, self.mix, mixed)
+        else:
+            mp = sample_mix_params(rng, n, s, s, self.mix, mixed)
         augs, sizes, policies = {}, {}, {}
         for p in component_names(self.mix.aug_order, self.num_views):
             if p.startswith("fg") and not mixed.any():

@@ -25,6 +25,7 @@ _BACKGROUND_STREAM = 0
 _FOREGROUND_STREAM = 1
 _BATCH_PARAMS_STREAM = 2
 _MIX_DECISION_STREAM = 3
+_BATCH_BOX_STREAM = 4
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -67,11 +68,14 @@ def samples_per_rank(num_samples: int, world_size: int) -> int:
     return num_samples // world_size
 
 
-def batches_per_epoch(num_samples: int, batch_size: int, *, rank: int, world_size: int, train: bool) -> int:
-    """Exact batches per epoch on a rank: training drops the partial last batch (equal on every rank);
-    evaluation covers this rank's shard rank::world_size, a partial last batch included."""
+def batches_per_epoch(num_samples: int, batch_size: int, *, rank: int, world_size: int, train: bool,
+                      drop_last: bool = True) -> int:
+    """Exact batches per epoch on a rank: training drops the partial last batch unless drop_last is False
+    (the count is equal on every rank either way: each sees samples_per_rank); evaluation covers this rank's
+    shard rank::world_size, a partial last batch included."""
     if train:
-        return samples_per_rank(num_samples, world_size) // batch_size
+        per_rank = samples_per_rank(num_samples, world_size)
+        return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
     return -(-len(range(rank, num_samples, world_size)) // batch_size)
 
 
@@ -115,6 +119,11 @@ def batch_generator(seed: int, epoch: int, rank: int, batch: int) -> np.random.G
     and two backends given the same (seed, epoch, rank, batch) draw the same boxes, λ and crops.
     """
     return generator(seed, epoch, _BATCH_PARAMS_STREAM, rank, batch)
+
+
+def batch_box_generator(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The generator of global batch `batch`'s one λ and box (mix.box_per=batch): the same on every rank."""
+    return generator(seed, epoch, _BATCH_BOX_STREAM, batch)
 
 
 def batch_mixed(seed: int, epoch: int, batch: int, mix_prob: float) -> bool:

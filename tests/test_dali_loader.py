@@ -84,10 +84,11 @@ def _grey(tol: float) -> float:
 
 
 def _any_loader(backend, dataset, *, train=True, batch_size=8, aug=None, mix=None, rank=0, world_size=1, seed=0,
-                image_size=None, device="cpu", mean=MEAN, std=STD, fg_sampling="class", num_threads=2):
+                image_size=None, device="cpu", mean=MEAN, std=STD, fg_sampling="class", num_threads=2, drop_last=True):
     size = image_size or (dataset.images.shape[1] if isinstance(dataset, ImageArrays) else 32)
     data = DataConfig(backend=backend, batch_size=batch_size * world_size, eval_batch_size=batch_size,
-                      image_size=size, mean=mean, std=std, fg_sampling=fg_sampling, num_threads=num_threads)
+                      image_size=size, mean=mean, std=std, fg_sampling=fg_sampling, num_threads=num_threads,
+                      drop_last=drop_last)
     return loader_for_dataset(dataset, data, aug or AugConfig(), mix or MixConfig(), split="train" if train else "test",
                               rank=rank, world_size=world_size, device=torch.device(device), seed=seed)
 
@@ -198,11 +199,13 @@ def _drawn_plan(seed, n, size, aug, mix, labels_n):
     return planner.plan(0, 0)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_graph_matches_reference_drawn_params(seed):
-    """The plans the loaders actually draw, RandomResizedCrop at 48 px, some pairs unmixed."""
+@pytest.mark.parametrize("seed,box", [(0, {}), (1, {}), (2, {"box": "clipped", "mix_op": "crop"}),
+                                      (3, {"box": "clipped", "box_per": "batch", "mix_op": "crop"})])
+def test_graph_matches_reference_drawn_params(seed, box):
+    """The plans the loaders actually draw, RandomResizedCrop at 48 px, some pairs unmixed; CutMix's clipped
+    boxes (mix.box) too, per pair and one per batch."""
     size, n = 48, 16
-    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.7, mix_per="sample")
+    aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.7, mix_per="sample", **box)
     images = _noise(40, size, 3 + seed)
     plan = _drawn_plan(seed, n, size, aug, mix, 40)
     assert 0 < plan["mixed"].sum() < n
@@ -543,7 +546,9 @@ def _demo_cfg(*overrides):
                                        ["--mix.mix_prob=0.5", "--mix.mix_per=sample", "--mix.aug_order=after_mix"],
                                        pytest.param(["--aug.policy=autoaugment"], marks=pytest.mark.slow),
                                        pytest.param(["--aug.policy=cmo_randaug", "--mix.mix_prob=0.5",
-                                                     "--mix.mix_per=sample"], marks=pytest.mark.slow)])
+                                                     "--mix.mix_per=sample"], marks=pytest.mark.slow),
+                                       ["--mix.box=clipped", "--mix.box_per=batch", "--mix.mix_op=crop",
+                                        "--mix.mix_prob=0.5", "--data.drop_last=false"]])
 def test_loader_matches_torch_loader(overrides):
     cfg = _demo_cfg(*overrides)
     policy = cfg.aug.policy != "simclr"
@@ -557,9 +562,10 @@ def test_loader_matches_torch_loader(overrides):
         tl.set_epoch(epoch)
         dl.set_epoch(epoch)
         pipe = dl.executor._pipe
-        n = 0
+        n = pairs = 0
         for bt, bd in zip(tl, dl):
-            assert bd.images.shape == bt.images.shape == (32, 3, 32, 32) and bd.images.dtype == torch.float32
+            pairs += len(bt.y_f)
+            assert bd.images.shape == bt.images.shape == (2 * len(bt.y_f), 3, 32, 32) and bd.images.dtype == torch.float32
             assert bd.images.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(bd.y_f, bt.y_f) and torch.equal(bd.y_b, bt.y_b) and torch.equal(bd.lam, bt.lam)
             if policy:  # AutoAugment: rows that hang on a rounding tie get the mean rule (see _policy_row_failures)
@@ -571,6 +577,8 @@ def test_loader_matches_torch_loader(overrides):
                 assert (bd.images - bt.images).abs().max() <= _grey(TOL_INSIDE)
             n += 1
         assert n == len(tl)
+        # Every backend yields the count it promises: full batches, or every sample with the short tail kept.
+        assert pairs == (len(tl) * 16 if cfg.data.drop_last else tl.planner.num_samples)
         if epoch == 1:
             assert dl.executor._pipe is pipe, "a fully iterated epoch should not restart the pipeline"
 
@@ -679,18 +687,22 @@ def test_foreground_class_frequencies_follow_q(mode):
     assert chisquare(observed, prior * total).pvalue < 1e-9
 
 
-def test_two_ranks_disjoint_and_equal_lengths():
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_two_ranks_disjoint_and_equal_lengths(drop_last):
+    """35 samples a rank in batches of 4: 8 batches, or 9 with the short last one kept (data.drop_last false),
+    which then delivers every sample of the rank's streams."""
     n = 70
     labels = np.arange(n) % 7
     global_batch = 8
     lengths, bgs = [], []
     for rank in (0, 1):
-        loader, ds = _flat_loader(n, labels, batch_size=global_batch // 2, rank=rank, world_size=2, seed=2)
-        torch_len = len(_torch_loader(ds, batch_size=global_batch // 2, rank=rank, world_size=2, seed=2))
+        kw = dict(batch_size=global_batch // 2, rank=rank, world_size=2, seed=2, drop_last=drop_last)
+        loader, ds = _flat_loader(n, labels, **kw)
+        torch_len = len(_torch_loader(ds, **kw))
         loader.set_epoch(0)
         seen_bg, seen_fg = [], []
         for b, batch in enumerate(loader):
-            x = batch.images[:4].permute(0, 2, 3, 1)
+            x = batch.images[:len(batch.y_f)].permute(0, 2, 3, 1)
             for i, (t, l, h, w) in enumerate(batch.plan["box"]):
                 outside = np.ones((16, 16), bool)
                 outside[t:t + h, l:l + w] = False
@@ -702,8 +714,9 @@ def test_two_ranks_disjoint_and_equal_lengths():
         assert seen_fg == sample_order(foreground_weights(labels, 7, "class", 1.0), **kw)[:m].tolist()
         lengths.append((len(loader), torch_len))
         bgs.append(set(seen_bg))
-    assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1] == (n // 2) // 4
+    assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1] == (n // 2) // 4 + (not drop_last)
     assert not bgs[0] & bgs[1], "ranks must see disjoint backgrounds"
+    assert len(bgs[0]) == len(bgs[1]) == (32 if drop_last else 35)
 
 
 # --------------------------------------------------------------------------------------------------

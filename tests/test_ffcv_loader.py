@@ -73,10 +73,10 @@ def _write(path: Path, images: list[np.ndarray], labels: np.ndarray) -> Path:
 
 
 def _loader(ds, backend: str, *, split="train", batch_size=8, eval_batch_size=10, aug=AugConfig(), mix=HALF,
-            rank=0, world_size=1, device=CPU):
+            rank=0, world_size=1, device=CPU, drop_last=True):
     """batch_size is per rank."""
     data = DataConfig(backend=backend, batch_size=batch_size * world_size, eval_batch_size=eval_batch_size,
-                      image_size=S, mean=MEAN, std=STD, num_threads=1)
+                      image_size=S, mean=MEAN, std=STD, num_threads=1, drop_last=drop_last)
     return loader_for_dataset(ds, data, aug, mix, split=split, rank=rank, world_size=world_size, device=device,
                               seed=0)
 
@@ -249,6 +249,25 @@ def test_two_ranks_disjoint_backgrounds_equal_lengths(square):
         seen.append(np.concatenate([b.plan["bg_index"] for b in batches]))
         ffcv_loader.close()
     assert len(seen[0]) == len(seen[1]) and not set(seen[0]) & set(seen[1])
+
+
+def test_kept_last_batch_and_clipped_boxes_match_the_torch_executor(square):
+    """data.drop_last=false over two ranks: each yields ceil(24 / 5) = 5 batches holding all of its 24 samples,
+    the short one last, disjoint from the other rank's; with CutMix's clipped boxes, one per batch
+    (mix.box, mix.box_per), the batches are the torch executor's."""
+    mix = MixConfig(mix_prob=0.5, start_epoch=0, box="clipped", box_per="batch", mix_op="crop", ratio_range=(0.0, 1.0))
+    seen = []
+    for rank in (0, 1):
+        kw = dict(rank=rank, world_size=2, mix=mix, batch_size=5, drop_last=False)
+        ffcv_loader = _loader(square, "ffcv", **kw)
+        batches = _epoch(ffcv_loader, 0) + _epoch(ffcv_loader, 1)
+        assert len(ffcv_loader) == 5 and [len(b.y_f) for b in batches] == [5, 5, 5, 5, 4] * 2
+        assert any(b.plan.mixed for b in batches)
+        _assert_same(batches, _epoch(_loader(square, "torch", **kw), 0) + _epoch(_loader(square, "torch", **kw), 1),
+                     grey=0.0)
+        seen.append(np.concatenate([b.plan["bg_index"] for b in batches[:5]]))
+        ffcv_loader.close()
+    assert len(seen[0]) == len(seen[1]) == 24 and not set(seen[0]) & set(seen[1])
 
 
 def test_test_split_covers_every_sample_once_across_ranks(varied):

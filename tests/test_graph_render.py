@@ -58,9 +58,9 @@ def dataset(n: int = 96, *, varied_sizes: bool = False, seed: int = 0) -> ImageA
 
 
 def loader(ds: ImageArrays, *, mix: MixConfig | None = None, aug: AugConfig | None = None, batch_size: int = 8,
-           device: torch.device = CPU):
+           device: torch.device = CPU, drop_last: bool = True):
     data = DataConfig(batch_size=batch_size, eval_batch_size=batch_size, num_views=2, image_size=SIZE, mean=MEAN,
-                      std=STD)
+                      std=STD, drop_last=drop_last)
     mix = mix or MixConfig(mix_prob=0.5, start_epoch=0)
     return loader_for_dataset(ds, data, aug or AugConfig(), mix, split="train", rank=0, world_size=1, device=device,
                               seed=0, num_epochs=None)
@@ -123,7 +123,7 @@ def test_render_makes_the_plans_batch_and_nothing_a_graph_cannot_hold(recipe, va
     sizes = None if ds.sizes is None else torch.from_numpy(ds.sizes)
     kinds, shapes = set(), set()
     for b in batches(ld):
-        assert b.render is not None and b.render.key == (b.plan.mixed, b.plan.colour)
+        assert b.render is not None and b.render.key == (b.plan.mixed, b.plan.colour, len(b.plan))
         kinds.add(b.plan.mixed)
         with HostOps() as ops:
             made = b.render.fn(b.render.table)
@@ -204,6 +204,24 @@ def test_graph_path_follows_the_eager_step_and_makes_the_batch_only_inside_it():
     assert set(graphed.step._graphs) == keys  # one body per render key, built once
 
 
+def test_a_kept_short_last_batch_gets_its_own_graph():
+    """data.drop_last=false: the short last batch of an epoch is another graph kind (a captured graph has fixed
+    shapes), and the graph path still follows the eager step through it."""
+    cfg = load_config("smoke_cpu", ["--train.precision=fp32"])
+    ld = loader(dataset(100), mix=MixConfig(mix_prob=1.0, start_epoch=0), batch_size=16, drop_last=False)
+    steps = batches(ld)
+    assert [len(b.plan) for b in steps] == [16] * 6 + [4]
+    losses = []
+    for replay in (False, True):
+        torch.manual_seed(0)
+        tr = build_training(cfg, CLASSES, np.bincount(dataset(100).labels, minlength=CLASSES), CPU)
+        if replay:
+            tr.step._capture = StaticReplay
+        losses.append(torch.stack([tr.step(b, 0.05).clone() for b in steps]))
+    assert torch.equal(losses[0], losses[1])
+    assert {k[-1] for k in tr.step._graphs} == {16, 4}
+
+
 def test_graph_loader_false_makes_batches_before_the_graphed_step():
     cfg = load_config("smoke_cpu", ["--train.precision=fp32"])
     eager, eager_losses, _, _ = _run(cfg, replay=False, steps=6)
@@ -222,7 +240,7 @@ def test_batches_without_a_render_take_the_tensor_graph():
     b = Batch(torch.randn(8, 3, SIZE, SIZE, generator=g), torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0]),
               torch.full((4,), 0.7))
     assert torch.isfinite(tr.step(b, 0.05)).all()
-    assert set(tr.step._graphs) == {("tensors", True)}
+    assert set(tr.step._graphs) == {("tensors", True, 4)}
 
 
 def test_graphs_need_cuda_on_a_real_step():

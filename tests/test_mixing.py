@@ -176,6 +176,72 @@ def test_box_side_distribution_is_normalized_beta(alpha):
         assert stats.chisquare(counts[support], n * probs(wrong)[support]).pvalue < 1e-6, wrong
 
 
+@pytest.mark.parametrize("size", [32, 31, 17])
+def test_clipped_boxes_are_cutmix_rand_bbox(size):
+    """mix.box=clipped: each box and λ equal CutMix's rand_bbox (ref.cutmix_box) from the same draws (λ' first,
+    then the centre row and column), and pasting its own pixels equals the numpy rebuild."""
+    n = 3000
+    mp = sample_mix_params(np.random.default_rng(2), n, size, size, MixConfig(ratio_range=(0.0, 1.0), box="clipped"),
+                           mixed=True)
+    rng = np.random.default_rng(2)
+    share = rng.beta(1.0, 1.0, n)
+    rows, cols = np.floor(rng.random(n) * size).astype(int), np.floor(rng.random(n) * size).astype(int)
+    expected = np.array([ref.cutmix_box(u, r, c, size, size) for u, r, c in zip(share, rows, cols)])
+    assert np.array_equal(mp.box, expected)
+    assert np.array_equal(mp.lam, (expected[:, 2] * expected[:, 3] / size ** 2).astype(np.float32))
+    # Boxes reach the border, where they are cut: some are clipped (shorter than their even cut), none leave.
+    top, left, bh, bw = mp.box.T
+    assert (top >= 0).all() and (top + bh <= size).all() and (left + bw <= size).all()
+    assert (top == 0).any() and (top + bh == size).any() and (bh != bw).any()
+    fg, bg = random_floats(16, size, 10), random_floats(16, size, 11)
+    out = paste(fg, bg, torch.from_numpy(mp.box[:16]), "crop")
+    assert np.array_equal(out.numpy(), ref.paste(fg.numpy(), bg.numpy(), mp.box[:16], "crop").astype(np.float32))
+
+
+def test_clipped_box_gives_the_foreground_a_smaller_mean_share():
+    """The reason the key exists: at λ' ~ U(0, 1) the clipped box covers about 0.30 of the image on average
+    (CMO's foreground share of the label), the inside box 0.50."""
+    n, cfg = 20000, MixConfig(ratio_range=(0.0, 1.0))
+    inside = sample_mix_params(np.random.default_rng(4), n, 32, 32, cfg, mixed=True).lam.mean()
+    clipped = sample_mix_params(np.random.default_rng(4), n, 32, 32, replace(cfg, box="clipped"), mixed=True).lam.mean()
+    assert abs(inside - 0.50) < 0.01 and 0.27 < clipped < 0.33
+
+
+def test_box_keys_name_themselves():
+    from mixtail.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mix.box"):
+        MixConfig(box="outside")
+    with pytest.raises(ConfigError, match="mix.box_per"):
+        MixConfig(box_per="epoch")
+
+
+def test_one_box_per_batch_is_shared_by_every_pair_and_rank():
+    """mix.box_per=batch: every mixed pair of a global batch has the batch's one λ and box (CutMix's and CMO's
+    code draw one per batch), the same on every rank; unmixed pairs keep λ = 1 and no box."""
+    from mixtail.pipelines.plan import Planner
+    from mixtail.pipelines.sampling import foreground_weights
+
+    labels = np.arange(64) % 4
+    mix = MixConfig(box="clipped", box_per="batch", mix_op="crop", ratio_range=(0.0, 1.0))
+
+    def plan(rank, world, batch, mix=mix):
+        return Planner.for_training(labels, None, aug=AugConfig(), mix=mix, image_size=32, batch_size=8, num_views=1,
+                                    fg_weights=foreground_weights(labels, 4, "instance", 1.0), seed=3, rank=rank,
+                                    world_size=world, num_epochs=None).plan(0, batch)
+
+    for b in range(3):
+        a, c = plan(0, 2, b), plan(1, 2, b)
+        assert (a["box"] == a["box"][0]).all() and np.array_equal(a["box"], c["box"]) and (a["lam"] == c["lam"][0]).all()
+    assert len({tuple(plan(0, 1, b)["box"][0]) for b in range(3)}) == 3  # each batch its own box
+    per_pair = plan(0, 1, 0, replace(mix, box_per="pair"))
+    assert len({tuple(r) for r in per_pair["box"]}) > 1
+    half = plan(0, 1, 0, replace(mix, mix_prob=0.5, mix_per="sample"))
+    on = half["mixed"] == 1
+    assert 0 < on.sum() < 8 and (half["box"][~on] == 0).all() and (half["lam"][~on] == 1).all()
+    assert (half["box"][on] == half["box"][on][0]).all()
+
+
 def test_ratio_range_edges_give_empty_and_full_boxes():
     size, n = 31, 8
     fg, bg = random_floats(n, size, 6), random_floats(n, size, 7)

@@ -19,6 +19,32 @@ def _params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def test_fan_in_init_is_ldam_and_cmo_weights_init():
+    """model.init=fan_in: Kaiming normal with fan-in on every convolution and the classifier (std √(2/fan_in)),
+    as LDAM-DRW's and CMO's _weights_init; fan_out keeps fan-out convolutions and torch's default classifier."""
+    torch.manual_seed(0)
+    net_in = build_model(ModelConfig(arch="resnet8", init="fan_in"), num_classes=10)
+    net_out = build_model(ModelConfig(arch="resnet8"), num_classes=10)
+    conv_in, conv_out = net_in.backbone.conv1.weight.detach(), net_out.backbone.conv1.weight.detach()  # (16, 3, 3, 3)
+    assert float(conv_in.std()) == pytest.approx(math.sqrt(2 / 27), rel=0.15)
+    assert float(conv_out.std()) == pytest.approx(math.sqrt(2 / 144), rel=0.15)
+    stage = [m.weight.detach() for m in net_in.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 32]
+    assert all(float(w.std()) == pytest.approx(math.sqrt(2 / (32 * 9)), rel=0.15) for w in stage)
+    assert float(net_in.classifier.weight.detach().std()) == pytest.approx(math.sqrt(2 / 64), rel=0.15)
+    assert float(net_out.classifier.weight.detach().abs().max()) <= 1 / 8  # torch's U(±1/√64)
+
+
+def test_fan_in_init_names_the_key_where_it_does_not_apply():
+    from mixtail.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.init.*resnet50"):
+        build_model(ModelConfig(arch="resnet50", init="fan_in"), num_classes=10)
+    with pytest.raises(ConfigError, match="model.init"):
+        ModelConfig(init="xavier")
+    with pytest.raises(ConfigError, match="model.init"):
+        ModelConfig(init="fan_in", experts=3)
+
+
 def test_resnet32_is_the_cifar_resnet():
     net = CifarResNet(32)
     # He et al. report 0.46M parameters for ResNet-32 on CIFAR (option A shortcuts have none).

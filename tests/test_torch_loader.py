@@ -55,10 +55,10 @@ def indexed_dataset(n: int, num_classes: int = 5, seed: int = 0) -> ImageArrays:
 
 
 def loader(ds: ImageArrays, *, train=True, batch_size=16, mix=MixConfig(), aug=AugConfig(), rank=0, world_size=1,
-           num_views=2, seed=0, num_epochs=None, fg_sampling="class") -> Loader:
+           num_views=2, seed=0, num_epochs=None, fg_sampling="class", drop_last=True) -> Loader:
     """The torch backend over an in-memory dataset; batch_size is per rank."""
     data = DataConfig(batch_size=batch_size * world_size, eval_batch_size=batch_size, num_views=num_views,
-                      fg_sampling=fg_sampling, image_size=SIZE, mean=MEAN, std=STD)
+                      fg_sampling=fg_sampling, image_size=SIZE, mean=MEAN, std=STD, drop_last=drop_last)
     return loader_for_dataset(ds, data, aug, mix, split="train" if train else "test", rank=rank,
                               world_size=world_size, device=CPU, seed=seed, num_epochs=num_epochs)
 
@@ -108,6 +108,40 @@ def test_train_epoch_length_same_on_every_rank(world_size):
             assert b.y_f.shape == b.y_b.shape == b.lam.shape == (bs,)
             assert b.y_f.dtype == b.y_b.dtype == torch.int64 and b.lam.dtype == torch.float32
             assert b.num_views == 2
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_kept_last_batch_delivers_every_sample_of_each_rank(world_size):
+    """data.drop_last=false: ceil(samples per rank / batch) batches, the last one short and as long on every
+    rank; the ranks' backgrounds are disjoint and together the single-process epoch (less the tail that does
+    not divide over the ranks); a mixed short batch mixes all its pairs."""
+    bs, per_rank = 16, len(DS) // world_size
+    seen = []
+    for rank in range(world_size):
+        ld = loader(DS, batch_size=bs, rank=rank, world_size=world_size, drop_last=False)
+        assert len(ld) == math.ceil(per_rank / bs) == (len(DS) // world_size) // bs + 1
+        batches = epoch(ld, 1)
+        sizes = [len(b.y_f) for b in batches]
+        assert len(batches) == len(ld) and sum(sizes) == per_rank and sizes[-1] == per_rank % bs
+        last = batches[-1]
+        assert last.images.shape == (2 * sizes[-1], 3, SIZE, SIZE) and last.lam.shape == (sizes[-1],)
+        assert (last.plan["mixed"] == 1).all() and (last.lam < 1).any()
+        seen.append(np.concatenate([b.plan["bg_index"] for b in batches]))
+    union = np.concatenate(seen)
+    assert len(np.unique(union)) == len(union) == per_rank * world_size
+    full = sample_order(None, epoch=1, seed=0, rank=0, world_size=1, num_samples=len(DS))
+    assert set(union) == set(full[:per_rank * world_size])
+
+
+def test_drop_last_is_a_bool_and_a_kept_tail_may_be_the_only_batch():
+    from mixtail.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.drop_last"):
+        DataConfig(drop_last=0)
+    small = indexed_dataset(12)
+    assert len(loader(small, batch_size=16, drop_last=False)) == 1
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        loader(small, batch_size=16)
 
 
 def test_set_epoch_reproducible_and_epochs_differ():

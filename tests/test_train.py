@@ -55,6 +55,26 @@ def test_lr_schedule_warmup_and_milestones():
     assert lr_at(o, 1800, spe) == pytest.approx(0.1 * 0.0001)
 
 
+def test_lr_warmup_per_epoch_is_ldam_and_cmo_adjust_learning_rate():
+    """optim.warmup=per_epoch: lr·(e + 1)/5 for the whole of epoch e < 5, as LDAM-DRW's and CMO's
+    adjust_learning_rate (written out here), then the same milestones; per_step ramps within the epoch."""
+    import dataclasses
+
+    o, spe = dataclasses.replace(load_config(None).optim, warmup="per_epoch"), 97
+
+    def theirs(epoch):  # cifar_train.py's rule, 1-based epoch
+        e = epoch + 1
+        return 0.1 * e / 5 if e <= 5 else 0.1 * 0.0001 if e > 180 else 0.1 * 0.01 if e > 160 else 0.1
+
+    for epoch in (0, 1, 4, 5, 159, 160, 179, 180, 199):
+        for b in (0, 50, 96):
+            assert lr_at(o, epoch * spe + b, spe) == pytest.approx(theirs(epoch)), (epoch, b)
+    step = dataclasses.replace(o, warmup="per_step")
+    assert lr_at(step, 0, spe) == pytest.approx(0.1 / (5 * spe)) and lr_at(o, 0, spe) == pytest.approx(0.02)
+    with pytest.raises(ConfigError, match="optim.warmup"):
+        dataclasses.replace(o, warmup="per_batch")
+
+
 @pytest.mark.slow
 def test_cli_run_writes_everything(tmp_path):
     out = tmp_path / "run"

@@ -550,6 +550,29 @@ def check_mix_per_sample(d, c):
     assert 0.4 < np.mean([p["mixed"].mean() for p in window]) < 0.6
 
 
+def check_box_clipped(d, c):
+    """CutMix's clipped box: boxes at the border are cut (not square), and the foreground's mean share drops."""
+    box_d, box_c = column(d, "box", mixed_only=True), column(c, "box", mixed_only=True)
+    assert (box_d[:, 2] == box_d[:, 3]).all() and (box_c[:, 2] != box_c[:, 3]).mean() > 0.2
+    assert column(c, "lam", mixed_only=True).mean() < column(d, "lam", mixed_only=True).mean() - 0.1
+
+
+def check_box_per_batch(d, c):
+    for cfg, shared in ((d, False), (c, True)):
+        boxes = [p["box"][p["mixed"].astype(bool)] for p in plans(cfg) if p.mixed]
+        assert all((b == b[0]).all() for b in boxes) == shared
+
+
+def check_drop_last(d, c):
+    """false: one more batch an epoch, the short rest of the samples, so every sample is seen once."""
+    for cfg, keep in ((d, False), (c, True)):
+        epoch = [p for p in plans(cfg) if p.epoch == 0]
+        n = int(demo_counts(cfg.data.imbalance_ratio).sum())
+        assert n % cfg.data.batch_size
+        assert sum(len(p) for p in epoch) == (n if keep else n // cfg.data.batch_size * cfg.data.batch_size)
+        assert (len(epoch[-1]) < cfg.data.batch_size) == keep
+
+
 def check_window(d, c):
     for cfg in (d, c):
         want = list(range(cfg.mix.start_epoch, EPOCHS - cfg.mix.unmixed_last_epochs))
@@ -682,6 +705,7 @@ ROWS: dict[str, list[Row]] = {
             ("--data.num_threads=1",)),
     ],
     "data.batch_size": [Row(16, check_batch_size)],
+    "data.drop_last": [Row(False, check_drop_last)],
     "data.eval_batch_size": [Row(100, check_eval_batch_size)],
     "data.image_size": [Row(24, check_image_size)],
     "data.fg_sampling": [Row("class", check_fg_classes(BALANCED, reversed_tail))],
@@ -708,6 +732,8 @@ ROWS: dict[str, list[Row]] = {
     "mix.aug_order": [Row("after_mix", check_aug_order), Row("none", check_aug_order)],
     "mix.mix_prob": [Row(0.0, check_mix_prob), Row(1.0, check_mix_prob)],
     "mix.mix_per": [Row("sample", check_mix_per_sample)],
+    "mix.box": [Row("clipped", check_box_clipped)],
+    "mix.box_per": [Row("batch", check_box_per_batch)],
     "mix.start_epoch": [Row(2, check_window, ALWAYS_MIX)],
     "mix.unmixed_last_epochs": [Row(0, check_window, ALWAYS_MIX)],
     "loss.eta": [Row(0.5, check_eta), Row(0.0, check_eta)],

@@ -59,6 +59,15 @@ class ModelConfig:
     # The experts' classifiers (K > 1 only): a linear layer as the single network's, or RIDE's cosine
     # classifier 30·cos(feature, w_c), whose logits are bounded (docs/experts.md, "Classifier").
     expert_classifier: Literal["linear", "cosine"] = "linear"
+    # Initialization of a CIFAR ResNet's convolutions and the classifier. fan_out: Kaiming normal with fan-out
+    # on the convolutions, PyTorch's default for the classifier. fan_in: Kaiming normal with fan-in on every
+    # convolution and the classifier (LDAM-DRW's and CMO's resnet_cifar.py, _weights_init).
+    init: Literal["fan_out", "fan_in"] = "fan_out"
+
+    def __post_init__(self):
+        need(self.init in ("fan_out", "fan_in"), "model.init", f"must be fan_out or fan_in, got {str(self.init)[:40]!r}")
+        need(self.init == "fan_out" or self.experts == 1, "model.init",
+             "fan_in is implemented for the single network (model.experts 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,8 +105,15 @@ class OptimConfig:
     weight_decay: float = 2e-4  # L2 weight decay, on every parameter
     nesterov: bool = False  # Nesterov momentum
     warmup_epochs: float = 5.0  # linear warmup, per step
+    # per_step: lr·(s + 1)/(warmup_epochs·steps per epoch) at step s; per_epoch: lr·(e + 1)/warmup_epochs for
+    # the whole of epoch e (LDAM-DRW's and CMO's adjust_learning_rate, set once at the start of each epoch).
+    warmup: Literal["per_step", "per_epoch"] = "per_step"
     milestones: tuple[int, ...] = (160, 180)  # epochs where the lr factor changes
     lr_factors: tuple[float, ...] = (0.01, 0.0001)  # lr = base·factor from each milestone on
+
+    def __post_init__(self):
+        need(self.warmup in ("per_step", "per_epoch"), "optim.warmup",
+             f"must be per_step or per_epoch, got {str(self.warmup)[:40]!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -46,7 +46,7 @@ class _BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32×32 inputs; forward returns the pooled 64-d feature."""
 
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, init: str = "fan_out"):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, ...), got {depth}")
@@ -62,7 +62,7 @@ class CifarResNet(nn.Module):
         self.out_dim = 64
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode=init, nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
@@ -72,8 +72,14 @@ class CifarResNet(nn.Module):
 CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)  # resnet50 and friends are torchvision's ImageNet models
 
 
-def build_backbone(arch: str, pretrained_path: str = "") -> tuple[nn.Module, int]:
-    """(backbone, feature dim) for an arch name; pretrained_path: a local weights file (timm backbones)."""
+def build_backbone(arch: str, pretrained_path: str = "", init: str = "fan_out") -> tuple[nn.Module, int]:
+    """(backbone, feature dim) for an arch name; pretrained_path: a local weights file (timm backbones);
+    init (model.init): the Kaiming mode of a CIFAR ResNet's convolutions (other backbones keep their own)."""
+    match = re.fullmatch(r"resnet(\d+)", arch)
+    cifar = bool(match) and int(match.group(1)) in CIFAR_DEPTHS
+    if init != "fan_out" and not cifar:
+        raise ConfigError(f"key 'model.init': {init} is for the CIFAR ResNets (resnet8 .. resnet110); "
+                          f"model.arch={arch[:60]!r} keeps its own initialization")
     if arch.startswith("timm/"):
         from mixtail.trainer.timm_backbone import timm_backbone
 
@@ -81,9 +87,8 @@ def build_backbone(arch: str, pretrained_path: str = "") -> tuple[nn.Module, int
     if pretrained_path:
         raise ConfigError(f"key 'model.pretrained_path': read for timm/<name> backbones only, not "
                           f"model.arch={arch!r}")
-    match = re.fullmatch(r"resnet(\d+)", arch)
-    if match and int(match.group(1)) in CIFAR_DEPTHS:
-        net = CifarResNet(int(match.group(1)))
+    if cifar:
+        net = CifarResNet(int(match.group(1)), init)
         return net, net.out_dim
     import torchvision
 
@@ -135,5 +140,9 @@ def build_model(cfg, num_classes: int) -> SMCNet:
         from mixtail.trainer.experts import build_experts_model
 
         return build_experts_model(cfg, num_classes)
-    backbone, dim = build_backbone(cfg.arch, cfg.pretrained_path)
-    return SMCNet(backbone, dim, num_classes, cfg.head_dim)
+    init = getattr(cfg, "init", "fan_out")
+    backbone, dim = build_backbone(cfg.arch, cfg.pretrained_path, init)
+    model = SMCNet(backbone, dim, num_classes, cfg.head_dim)
+    if init == "fan_in":  # LDAM-DRW's and CMO's _weights_init also draws the classifier (its bias keeps torch's)
+        nn.init.kaiming_normal_(model.classifier.weight)
+    return model

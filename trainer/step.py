@@ -275,7 +275,8 @@ class TrainStep:
             if kind not in self._graphs:
                 self._graphs[kind] = self._capture(self, [render.table], lambda table: self._eager(*render.fn(table)))
             return self._graphs[kind].run([render.table])
-        kind = ("tensors", bool(batch.plan.mixed) if batch.plan is not None else True)
+        # The batch length is part of the kind: a kept short last batch (data.drop_last false) is its own graph.
+        kind = ("tensors", bool(batch.plan.mixed) if batch.plan is not None else True, batch.y_f.shape[0])
         tensors = [batch.images, batch.y_f, batch.y_b, batch.lam]
         if kind not in self._graphs:
             self._graphs[kind] = self._capture(self, tensors, self._eager)

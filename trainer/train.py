@@ -50,11 +50,16 @@ from mixtail.trainer.stop import StopSignals
 
 
 def lr_at(optim, step: int, steps_per_epoch: int) -> float:
-    """Linear warmup over optim.warmup_epochs (per step), then the milestone factors (per epoch)."""
-    warmup_steps = optim.warmup_epochs * steps_per_epoch
-    if step < warmup_steps:
-        return optim.lr * (step + 1) / warmup_steps
+    """Linear warmup over optim.warmup_epochs (optim.warmup: per step, or one value per epoch), then the
+    milestone factors (per epoch)."""
     epoch = step // steps_per_epoch
+    if optim.warmup == "per_epoch":
+        if epoch + 1 <= optim.warmup_epochs:  # adjust_learning_rate's test: never above lr
+            return optim.lr * (epoch + 1) / optim.warmup_epochs
+    else:
+        warmup_steps = optim.warmup_epochs * steps_per_epoch
+        if step < warmup_steps:
+            return optim.lr * (step + 1) / warmup_steps
     factor = 1.0
     for milestone, f in zip(optim.milestones, optim.lr_factors):
         if epoch >= milestone:

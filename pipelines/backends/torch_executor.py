@@ -66,7 +66,9 @@ class TorchExecutor:
         make = functools.partial(self._train_tensors, plan.host)
         if any(name.endswith(".aa_op") for name in plan.layout.offsets):  # host-chosen rows: not capturable
             return Batch(*make(plan.table), plan=plan.host)
-        return Batch(plan=plan.host, render=PlanRender((plan.mixed, plan.colour), plan.table, make))
+        # The key says which body renders the table; its length too, so a kept short last batch (data.drop_last
+        # false) gets its own captured graph.
+        return Batch(plan=plan.host, render=PlanRender((plan.mixed, plan.colour, len(plan)), plan.table, make))
 
     def _train_tensors(self, host: BatchPlan, table: torch.Tensor) -> BatchTensors:
         """The batch of the plan whose host side is `host` and whose device table is `table` (any plan with

@@ -13,7 +13,7 @@ This is the reference every backend is tested against:
    background by the plan's indices and renders its views (test plans: the one test view), the torch
    backend's batch before normalization.
 
-The label ratio is the exact pasted area after rounding: λ = box_h·box_w / (H·W).
+The label ratio is the exact pasted area after rounding (and clipping): λ = box_h·box_w / (H·W).
 
     mp = sample_mix_params(np.random.default_rng(0), 128, 32, 32, MixConfig(), mixed=np.ones(128, bool))
     views = render_views(fg_uint8, bg_uint8, plan.to(device), out_size=32)  # list of (B, 3, 32, 32) floats
@@ -41,8 +41,11 @@ class MixParams:
 
 
 def sample_mix_params(rng: np.random.Generator, n: int, height: int, width: int, cfg, mixed: np.ndarray) -> MixParams:
-    """λ' ~ lo + (hi − lo)·Beta(α, α); box side √λ'·(H, W) rounded; position uniform inside the image.
+    """λ' ~ lo + (hi − lo)·Beta(α, α), then each pair's box by mix.box, and λ = the box's exact area / (H·W).
 
+    inside (SMC's ResizeMix): side √λ'·(H, W) rounded half up, position uniform inside the image.
+    clipped (CutMix's and CMO's rand_bbox): side int(√λ'·(H, W)), a uniform centre pixel (row, then column),
+    the half-side ⌊side/2⌋ on either side of it, clipped at the border; the box is what is left.
     `mixed` (n,) says which pairs mix (the planner decides: per batch or per pair, inside the epoch window);
     the others get λ = 1 and an empty box.
     """
@@ -50,12 +53,31 @@ def sample_mix_params(rng: np.random.Generator, n: int, height: int, width: int,
     lo, hi = cfg.ratio_range
     lam_raw = lo + (hi - lo) * rng.beta(cfg.alpha, cfg.alpha, n)
     side = np.sqrt(lam_raw)
-    bh = np.floor(side * height + 0.5).astype(np.int64)
-    bw = np.floor(side * width + 0.5).astype(np.int64)
-    top = np.floor(rng.random(n) * (height - bh + 1)).astype(np.int64)
-    left = np.floor(rng.random(n) * (width - bw + 1)).astype(np.int64)
+    if getattr(cfg, "box", "inside") == "clipped":
+        half_h = np.floor(side * height).astype(np.int64) // 2
+        half_w = np.floor(side * width).astype(np.int64) // 2
+        row = np.floor(rng.random(n) * height).astype(np.int64)
+        col = np.floor(rng.random(n) * width).astype(np.int64)
+        top, bottom = np.clip(row - half_h, 0, height), np.clip(row + half_h, 0, height)
+        left, right = np.clip(col - half_w, 0, width), np.clip(col + half_w, 0, width)
+        bh, bw = bottom - top, right - left
+    else:
+        bh = np.floor(side * height + 0.5).astype(np.int64)
+        bw = np.floor(side * width + 0.5).astype(np.int64)
+        top = np.floor(rng.random(n) * (height - bh + 1)).astype(np.int64)
+        left = np.floor(rng.random(n) * (width - bw + 1)).astype(np.int64)
     box = np.stack([top, left, bh, bw], axis=1) * mixed[:, None]
     lam = np.where(mixed, (bh * bw) / (height * width), 1.0).astype(np.float32)
+    return MixParams(lam, box.astype(np.int64), mixed.copy())
+
+
+def shared_mix_params(rng: np.random.Generator, height: int, width: int, cfg, mixed: np.ndarray) -> MixParams:
+    """mix.box_per=batch: one λ' and box drawn from `rng` (a generator of the global batch, the same on every
+    rank) for every mixed pair of the batch, as CutMix's and CMO's code draw them; unmixed pairs as above."""
+    mixed = np.asarray(mixed, dtype=bool)
+    one = sample_mix_params(rng, 1, height, width, cfg, np.ones(1, bool))
+    box = np.repeat(one.box, len(mixed), axis=0) * mixed[:, None]
+    lam = np.where(mixed, one.lam[0], 1.0).astype(np.float32)
     return MixParams(lam, box.astype(np.int64), mixed.copy())
 
 

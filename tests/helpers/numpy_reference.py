@@ -105,3 +105,12 @@ def paste(fg: np.ndarray, bg: np.ndarray, box, mix_op: str) -> np.ndarray:
 
 def round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
+
+
+def cutmix_box(share: float, row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """CutMix's rand_bbox as CMO's cifar_train.py writes it, one box at a time in Python ints: cut = int(side·√share)
+    per axis, the centre pixel (row, col), the half-cut on either side, clipped to the image. (top, left, h, w)."""
+    cut_h, cut_w = int(height * float(np.sqrt(share))), int(width * float(np.sqrt(share)))
+    y1, y2 = min(max(row - cut_h // 2, 0), height), min(max(row + cut_h // 2, 0), height)
+    x1, x2 = min(max(col - cut_w // 2, 0), width), min(max(col + cut_w // 2, 0), width)
+    return y1, x1, y2 - y1, x2 - x1
