@@ -23,6 +23,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_SIZE = 1024  # data.image_size's upper bound (DataConfig.validate says why)
 
 
 def need(ok: bool, key: str, msg: str) -> None:
@@ -34,7 +35,8 @@ def need(ok: bool, key: str, msg: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """What to read and how it is batched: dataset, backend (torch, dali, ffcv), batch sizes, image size,
-    foreground sampling and views. `validate()` raises a ConfigError naming the first bad key.
+    foreground sampling and views. Building one checks its values (`validate()`): a ConfigError names the
+    first bad key.
 
     >>> import mixtail
     >>> data = mixtail.DataConfig(dataset="demo", backend="torch", batch_size=64, imbalance_ratio=20.0)
@@ -81,10 +83,16 @@ class DataConfig:
     mean: tuple[float, float, float] | None = None  # None: CIFAR stats for 32 px data, ImageNet stats otherwise
     std: tuple[float, float, float] | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         need(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
         need(self.eval_batch_size > 0, "data.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
-        need(self.image_size >= 8, "data.image_size", f"must be at least 8, got {self.image_size}")
+        # The paper's largest images are 224 px (ImageNet-LT, iNaturalist); 1024 leaves room for fine-tuning at
+        # high resolution, while a slip of the keyboard (100000) would ask for terabytes of batch memory.
+        need(8 <= self.image_size <= MAX_IMAGE_SIZE, "data.image_size",
+             f"must be in [8, {MAX_IMAGE_SIZE}], got {self.image_size}")
         need(self.imbalance_ratio >= 1, "data.imbalance_ratio", f"must be >= 1, got {self.imbalance_ratio}")
         need(self.num_views in (1, 2), "data.num_views", f"must be 1 or 2, got {self.num_views}")
         need(self.fg_gamma >= 0, "data.fg_gamma", f"must be >= 0, got {self.fg_gamma}")
@@ -129,6 +137,9 @@ class AugConfig:
     grayscale_prob: float = 0.2
     cutout_px: int = 16  # autoaugment: side of the Cutout square (DeVries & Taylor); 0 turns it off
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         need(self.pad_px >= 0, "aug.pad_px", f"must be >= 0, got {self.pad_px}")
         need(0 < self.scale[0] <= self.scale[1] <= 1, "aug.scale",
@@ -163,6 +174,9 @@ class MixConfig:
     # CMO's 3 < epoch < E − 3. Outside the window the foreground stream is not drawn at all.
     start_epoch: int = 4
     unmixed_last_epochs: int = 3
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         lo, hi = self.ratio_range

@@ -77,6 +77,16 @@ def test_bad_config_type_in_file(capsys, tmp_path):
     _assert_one_line(err, "train", str(path), "train.keep_checkpoints")
 
 
+@pytest.mark.parametrize("command", [["train"], ["sweep", "--set", "train.seed=0,1", "--dry-run"]])
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(capsys, tmp_path, command):
+    """Used to be `internal error: UnicodeDecodeError`, without the file's name."""
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"train:\n  epochs: 1\n  out_dir: 'r\xffx'\n")
+    code, _, err = _main(capsys, command[0], str(path), *command[1:])
+    assert code == 2
+    _assert_one_line(err, command[0], str(path), "not UTF-8", "byte offset 32")
+
+
 def test_missing_config_file(capsys, tmp_path):
     code, _, err = _main(capsys, "train", str(tmp_path / "nope.yaml"))
     assert code == 2
