@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from mixtail.errors import ConfigError
+from mixtail.errors import ConfigError, check_int
 
 if TYPE_CHECKING:
     from mixtail.pipelines.loader import Loader
@@ -171,9 +171,19 @@ def build_loader(data, aug, mix, *, split: str, rank: int = 0, world_size: int =
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_shard(rank, world_size, seed)  # before the dataset is read
     dataset = build_dataset(data, split, decoded=False)
     return loader_for_dataset(dataset, data, aug, mix, split=split, rank=rank, world_size=world_size, device=device,
                               seed=seed, num_epochs=num_epochs, channels_last=channels_last)
+
+
+def check_shard(rank, world_size, seed) -> None:
+    """The arguments that place a loader or planner: a ValueError or TypeError naming the bad one."""
+    check_int("world_size", world_size, 1)
+    check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be below world_size ({world_size}), got {rank}")
+    check_int("seed", seed, 0)
 
 
 def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int = 0, world_size: int = 1,
@@ -250,6 +260,7 @@ def build_planner(labels, data, aug, mix, *, split: str, sizes=None, num_classes
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_shard(rank, world_size, seed)
     labels = np.asarray(labels)
     batch_size = rank_batch_size(data, split, world_size)
     if split != "train":  # val and test: one unaugmented view of every image, once

@@ -28,6 +28,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from mixtail.errors import check_int
 from mixtail.pipelines.base import Batch
 from mixtail.pipelines.plan import BatchPlan, DevicePlan, Planner
 
@@ -129,6 +130,8 @@ class Loader:
         return len(self.planner)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        check_int("epoch", epoch, 0)
+        check_int("start_batch", start_batch, 0)
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} is outside the {len(self)} batches of an epoch")
         self.epoch, self.start_batch = epoch, start_batch
