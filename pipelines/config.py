@@ -53,6 +53,9 @@ class DataConfig:
     test_dir: str = "test"  # folder: name of the held-out split next to train/
     train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
     test_list: str = ""
+    # A list entry outside data.root (`../`, an absolute path) is usually a wrong root or a list for another
+    # layout: false counts them and names the first at the start, true refuses them.
+    strict_root: bool = False
     # A validation split, so that nothing is chosen on the test set (issue 13 §2): k images of every class held
     # out, never trained on. CIFAR, demo, folder and converted data: from the training images the long-tailed
     # subset left out (a class with fewer left out, the head class, completes them from its own subset);
