@@ -231,7 +231,8 @@ def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int = 0, wo
         executor = FfcvExecutor(dataset, planner=planner, num_threads=data.num_threads, **common)
     else:
         raise ConfigError(f"key 'data.backend': {data.backend!r} is not a known backend")
-    return Loader(planner, executor, classes=dataset.classes, class_counts=counts)
+    return Loader(planner, executor, classes=dataset.classes, class_counts=counts,
+                  skipped=getattr(dataset, "skipped", ()))
 
 
 def build_planner(labels, data, aug, mix, *, split: str, sizes=None, num_classes: int | None = None, rank: int = 0,

@@ -114,8 +114,9 @@ class Loader:
     """
 
     def __init__(self, planner: Planner, executor: Executor, *, classes: list[str], class_counts: np.ndarray,
-                 prefetch: int = 2):
+                 prefetch: int = 2, skipped: tuple[tuple[str, str], ...] = ()):
         self.planner, self.executor = planner, executor
+        self.skipped = tuple(skipped)  # (path, reason) of each bad file data.on_error=skip left out
         self.train = planner.train
         self.batch_size = planner.batch_size
         self.classes = list(classes)
