@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from mixtail.kernels.reference import Weighting
-from mixtail.kernels.smc_loss import smc_loss
+from mixtail.kernels.reference import check_smc_arguments
+from mixtail.kernels.smc_loss import unchecked_smc_loss
 
 
 class _AllGatherRows(torch.autograd.Function):
@@ -63,8 +64,11 @@ def distributed_smc_loss(local_features: torch.Tensor, local_fg: torch.Tensor, l
     local_lam: (n,) float. See the module docstring for the gradient convention (rank-local features get
     R × the single-process gradient; DDP's averaging makes parameter gradients exact).
     """
+    # λ comes from the trainer's own plan: its range is not read back (a synchronization every step).
+    check_smc_arguments(local_features, local_fg, local_bg, local_lam, tau, 0, None, values=False)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return smc_loss(local_features, local_fg, local_bg, local_lam, tau=tau, weighting=weighting, impl=impl)
+        return unchecked_smc_loss(local_features, local_fg, local_bg, local_lam, tau=tau, weighting=weighting,
+                                  anchor_start=0, num_anchors=None, impl=impl)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = local_features.shape[0]
     features = _AllGatherRows.apply(local_features, group)  # (R·n, D)
@@ -75,8 +79,8 @@ def distributed_smc_loss(local_features: torch.Tensor, local_fg: torch.Tensor, l
     meta = torch.cat(parts, dim=1)  # (3, R·n)
     fg, bg = meta[0].to(local_fg.dtype), meta[1].to(local_bg.dtype)
     lam = meta[2].to(local_lam.dtype)
-    return smc_loss(features, fg, bg, lam, tau=tau, weighting=weighting, anchor_start=rank * n,
-                    num_anchors=n, impl=impl)
+    return unchecked_smc_loss(features, fg, bg, lam, tau=tau, weighting=weighting, anchor_start=rank * n,
+                              num_anchors=n, impl=impl)
 
 
 __all__ = ["distributed_smc_loss"]

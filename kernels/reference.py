@@ -17,6 +17,8 @@ which is why kernels/smc_loss.py exists.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Literal
 
 import torch
@@ -28,6 +30,42 @@ WEIGHTINGS = ("weighted", "average", "assign_larger")
 def larger_component_labels(fg_labels: torch.Tensor, bg_labels: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """assign_larger: each image takes the label of its larger component (the foreground at λ = 0.5)."""
     return torch.where(lam >= 0.5, fg_labels, bg_labels)
+
+
+def check_smc_arguments(features, fg_labels, bg_labels, lam, tau, anchor_start, num_anchors, *,
+                        values: bool) -> None:
+    """The public entry's checks, each error naming the argument: tensors of the right kinds, a positive
+    finite tau, a non-empty batch and anchor range and, with `values`, every λ in [0, 1]. That last check reads
+    λ on the host (a synchronization on a GPU), so the trainer, whose λ come from its own plan, skips it, and
+    it is left out while torch.compile traces or a CUDA graph captures (neither can read a value back)."""
+    for name, t in (("features", features), ("fg_labels", fg_labels), ("bg_labels", bg_labels), ("lam", lam)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__} (torch.as_tensor converts arrays)")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+    for name, t in (("fg_labels", fg_labels), ("bg_labels", bg_labels)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of class ids, got {t.dtype}")
+    if not lam.is_floating_point():
+        raise TypeError(f"lam must be a floating-point tensor, got {lam.dtype}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a number, got {type(tau).__name__}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be positive and finite, got {tau}")
+    for name, v in (("anchor_start", anchor_start), ("num_anchors", num_anchors)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    if features.dim() >= 1 and features.shape[0] == 0:
+        raise ValueError("features is empty (N = 0): the loss is a mean over anchors, and there are none")
+    if num_anchors is not None and num_anchors <= 0:
+        raise ValueError(f"num_anchors must be positive (the loss is a mean over them), got {num_anchors}")
+    if not values or torch.compiler.is_compiling() or (lam.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    outside = ~((lam >= 0) & (lam <= 1))  # NaN is outside too
+    if outside.any():
+        i = int(outside.flatten().nonzero()[0])
+        raise ValueError(f"lam must lie in [0, 1] (the foreground's area ratio), got {lam.flatten()[i].item()} "
+                         f"at row {i}")
 
 
 def check_smc_inputs(features: torch.Tensor, fg_labels: torch.Tensor, bg_labels: torch.Tensor, lam: torch.Tensor,

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixtail.kernels.reference import Weighting, check_smc_inputs, larger_component_labels
+from mixtail.kernels.reference import Weighting, check_smc_arguments, check_smc_inputs, larger_component_labels
 from mixtail.kernels.reference import smc_loss as reference_smc_loss
 
 
@@ -559,6 +559,16 @@ def smc_loss(features: torch.Tensor, fg_labels: torch.Tensor, bg_labels: torch.T
     ...     fused = mixtail.smc_loss(z.cuda(), y_f.cuda(), y_b.cuda(), lam.cuda(), impl="triton")
     ...     assert torch.allclose(fused.cpu(), loss, atol=1e-4)
     """
+    check_smc_arguments(features, fg_labels, bg_labels, lam, tau, anchor_start, num_anchors, values=True)
+    return unchecked_smc_loss(features, fg_labels, bg_labels, lam, tau=tau, weighting=weighting,
+                              anchor_start=anchor_start, num_anchors=num_anchors, impl=impl)
+
+
+def unchecked_smc_loss(features: torch.Tensor, fg_labels: torch.Tensor, bg_labels: torch.Tensor, lam: torch.Tensor,
+                       *, tau: float, weighting: Weighting, anchor_start: int, num_anchors: int | None,
+                       impl: str) -> torch.Tensor:
+    """`smc_loss` without its λ check, which reads λ on the host: for the trainer, whose λ its own plan drew
+    (kernels/distributed.py, after check_smc_arguments with values=False)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -578,4 +588,4 @@ def smc_loss(features: torch.Tensor, fg_labels: torch.Tensor, bg_labels: torch.T
     return loss
 
 
-__all__ = ["smc_loss", "smc_fwd", "smc_bwd", "SMCLossFunction", "IMPLS", "INTERPRET"]
+__all__ = ["smc_loss", "unchecked_smc_loss", "smc_fwd", "smc_bwd", "SMCLossFunction", "IMPLS", "INTERPRET"]

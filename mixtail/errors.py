@@ -12,6 +12,7 @@ raises these, so they live beside the CLI rather than in one of them.
 from __future__ import annotations
 
 import errno
+import numbers
 import os
 import reprlib
 
@@ -108,3 +109,13 @@ def describe_os_error(err: OSError) -> str:
         if getattr(err, "filename2", None) is not None:
             line += f" -> {os.fsdecode(err.filename2)}"
     return line
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """An argument of the public API that must be an integer >= minimum: returned as an int, or a TypeError or
+    ValueError naming the argument (`world_size must be >= 1, got 0`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

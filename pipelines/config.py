@@ -23,6 +23,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_SIZE = 1024  # data.image_size's upper bound (DataConfig.validate says why)
 
 
 def need(ok: bool, key: str, msg: str) -> None:
@@ -34,7 +35,8 @@ def need(ok: bool, key: str, msg: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """What to read and how it is batched: dataset, backend (torch, dali, ffcv), batch sizes, image size,
-    foreground sampling and views. `validate()` raises a ConfigError naming the first bad key.
+    foreground sampling and views. Building one checks its values (`validate()`): a ConfigError names the
+    first bad key.
 
     >>> import mixtail
     >>> data = mixtail.DataConfig(dataset="demo", backend="torch", batch_size=64, imbalance_ratio=20.0)
@@ -51,6 +53,9 @@ class DataConfig:
     test_dir: str = "test"  # folder: name of the held-out split next to train/
     train_list: str = ""  # imagenet_lt: `path label` text file; inat2018: COCO-style JSON
     test_list: str = ""  # imagenet_lt / inat2018: the test list, in the format of train_list
+    # A list entry outside data.root (`../`, an absolute path) is usually a wrong root or a list for another
+    # layout: false counts them and names the first at the start, true refuses them.
+    strict_root: bool = False
     # A validation split, so that nothing is chosen on the test set: k images of every class held
     # out, never trained on. CIFAR, demo, folder and converted data: from the training images the long-tailed
     # subset left out (a class with fewer left out, the head class, completes them from its own subset);
@@ -87,13 +92,17 @@ class DataConfig:
     # 128 over CIFAR-10-LT ρ = 100 where true takes 96). Either way every rank sees the same count.
     drop_last: bool = True
 
-    def __post_init__(self):
-        need(isinstance(self.drop_last, bool), "data.drop_last", f"must be true or false, got {self.drop_last!r}")
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
+        need(isinstance(self.drop_last, bool), "data.drop_last", f"must be true or false, got {self.drop_last!r}")
         need(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
         need(self.eval_batch_size > 0, "data.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
-        need(self.image_size >= 8, "data.image_size", f"must be at least 8, got {self.image_size}")
+        # The paper's largest images are 224 px (ImageNet-LT, iNaturalist); 1024 leaves room for fine-tuning at
+        # high resolution, while a slip of the keyboard (100000) would ask for terabytes of batch memory.
+        need(8 <= self.image_size <= MAX_IMAGE_SIZE, "data.image_size",
+             f"must be in [8, {MAX_IMAGE_SIZE}], got {self.image_size}")
         need(self.imbalance_ratio >= 1, "data.imbalance_ratio", f"must be >= 1, got {self.imbalance_ratio}")
         need(self.num_views in (1, 2), "data.num_views", f"must be 1 or 2, got {self.num_views}")
         need(self.fg_gamma >= 0, "data.fg_gamma", f"must be >= 0, got {self.fg_gamma}")
@@ -137,6 +146,9 @@ class AugConfig:
     color_prob: float = 0.8  # probability that an image gets the colour jitter
     grayscale_prob: float = 0.2  # probability that an image is turned grayscale
     cutout_px: int = 16  # autoaugment: side of the Cutout square (DeVries & Taylor); 0 turns it off
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         need(self.pad_px >= 0, "aug.pad_px", f"must be >= 0, got {self.pad_px}")
@@ -182,12 +194,13 @@ class MixConfig:
     # One λ' and box per pair, or one for the whole global batch (CutMix's and CMO's code draw one per batch).
     box_per: Literal["pair", "batch"] = "pair"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         need(self.box in ("inside", "clipped"), "mix.box", f"must be inside or clipped, got {str(self.box)[:40]!r}")
         need(self.box_per in ("pair", "batch"), "mix.box_per",
              f"must be pair or batch, got {str(self.box_per)[:40]!r}")
-
-    def validate(self) -> None:
         lo, hi = self.ratio_range
         need(0.0 <= lo <= hi <= 1.0, "mix.ratio_range", f"needs 0 <= low <= high <= 1, got {list(self.ratio_range)}")
         need(self.alpha > 0, "mix.alpha", f"must be positive, got {self.alpha}")

@@ -36,7 +36,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from mixtail.errors import ConfigError
+from mixtail.errors import ConfigError, check_int
 from mixtail.pipelines.batch import Batch
 from mixtail.pipelines.plan import BatchPlan, DevicePlan, Planner
 
@@ -122,8 +122,9 @@ class Loader:
     """
 
     def __init__(self, planner: Planner, executor: Executor, *, classes: list[str], class_counts: np.ndarray,
-                 prefetch: int = 2):
+                 prefetch: int = 2, skipped: tuple[tuple[str, str], ...] = ()):
         self.planner, self.executor = planner, executor
+        self.skipped = tuple(skipped)  # (path, reason) of each bad file data.on_error=skip left out
         self.train = planner.train
         self.batch_size = planner.batch_size
         self.classes = list(classes)
@@ -138,6 +139,8 @@ class Loader:
         return len(self.planner)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        check_int("epoch", epoch, 0)
+        check_int("start_batch", start_batch, 0)
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} is outside the {len(self)} batches of an epoch")
         self.epoch, self.start_batch = epoch, start_batch
@@ -230,9 +233,19 @@ def build_loader(data, aug, mix, *, split: str, rank: int = 0, world_size: int =
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_shard(rank, world_size, seed)  # before the dataset is read
     dataset = build_dataset(data, split, decoded=False)
     return loader_for_dataset(dataset, data, aug, mix, split=split, rank=rank, world_size=world_size, device=device,
                               seed=seed, num_epochs=num_epochs, channels_last=channels_last)
+
+
+def check_shard(rank, world_size, seed) -> None:
+    """The arguments that place a loader or planner: a ValueError or TypeError naming the bad one."""
+    check_int("world_size", world_size, 1)
+    check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be below world_size ({world_size}), got {rank}")
+    check_int("seed", seed, 0)
 
 
 def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int = 0, world_size: int = 1,
@@ -280,7 +293,8 @@ def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int = 0, wo
         executor = FfcvExecutor(dataset, planner=planner, num_threads=data.num_threads, **common)
     else:
         raise ConfigError(f"key 'data.backend': {data.backend!r} is not a known backend")
-    return Loader(planner, executor, classes=dataset.classes, class_counts=counts)
+    return Loader(planner, executor, classes=dataset.classes, class_counts=counts,
+                  skipped=getattr(dataset, "skipped", ()))
 
 
 def build_planner(labels, data, aug, mix, *, split: str, sizes=None, num_classes: int | None = None, rank: int = 0,
@@ -308,6 +322,7 @@ def build_planner(labels, data, aug, mix, *, split: str, sizes=None, num_classes
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_shard(rank, world_size, seed)
     labels = np.asarray(labels)
     batch_size = rank_batch_size(data, split, world_size)
     if split != "train":  # val and test: one unaugmented view of every image, once

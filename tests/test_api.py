@@ -158,6 +158,91 @@ def test_build_loader_defaults_are_one_cpu_process():
 
 
 # --------------------------------------------------------------------------------------------------
+# Arguments: each public function names the argument it refuses
+# --------------------------------------------------------------------------------------------------
+
+
+def _smc_inputs(n: int = 6):
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    y = torch.arange(n) % 3
+    return z, y, y.roll(1), torch.full((n,), 0.5)
+
+
+def _smc_call(**changes):
+    z, y_f, y_b, lam = _smc_inputs()
+    args = {"features": z, "fg_labels": y_f, "bg_labels": y_b, "lam": lam, "tau": 0.1, "num_anchors": None,
+            **changes}
+    return mixtail.smc_loss(args.pop("features"), args.pop("fg_labels"), args.pop("bg_labels"), args.pop("lam"),
+                            impl="reference", **args)
+
+
+# Each used to give NaN, a silently wrong number (tau=-1: 1.546; a count of -5 taken as 1) or an error from deep
+# inside (AttributeError 'is_cuda', ZeroDivisionError, numpy 19 frames down).
+BAD_ARGUMENTS = [
+    ("tau=0", lambda: _smc_call(tau=0.0), ValueError, "tau must be positive"),
+    ("tau=-1", lambda: _smc_call(tau=-1.0), ValueError, "tau must be positive"),
+    ("tau=nan", lambda: _smc_call(tau=float("nan")), ValueError, "tau must be positive and finite"),
+    ("tau=str", lambda: _smc_call(tau="0.1"), TypeError, "tau must be a number"),
+    ("empty", lambda: _smc_call(features=torch.zeros(0, 8), fg_labels=torch.zeros(0, dtype=torch.long),
+                                bg_labels=torch.zeros(0, dtype=torch.long), lam=torch.zeros(0)),
+     ValueError, "features is empty"),
+    ("num_anchors=0", lambda: _smc_call(num_anchors=0), ValueError, "num_anchors must be positive"),
+    ("lam>1", lambda: _smc_call(lam=torch.tensor([0.5, 1.5, 0.5, 0.5, 0.5, 0.5])), ValueError,
+     r"lam must lie in \[0, 1\].*1\.5 at row 1"),
+    ("lam<0", lambda: _smc_call(lam=torch.full((6,), -0.1)), ValueError, r"lam must lie in \[0, 1\]"),
+    ("lam=nan", lambda: _smc_call(lam=torch.full((6,), float("nan"))), ValueError, r"lam must lie in \[0, 1\]"),
+    ("numpy", lambda: _smc_call(features=_smc_inputs()[0].numpy()), TypeError, "features must be a torch.Tensor"),
+    ("float labels", lambda: _smc_call(fg_labels=torch.zeros(6)), TypeError, "fg_labels must be an integer tensor"),
+    ("world_size=0", lambda: _demo_loader(world_size=0), ValueError, "world_size must be >= 1, got 0"),
+    ("rank=world_size", lambda: _demo_loader(rank=2, world_size=2), ValueError, "rank must be below world_size"),
+    ("seed=-1", lambda: _demo_loader(seed=-1), ValueError, "seed must be >= 0, got -1"),
+    ("seed=str", lambda: _demo_loader(seed="0"), TypeError, "seed must be an integer"),
+    ("log_class_prior -5", lambda: mixtail.log_class_prior([10, -5]), ValueError,
+     "counts must be finite and >= 0, got -5.0 for class 1"),
+    ("log_class_prior nan", lambda: mixtail.log_class_prior([10, float("nan")]), ValueError,
+     "counts must be finite and >= 0, got nan for class 1"),
+    ("log_class_prior empty", lambda: mixtail.log_class_prior([]), ValueError, "counts must be a non-empty"),
+]
+
+
+def _demo_loader(**kw):
+    cfg = mixtail.load_config("demo")
+    return mixtail.build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **kw)
+
+
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_ARGUMENTS], ids=[c[0] for c in BAD_ARGUMENTS])
+def test_public_functions_name_the_bad_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_set_epoch_names_a_bad_epoch():
+    loader = _demo_loader()
+    try:
+        with pytest.raises(ValueError, match="epoch must be >= 0, got -1"):
+            loader.set_epoch(-1)
+        with pytest.raises(TypeError, match="epoch must be an integer, got float"):
+            loader.set_epoch(1.5)
+        loader.set_epoch(0)
+    finally:
+        loader.close()
+
+
+def test_the_checks_keep_good_arguments_and_the_trainer_path_agrees():
+    """The checks refuse nothing valid: λ at 0 and 1, a zero count (taken as one), integer tau; and the
+    trainer's entry (distributed_smc_loss, which skips the host read of λ) gives the same loss."""
+    from mixtail.kernels import distributed_smc_loss
+
+    z, y_f, y_b, _ = _smc_inputs()
+    lam = torch.tensor([0.0, 1.0, 0.3, 1.0, 0.0, 0.7])
+    loss = mixtail.smc_loss(z, y_f, y_b, lam, tau=1, impl="reference")
+    assert torch.isfinite(loss)
+    assert torch.equal(distributed_smc_loss(z, y_f, y_b, lam, tau=1, impl="reference"), loss)
+    assert torch.allclose(mixtail.log_class_prior(np.array([3, 0, 1])).exp(), torch.tensor([0.6, 0.2, 0.2]))
+
+
+# --------------------------------------------------------------------------------------------------
 # examples/custom_loop.py
 # --------------------------------------------------------------------------------------------------
 

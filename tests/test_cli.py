@@ -77,6 +77,16 @@ def test_bad_config_type_in_file(capsys, tmp_path):
     _assert_one_line(err, "train", str(path), "train.keep_checkpoints")
 
 
+@pytest.mark.parametrize("command", [["train"], ["sweep", "--set", "train.seed=0,1", "--dry-run"]])
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(capsys, tmp_path, command):
+    """Used to be `internal error: UnicodeDecodeError`, without the file's name."""
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"train:\n  epochs: 1\n  out_dir: 'r\xffx'\n")
+    code, _, err = _main(capsys, command[0], str(path), *command[1:])
+    assert code == 2
+    _assert_one_line(err, command[0], str(path), "not UTF-8", "byte offset 32")
+
+
 def test_missing_config_file(capsys, tmp_path):
     code, _, err = _main(capsys, "train", str(tmp_path / "nope.yaml"))
     assert code == 2
@@ -205,12 +215,22 @@ def test_real_process_one_line_and_debug_traceback(tmp_path):
     assert "Traceback (most recent call last)" in res.stderr and "CheckpointError" in res.stderr
 
 
+# Each worker runs mixtail, then waits (up to 2 min) until every rank's mixtail has ended before it exits with
+# mixtail's status: torchrun kills the other workers once one has failed, and without this wait a loaded machine
+# could have rank 1 killed before it printed its line. The wait is the test's: mixtail runs as it always does.
+_BARRIER = ('"$0" -m mixtail train "$1"; rc=$?; touch "$2/ended.$LOCAL_RANK"; i=0; '
+            'while [ "$(ls "$2" | grep -c ended)" -lt "$LOCAL_WORLD_SIZE" ] && [ $i -lt 1200 ]; do '
+            'sleep 0.1; i=$((i + 1)); done; exit $rc')
+
+
 @pytest.mark.slow
 def test_torchrun_summary_shows_the_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: -1\n")
-    res = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mixtail", "train", str(bad), timeout=300)
+    (tmp_path / "barrier").mkdir()
+    res = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+               "sh", "-c", _BARRIER, sys.executable, str(bad), str(tmp_path / "barrier"), timeout=300)
+    assert sorted(p.name for p in (tmp_path / "barrier").iterdir()) == ["ended.0", "ended.1"], res.stderr[-2000:]
     assert res.returncode != 0
     ours = [line for line in res.stderr.splitlines() if line.startswith("mixtail train: ")]
     assert len(ours) == 2 and all("optim.lr" in line and "error: " in line for line in ours)  # one per rank

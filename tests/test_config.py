@@ -316,6 +316,59 @@ def test_empty_schedules_are_accepted():
     assert cfg.optim.milestones == () and cfg.optim.lr_factors == ()
 
 
+# A bad value given in Python, as the CLI would give it: each config class checks its own keys when it is built
+# (directly, by dataclasses.replace, from YAML), with the message the command line prints.
+BUILT_IN_PYTHON = [
+    ("mix", {"ratio_range": (2.0, 3.0)}, "--mix.ratio_range=[2.0,3.0]"),
+    ("mix", {"ratio_range": (0.9, 0.1)}, "--mix.ratio_range=[0.9,0.1]"),
+    ("loss", {"eta": -5.0}, "--loss.eta=-5"),
+    ("data", {"batch_size": -4}, "--data.batch_size=-4"),
+    ("aug", {"hue": 0.6}, "--aug.hue=0.6"),
+    ("model", {"head_dim": 0}, "--model.head_dim=0"),
+    ("optim", {"milestones": (5,)}, "--optim.milestones=[5]"),
+    ("train", {"epochs": 0}, "--train.epochs=0"),
+    ("router", {"threshold": 1.0}, "--router.threshold=1.0"),
+]
+
+
+@pytest.mark.parametrize("section,changes,override", BUILT_IN_PYTHON, ids=[o for _, _, o in BUILT_IN_PYTHON])
+def test_a_config_built_in_python_is_checked_with_the_cli_message(section, changes, override):
+    good = getattr(RunConfig(), section)
+    with pytest.raises(ConfigError) as replaced:
+        dataclasses.replace(good, **changes)
+    with pytest.raises(ConfigError) as built:
+        type(good)(**changes)
+    assert str(replaced.value) == str(built.value) == load_error(None, [override])
+
+
+def test_keys_that_change_together_are_checked_once_all_are_set(tmp_path):
+    """The rules run when a section is built, which is after the file and every override are applied: a file's
+    milestones can take their factors from an override, and two overrides can change both."""
+    path = write_yaml(tmp_path, "optim:\n  milestones: [1, 2, 3]\n")
+    assert load_config(path, ["--optim.lr_factors=[0.1,0.01,0.001]"]).optim.milestones == (1, 2, 3)
+    assert "'optim.lr_factors'" in load_error(path)
+
+
+def test_image_size_is_bounded():
+    """--data.image_size=100000 used to be an internal MemoryError (terabytes of batch) at the first step."""
+    assert load_error(None, ["--data.image_size=100000"]) == "key 'data.image_size': must be in [8, 1024], got 100000"
+    assert load_config(None, ["--data.image_size=1024"]).data.image_size == 1024
+
+
+def test_a_config_file_that_is_not_utf8_is_named_with_the_offset(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"train:\n  out_dir: 'r\xff'\n")
+    assert load_error(path) == f"{path}: not UTF-8 text: byte offset 20 is not valid UTF-8"
+
+
+def test_validate_accepts_edge_values():
+    cfg = load_config(None, ["--mix.ratio_range=[0,1]", "--mix.mix_prob=0", "--optim.milestones=[]",
+                             "--optim.lr_factors=[]", "--mix.start_epoch=0", "--mix.unmixed_last_epochs=0",
+                             "--train.keep_checkpoints=1"])
+    assert cfg.mix.ratio_range == (0.0, 1.0) and cfg.optim.milestones == ()
+    assert cfg.train.keep_checkpoints == 1 and load_config(None).train.keep_checkpoints == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # Dump round-trip and the bundled configs
 # --------------------------------------------------------------------------------------------------

@@ -418,6 +418,15 @@ def test_given_classes_define_both_splits(tmp_path, real_jpegs):
         build_dataset(DataConfig(dataset="demo"), "test", classes=["a", "b", "c"])
 
 
+def test_a_folder_of_one_class_is_refused_naming_the_root(tmp_path):
+    """A one-class dataset trained to 100% and reported it, with no word."""
+    for split in ("train", "test"):
+        save(tmp_path / split / "cat" / "0.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError) as err:
+        build_dataset(folder_config(tmp_path), "train", decoded=False)
+    assert str(err.value) == f"image folder {tmp_path / 'train'} has 1 class ('cat'): a classifier needs at least two"
+
+
 def test_lt_ratio_that_empties_a_class_is_an_error(tmp_path, real_jpegs):
     root = jpeg_tree(tmp_path, real_jpegs, {"a": 8, "b": 8, "c": 8}, {"a": 1, "b": 1, "c": 1})
     # n_k = int(8 · (1/20)^(k/2)): 8, 1, 0: the tail class would silently vanish from training.
@@ -537,13 +546,13 @@ def test_skipping_every_image_of_a_class_is_an_error(tmp_path, real_jpegs):
 
 
 def test_many_bad_files_listed_in_a_file(tmp_path, real_jpegs, monkeypatch):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 30}, {"bird": 1})
+    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 30, "cat": 1}, {"bird": 1, "cat": 1})
     for k in range(25):
         (root / "train" / "bird" / f"{k:04d}.jpg").write_bytes(b"")
     with pytest.raises(DataError) as err:
         build_dataset(folder_config(root), "train", decoded=False)
     msg = str(err.value)
-    assert msg.startswith("25 of 30 train images") and "... and 15 more" in msg and "\n" not in msg
+    assert msg.startswith("25 of 31 train images") and "... and 15 more" in msg and "\n" not in msg
     listing = Path(msg.rsplit("listed in ", 1)[1])
     assert len(listing.read_text().splitlines()) == 25
 

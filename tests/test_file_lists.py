@@ -11,6 +11,7 @@ formats; the real lists under ../shared/data/lists are read where present (skipp
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -354,3 +355,55 @@ def test_inat_test_file_read_onto_the_training_categories(tmp_path):
                                         r"\(here only: \['Species 2000'\]"):
         build_dataset(data, "test", decoded=False)
     assert len(train["categories"]) == 3
+
+
+def _outside_copy(tmp_path: Path, rel: str) -> Path:
+    """A copy of a fixture image outside IMAGES (the data.root of these tests)."""
+    out = tmp_path / "elsewhere" / Path(rel).name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes((IMAGES / rel).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["imagenet_lt", "inat2018"])
+def test_entries_outside_data_root_are_counted_and_strict_root_refuses_them(tmp_path, capsys, kind):
+    """A list naming files outside data.root (`../`, an absolute path) was read without a word."""
+    absolute = _outside_copy(tmp_path, "train/class_a/0.jpg")
+    dotdot = os.path.relpath(_outside_copy(tmp_path, "train/class_b/0.jpg"), IMAGES)
+    assert dotdot.startswith("..")
+    entries = fixture_entries("train") + [(str(absolute), 0), (dotdot, 1)]
+    if kind == "imagenet_lt":
+        path = write_list(tmp_path / "train.txt", entries)
+    else:
+        doc = json.loads((LISTS / "inat_train.json").read_text())
+        for i, rel in enumerate((str(absolute), dotdot)):
+            doc["images"].append({"id": 1000 + i, "file_name": rel})
+            doc["annotations"].append({"id": 1000 + i, "image_id": 1000 + i,
+                                       "category_id": doc["annotations"][0]["category_id"]})
+        path = _write_json(tmp_path / "train.json", doc)
+    data = DataConfig(dataset=kind, root=str(IMAGES), train_list=str(path), test_list=str(path))
+    ds = build_dataset(data, "train", decoded=False)
+    assert len(ds) == 12  # read all the same, but said at the start
+    line = f"2 of the 12 entries of data.train_list={path} lie outside data.root={IMAGES} (the first, entry 11: {absolute})"
+    out = capsys.readouterr().out
+    assert out.count("lie outside data.root") == 1 and line in out
+    with pytest.raises(DataError) as err:
+        build_dataset(replace(data, strict_root=True), "train", decoded=False)
+    assert str(err.value).startswith(line) and "data.strict_root=true" in str(err.value)
+    # Inside the root, and with no root at all (lists of absolute paths), nothing is said.
+    inside = LISTS / ("imagenet_lt_train.txt" if kind == "imagenet_lt" else "inat_train.json")
+    build_dataset(replace(data, train_list=str(inside), strict_root=True), "train", decoded=False)
+    from mixtail.pipelines.sources.file_lists import outside_root
+
+    assert outside_root(ds, "", "the list", strict=True) is None
+    assert "outside" not in capsys.readouterr().out
+
+
+def test_a_list_of_one_class_is_refused_naming_the_list_and_root(tmp_path):
+    """A one-class dataset trained to 100% and reported it."""
+    data = list_config(tmp_path, [(rel, y) for rel, y in fixture_entries("train") if int(y) == 0],
+                       fixture_entries("test"))
+    with pytest.raises(DataError) as err:
+        build_dataset(data, "train", decoded=False)
+    assert str(err.value) == (f"data.train_list={tmp_path / 'train.txt'} (data.root={IMAGES}) has 1 class "
+                              f"('class_a'): a classifier needs at least two")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ import pytest
 
 from mixtail.errors import DataError
 from mixtail.trainer.evaluate import accuracy_summary
-from mixtail.trainer.report import (best_eval, class_centres, group_means, inter_class_scores, load_class_vectors,
-                                    plot_centres_pca, semantic_similarity_rows, top_confusions, write_report)
+from mixtail.trainer.report import (Confusion, best_eval, class_centres, group_means, inter_class_scores,
+                                    load_class_vectors, plot_centres_pca, semantic_similarity_rows, top_confusions,
+                                    write_report)
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 GLOVE = SHARED_DATA / "glove" / "class_vectors_glove6B50d.npz"
@@ -246,6 +248,29 @@ def test_write_report_files_and_keys(tmp_path, with_vectors):
     assert "| dog | cat | 3 | 30.0% |" in md
     assert "(per_class_accuracy.png)" in md and "(class_centres_pca.png)" in md
     assert "| 1 | 35.00 | 90.00 | 40.00 | 5.00 |" in md  # the post-hoc row
+
+
+def test_class_names_are_escaped_in_the_markdown_tables(tmp_path):
+    """A class named with `|` or a newline used to split or end report.md's table rows."""
+    names = ["a|b", "two\nlines", "x_y*", "<i>"]
+    labels = np.repeat(np.arange(4), 10)
+    preds = labels.copy()
+    preds[[10, 11, 12]] = 0
+    write_report(tmp_path, final=_final(COUNTS), best=None, train_counts=COUNTS, class_names=names,
+                 confusions=top_confusions(labels, preds, names),
+                 scores={"inter_class_score": inter_class_scores(CENTRES)}, centres=CENTRES, meta={})
+    md = (tmp_path / "report.md").read_text()
+    assert "| two\\\\nlines | a\\|b | 3 | 30.0% |" in md.splitlines()
+    tables = re.findall(r"(?:^\|.*\n?)+", md, re.M)  # runs of lines that start with |
+    assert len(tables) == 3
+    for table in tables:  # every row keeps the header's columns
+        assert len({len(re.findall(r"(?<!\\)\|", line)) for line in table.splitlines()}) == 1, table
+    names = ["x_y*", "<i>"]
+    confusion = [Confusion(names[0], names[1], 1, 0.5)]
+    write_report(tmp_path, final=_final(COUNTS), best=None, train_counts=COUNTS, class_names=["a", "b", *names],
+                 confusions=confusion, scores={"inter_class_score": inter_class_scores(CENTRES)}, centres=CENTRES,
+                 meta={})
+    assert "| x\\_y\\* | \\<i\\> | 1 | 50.0% |" in (tmp_path / "report.md").read_text()
 
 
 def test_write_report_without_a_best_epoch(tmp_path):

@@ -22,25 +22,42 @@ from mixtail.trainer.stop import StopSignals, exit_status
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_records_the_first_signal_and_restores_the_handlers():
+@pytest.fixture(params=["default_int_handler", "SIG_IGN"])
+def sigint_before(request):
+    """SIGINT's disposition before StopSignals, set here rather than inherited: Python installs its
+    default_int_handler only where SIGINT was not ignored when it started, and a background job (`&`, nohup)
+    starts with SIGINT ignored. Both cases are tested; the inherited disposition is restored afterwards."""
+    chosen = getattr(signal, request.param)
+    inherited = signal.signal(signal.SIGINT, chosen)
+    yield chosen
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_records_the_first_signal_and_restores_the_handlers(sigint_before):
     before = signal.getsignal(signal.SIGUSR1)
     with StopSignals(["SIGUSR1", "SIGINT"]) as stop:
+        assert signal.getsignal(signal.SIGINT) is not sigint_before  # ours, while the run is on
         assert stop.agreed(sync=True) is None  # one process: no collective, the local record
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.received == signal.SIGUSR1 and stop.agreed(sync=False) == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) is before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint_before
     assert exit_status(signal.SIGINT) == 130 and exit_status(signal.SIGTERM) == 143
 
 
-def test_a_second_signal_acts_as_without_us():
-    """Ctrl-C twice: the first is recorded (the step finishes), the second is the usual KeyboardInterrupt, so a
-    run stuck in a step can still be stopped. A second SIGUSR1 reaches the handler that was there before."""
+def test_a_second_signal_acts_as_without_us(sigint_before):
+    """Ctrl-C twice: the first is recorded (the step finishes), the second does what it would without us: the
+    usual KeyboardInterrupt, so a run stuck in a step can still be stopped (or nothing, where SIGINT was
+    ignored). A second SIGUSR1 reaches the handler that was there before."""
     with StopSignals(["SIGINT"]) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.received == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+        if sigint_before is signal.default_int_handler:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        else:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored, as it was before
+            assert stop.received == signal.SIGINT
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda *a: seen.append(a[0]))
     try:

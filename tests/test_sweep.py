@@ -21,7 +21,7 @@ import yaml
 from helpers.train_hooks import SimulatedCrash, wrap_train_loader
 from mixtail import cli
 from mixtail.errors import ConfigError, UsageError
-from mixtail.trainer.config import load_config
+from mixtail.trainer.config import dump_config, load_config
 from mixtail.trainer.sweep import (PAPER_TOP1, differences, expand_grid, paper_top1, parse_set, run_name,
                                    split_values)
 from mixtail.trainer.train import train
@@ -486,3 +486,37 @@ def test_sigkill_of_the_sweep_alone_takes_its_running_child_with_it(tmp_path):
     res = _sweep(*args, "--resume", "--dry-run")
     assert res.returncode == 0, res.stderr
     assert re.match(r"(checkpoint|started) ", res.stdout), res.stdout
+
+
+def test_a_run_directory_name_too_long_is_refused_before_the_first_run(tmp_path, capsys):
+    """A name over 255 bytes trained the runs before it, then stopped with ENAMETOOLONG."""
+    from mixtail.trainer.sweep import Sweep
+
+    out = tmp_path / "s"
+    runs = expand_grid(["smoke_cpu"], ["data.root=short," + "x" * 300], [], out)
+    with pytest.raises(UsageError, match=r"run directory name 'data\.root=x+'\.\.\. is 310 bytes, over the 255"):
+        Sweep(runs, out).plan()  # what run() does first
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sweep", "smoke_cpu", "--set", "data.root=short," + "x" * 300, "--out", str(out)])
+    assert info.value.code == 2 and "over the 255" in capsys.readouterr().err
+    assert not out.exists()
+    deep = Path(tmp_path, *["d" * 250] * 17)  # each name fits, the whole path does not
+    with pytest.raises(UsageError, match="over the 4096 a path may have"):
+        Sweep(expand_grid(["smoke_cpu"], [], [], deep), deep).plan()
+
+
+def test_dry_run_lists_an_unfinished_run_instead_of_refusing(tmp_path, capsys):
+    """`sweep --dry-run` with an unfinished run used to stop with "pass --resume"."""
+    out = tmp_path / "s"
+    runs = expand_grid(["smoke_cpu"], ["loss.eta=0.1,0.2"], [], out)
+    runs[0].run_dir.mkdir(parents=True)
+    (runs[0].run_dir / "config.yaml").write_text(dump_config(runs[0].cfg))
+    (runs[0].run_dir / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sweep", "smoke_cpu", "--set", "loss.eta=0.1,0.2", "--out", str(out), "--dry-run"])
+    printed = capsys.readouterr()
+    assert info.value.code == 0, printed.err
+    assert printed.out.splitlines()[:2] == [f"started    {runs[0].run_dir}", f"new        {runs[1].run_dir}"]
+    with pytest.raises(SystemExit) as info:  # without --dry-run it still asks for --resume
+        cli.main(["sweep", "smoke_cpu", "--set", "loss.eta=0.1,0.2", "--out", str(out)])
+    assert info.value.code == 2 and "pass --resume" in capsys.readouterr().err

@@ -463,6 +463,21 @@ def _folder_run(out: Path, root: Path, *overrides: str):
                   "--data.batch_size=4", "--data.eval_batch_size=8", *overrides)
 
 
+def test_files_skipped_by_on_error_skip_are_named_and_listed_in_the_run_directory(tmp_path, capsys):
+    """With data.on_error=skip the bad files used to be named nowhere (one image fewer was the only sign)."""
+    root = _class_tree(tmp_path / "data", {"ant": 6, "bee": 6})
+    bad = [root / "train" / "ant" / "0.png", root / "train" / "bee" / "1.png", root / "test" / "bee" / "0.png"]
+    for path in bad:
+        path.write_bytes(b"")
+    run = tmp_path / "run"
+    train(_folder_run(run, root, "--train.epochs=1", "--data.on_error=skip", "--train.max_steps_per_epoch=1"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "data.on_error=skip" in line]
+    assert lines == [f"data.on_error=skip left out 3 bad file(s) (train 2, test 1): {bad[0]} (zero-byte file); "
+                     f"{bad[1]} (zero-byte file); {bad[2]} (zero-byte file); all are listed in {run / 'skipped_files.txt'}"]
+    assert (run / "skipped_files.txt").read_text().splitlines() == [
+        f"train\t{bad[0]}\tzero-byte file", f"train\t{bad[1]}\tzero-byte file", f"test\t{bad[2]}\tzero-byte file"]
+
+
 def test_resume_onto_other_classes_is_refused_naming_the_first_difference(tmp_path):
     """--resume with a data.root whose classes are renamed, reordered, counted differently or fewer used to run
     on (label 0 meaning another class) or end in `internal error: RuntimeError ... state_dict`. Now one line

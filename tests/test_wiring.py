@@ -761,6 +761,7 @@ EXEMPT: dict[str, str] = {
     "data.num_threads": "DALI/FFCV CPU threads: speed only; the backends' tests compare their batches to torch's",
     "data.on_error": "acts on bad image files, which the demo has none of (test_datasets.py, test_images.py)",
     "data.image_check": "how image files are checked (header or full decode): the demo has no files (test_images.py)",
+    "data.strict_root": "acts on list entries outside data.root: the demo has no list (test_file_lists.py)",
 }
 
 # Non-default Literal choices without a row, and why.

@@ -64,7 +64,12 @@ class ModelConfig:
     # convolution and the classifier (LDAM-DRW's and CMO's resnet_cifar.py, _weights_init).
     init: Literal["fan_out", "fan_in"] = "fan_out"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        need(self.head_dim > 0, "model.head_dim", f"must be positive, got {self.head_dim}")
+        need(self.experts >= 1, "model.experts", f"must be >= 1, got {self.experts}")
         need(self.init in ("fan_out", "fan_in"), "model.init", f"must be fan_out or fan_in, got {str(self.init)[:40]!r}")
         need(self.init == "fan_out" or self.experts == 1, "model.init",
              "fan_in is implemented for the single network (model.experts 1)")
@@ -95,6 +100,23 @@ class LossConfig:
     diversity_reweight_epoch: int | None = 160  # first epoch (0-based) of per-class temperatures; null: never
     diversity_reweight_factor: float = 0.05  # f of the per-class temperatures T·w_k (RIDE's reweight_factor)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        need(self.diversity_weight >= 0, "loss.diversity_weight", f"must be >= 0 (it is subtracted: RIDE's "
+             f"additional_diversity_factor -0.45 is diversity_weight 0.45), got {self.diversity_weight}")
+        need(self.diversity_weight < 1, "loss.diversity_weight", f"must be < 1 (from 1 on, CE minus the diversity "
+             f"term is no longer convex in an expert's logits), got {self.diversity_weight}")
+        need(self.diversity_temperature > 0, "loss.diversity_temperature",
+             f"must be positive, got {self.diversity_temperature}")
+        need(0 <= self.diversity_reweight_factor < 1, "loss.diversity_reweight_factor",
+             f"must be in [0, 1), got {self.diversity_reweight_factor}")
+        need(self.diversity_reweight_epoch is None or self.diversity_reweight_epoch >= 0,
+             "loss.diversity_reweight_epoch", f"must be >= 0 or null, got {self.diversity_reweight_epoch}")
+        need(self.tau > 0, "loss.tau", f"must be positive, got {self.tau}")
+        need(self.eta >= 0, "loss.eta", f"must be >= 0, got {self.eta}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
@@ -111,9 +133,18 @@ class OptimConfig:
     milestones: tuple[int, ...] = (160, 180)  # epochs where the lr factor changes
     lr_factors: tuple[float, ...] = (0.01, 0.0001)  # lr = base·factor from each milestone on
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        need(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        need(self.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         need(self.warmup in ("per_step", "per_epoch"), "optim.warmup",
              f"must be per_step or per_epoch, got {str(self.warmup)[:40]!r}")
+        need(len(self.milestones) == len(self.lr_factors), "optim.lr_factors",
+             f"needs one factor per milestone: {len(self.milestones)} milestones, {len(self.lr_factors)} factors")
+        need(list(self.milestones) == sorted(self.milestones), "optim.milestones",
+             f"must be increasing, got {list(self.milestones)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +176,24 @@ class TrainConfig:
     # 128 + the signal's number (trainer/stop.py; under DDP at the next log step, agreed by all ranks).
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        need(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
+        need(self.eval_every_epochs > 0, "train.eval_every_epochs", f"must be positive, got {self.eval_every_epochs}")
+        need(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
+        need(self.accumulate_steps >= 1, "train.accumulate_steps", f"must be >= 1, got {self.accumulate_steps}")
+        need(not (self.sync_batchnorm and self.device == "cpu"), "train.sync_batchnorm",
+             "needs CUDA: torch's SyncBatchNorm has no CPU kernel")
+        need(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        need(self.max_steps_per_epoch is None or self.max_steps_per_epoch > 0, "train.max_steps_per_epoch",
+             "must be positive or null")
+        need(self.log_every_steps > 0, "train.log_every_steps", "must be positive")
+        from mixtail.trainer.stop import parse_signals  # ConfigError naming train.stop_signals
+
+        parse_signals(self.stop_signals)
+
 
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
@@ -159,6 +208,16 @@ class RouterConfig:
     top_k: int = 30  # the largest running-mean logits the router reads (capped at the number of classes)
     hidden_dim: int = 16  # width of the router's hidden layer on each expert's pooled feature
     threshold: float = 0.5  # consult the next expert while sigmoid(score) > threshold
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "top_k", "hidden_dim"):
+            need(getattr(self, key) > 0, f"router.{key}", f"must be positive, got {getattr(self, key)}")
+        need(self.lr > 0, "router.lr", f"must be positive, got {self.lr}")
+        need(self.pos_weight > 0, "router.pos_weight", f"must be positive, got {self.pos_weight}")
+        need(0 < self.threshold < 1, "router.threshold", f"must be in (0, 1), got {self.threshold}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,9 +283,11 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:  # the offset, never the bytes: the file may be anything
+        raise ConfigError(f"{path}: not UTF-8 text: byte offset {err.start} is not valid UTF-8") from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except ConfigError as err:
@@ -257,7 +318,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             fail(f"a mapping (section {tp.__name__})")
-        return _build(tp, value, key, source)
+        return _checked(tp, value, key, source)
     if origin is Literal:
         # By type first: `in` compares a list with each choice, and equality walks it.
         if not isinstance(value, (str, int, float, bool)) or value not in typing.get_args(tp):
@@ -309,7 +370,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise TypeError(f"config field '{key}' has an unsupported annotation {tp!r}")
 
 
-def _build(cls, values: dict, prefix: str, source: str):
+def _checked(cls, values: dict, prefix: str, source: str) -> dict:
+    """The keys of `values` checked and typed against the dataclass `cls`: a dict, sections as nested dicts.
+    Nothing is built yet, so rules that tie keys together see the file's values and the overrides at once."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -319,10 +382,24 @@ def _build(cls, values: dict, prefix: str, source: str):
             known = ", ".join(sorted(names))
             raise ConfigError(f"{source}: unknown key '{path}' (known keys here: {known})")
         kwargs[key] = _coerce(value, hints[key], path, source)
-    return cls(**kwargs)
+    return kwargs
 
 
-def _apply_override(cfg: RunConfig, text: str) -> RunConfig:
+def _make(cls, values: dict):
+    """Build `cls` from checked values (nested dicts for sections); each section checks its rules as it is built."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _make(hints[key], value) if dataclasses.is_dataclass(hints[key]) else value
+                  for key, value in values.items()})
+
+
+def _as_values(cfg) -> dict:
+    """A built config as the nested dict `_make` takes back."""
+    return {f.name: _as_values(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+            else getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _apply_override(values: dict, text: str) -> None:
+    """Set one `--section.key=value` override, type-checked, in the nested dict `values` of a RunConfig."""
     source = f"command-line override '{text}'"
     body = text[2:] if text.startswith("--") else text
     if "=" not in body:
@@ -333,22 +410,19 @@ def _apply_override(cfg: RunConfig, text: str) -> RunConfig:
         value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""  # noqa: S506
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: value is not valid YAML: {_yaml_problem(err)}") from None
-
-    def set_in(node, path: list[str], done: str):
-        hints = typing.get_type_hints(type(node))
-        key = path[0]
+    cls, node, done = RunConfig, values, ""
+    for i, key in enumerate(parts):
+        hints = typing.get_type_hints(cls)
         full = f"{done}.{key}" if done else key
         if key not in hints:
             known = ", ".join(sorted(hints))
             raise ConfigError(f"{source}: unknown key '{full}' (known keys here: {known})")
-        if len(path) == 1:
-            return dataclasses.replace(node, **{key: _coerce(value, hints[key], full, source)})
-        child = getattr(node, key)
-        if not dataclasses.is_dataclass(child):
+        if i == len(parts) - 1:
+            node[key] = _coerce(value, hints[key], full, source)
+            return
+        if not dataclasses.is_dataclass(hints[key]):
             raise ConfigError(f"{source}: key '{full}' is a value, not a section")
-        return dataclasses.replace(node, **{key: set_in(child, path[1:], full)})
-
-    return set_in(cfg, parts, "")
+        cls, node, done = hints[key], node.setdefault(key, {}), full
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,39 +458,38 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     ...     print(str(err).split(" (")[0])
     command-line override '--optim.lrr=0.1': unknown key 'optim.lrr'
     """
-    if path is None:
-        cfg = RunConfig()
-    else:
+    values = {}
+    if path is not None:
         path = config_path(path)
-        cfg = _build(RunConfig, _read_yaml(path), "", str(path))
-    return apply_overrides(cfg, overrides)
+        values = _checked(RunConfig, _read_yaml(path), "", str(path))
+    for text in overrides:
+        _apply_override(values, text)
+    return _make(RunConfig, values)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] = ()) -> RunConfig:
-    """Apply `--section.key=value` overrides (values parsed as YAML, checked like file values), then validate."""
+    """Apply `--section.key=value` overrides (values parsed as YAML, checked like file values) to a built config;
+    the result is built once, after all of them, so overrides that must change together (milestones and
+    lr_factors) can."""
+    values = _as_values(cfg)
     for text in overrides:
-        cfg = _apply_override(cfg, text)
-    validate(cfg)
-    return cfg
+        _apply_override(values, text)
+    return _make(RunConfig, values)
 
 
 def config_from_dict(values: dict, source: str) -> RunConfig:
-    cfg = _build(RunConfig, values, "", source)
-    validate(cfg)
-    return cfg
+    return _make(RunConfig, _checked(RunConfig, values, "", source))
 
 
 def config_to_dict(cfg) -> dict:
     def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
         if isinstance(v, tuple):
             return [plain(x) for x in v]
         return v
 
-    return {
-        f.name: (config_to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
-                 else plain(getattr(cfg, f.name)))
-        for f in dataclasses.fields(cfg)
-    }
+    return plain(_as_values(cfg))
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -424,47 +497,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Value checks the types cannot express; each error names the key."""
-    cfg.data.validate()
-    cfg.aug.validate()
-    cfg.mix.validate()
-    o, t = cfg.optim, cfg.train
-    need(cfg.model.head_dim > 0, "model.head_dim", f"must be positive, got {cfg.model.head_dim}")
-    need(cfg.model.experts >= 1, "model.experts", f"must be >= 1, got {cfg.model.experts}")
-    need(cfg.loss.diversity_weight >= 0, "loss.diversity_weight", f"must be >= 0 (it is subtracted: RIDE's "
-         f"additional_diversity_factor -0.45 is diversity_weight 0.45), got {cfg.loss.diversity_weight}")
-    need(cfg.loss.diversity_weight < 1, "loss.diversity_weight", f"must be < 1 (from 1 on, CE minus the diversity "
-         f"term is no longer convex in an expert's logits), got {cfg.loss.diversity_weight}")
-    need(cfg.loss.diversity_temperature > 0, "loss.diversity_temperature",
-         f"must be positive, got {cfg.loss.diversity_temperature}")
-    need(0 <= cfg.loss.diversity_reweight_factor < 1, "loss.diversity_reweight_factor",
-         f"must be in [0, 1), got {cfg.loss.diversity_reweight_factor}")
-    need(cfg.loss.diversity_reweight_epoch is None or cfg.loss.diversity_reweight_epoch >= 0,
-         "loss.diversity_reweight_epoch", f"must be >= 0 or null, got {cfg.loss.diversity_reweight_epoch}")
-    need(cfg.loss.tau > 0, "loss.tau", f"must be positive, got {cfg.loss.tau}")
-    need(cfg.loss.eta >= 0, "loss.eta", f"must be >= 0, got {cfg.loss.eta}")
-    need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    need(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
-    need(len(o.milestones) == len(o.lr_factors), "optim.lr_factors",
-         f"needs one factor per milestone: {len(o.milestones)} milestones, {len(o.lr_factors)} factors")
-    need(list(o.milestones) == sorted(o.milestones), "optim.milestones",
-         f"must be increasing, got {list(o.milestones)}")
-    need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
-    need(t.eval_every_epochs > 0, "train.eval_every_epochs", f"must be positive, got {t.eval_every_epochs}")
-    need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
-    need(t.accumulate_steps >= 1, "train.accumulate_steps", f"must be >= 1, got {t.accumulate_steps}")
-    need(not (t.sync_batchnorm and t.device == "cpu"), "train.sync_batchnorm",
-         "needs CUDA: torch's SyncBatchNorm has no CPU kernel")
-    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-    need(t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch",
-         "must be positive or null")
-    need(t.log_every_steps > 0, "train.log_every_steps", "must be positive")
-    from mixtail.trainer.stop import parse_signals  # ConfigError naming train.stop_signals
-
-    parse_signals(t.stop_signals)
-    r = cfg.router
-    for key in ("epochs", "batch_size", "top_k", "hidden_dim"):
-        need(getattr(r, key) > 0, f"router.{key}", f"must be positive, got {getattr(r, key)}")
-    need(r.lr > 0, "router.lr", f"must be positive, got {r.lr}")
-    need(r.pos_weight > 0, "router.pos_weight", f"must be positive, got {r.pos_weight}")
-    need(0 < r.threshold < 1, "router.threshold", f"must be in (0, 1), got {r.threshold}")
+    """Check every section again (each section checks its own keys when it is built, so a config made in
+    Python, by YAML or by dataclasses.replace meets the same rules); a ConfigError names the first bad key."""
+    for f in dataclasses.fields(cfg):
+        getattr(cfg, f.name).validate()

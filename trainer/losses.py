@@ -23,7 +23,19 @@ def log_class_prior(counts: np.ndarray, device: torch.device | str = "cpu") -> t
     >>> mixtail.log_class_prior([75, 25]).exp()
     tensor([0.7500, 0.2500])
     """
-    counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64).clamp(min=1)
+    if isinstance(counts, torch.Tensor):
+        counts = counts.detach().cpu()
+    try:
+        values = np.asarray(counts, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"counts must be a sequence of numbers, got {type(counts).__name__}") from None
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"counts must be a non-empty (C,) sequence, got shape {values.shape}")
+    bad = ~(np.isfinite(values) & (values >= 0))  # a negative count was taken as 1, a NaN poisoned every class
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"counts must be finite and >= 0, got {values[k]} for class {k}")
+    counts = torch.as_tensor(values).clamp(min=1)
     return (counts / counts.sum()).log().float().to(device)
 
 

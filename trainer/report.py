@@ -249,8 +249,29 @@ def _fmt(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+_MD_SPECIAL = set("\\`*_[]<>|~#")
+
+
+def md_cell(text: str) -> str:
+    """`text` as one Markdown table cell that shows it as written: a class name holding `|` or a newline would
+    otherwise split or end the row, and `*`, `_`, `<` would turn into emphasis or HTML. Punctuation Markdown
+    reads is backslash-escaped; control characters show as their Python escapes (`\\n`)."""
+    out = []
+    for ch in str(text):
+        if ch in _MD_SPECIAL:
+            out.append("\\" + ch)
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append("\\" + repr(ch)[1:-1])  # '\n' -> \\n, which renders as \n
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(md_cell(c) for c in cells) + " |"
+
+    return [row(header), "|" + "---|" * len(header)] + [row(r) for r in rows]
 
 
 def _groups_of(record: dict) -> dict[str, float | None]:

@@ -315,6 +315,23 @@ def run_state(run: SweepRun) -> str:
     return "started" if (d / "metrics.jsonl").exists() else "new"
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # bytes, Linux's limits for one name and a whole path
+LONGEST_FILE = 64  # bytes: room for the longest name a run writes inside its directory (temporary checkpoints)
+
+
+def check_path_lengths(run_dir: Path) -> None:
+    """A run directory whose name, or whose files' paths, the filesystem cannot hold used to fail only when its
+    run started (ENAMETOOLONG after the runs before it had trained): refuse it before the first run."""
+    name = os.fsencode(run_dir.name)
+    if len(name) > NAME_MAX:
+        raise UsageError(f"run directory name {run_dir.name[:60]!r}... is {len(name)} bytes, over the {NAME_MAX} a "
+                         f"file name may have: shorten the --set values or the config's name")
+    full = len(os.fsencode(os.path.abspath(run_dir))) + 1 + LONGEST_FILE
+    if full > PATH_MAX:
+        raise UsageError(f"run directory {str(run_dir)[:60]!r}... makes paths of {full} bytes, over the {PATH_MAX} a "
+                         f"path may have: choose a shorter --out")
+
+
 def check_run_dir(run: SweepRun, state: str) -> None:
     """A run directory must hold the run the grid says: its config.yaml against run.cfg. A finished run must
     match in train.epochs too; an unfinished one may be extended (the trainer's --resume allows it)."""
@@ -476,14 +493,16 @@ class Sweep:
         self.procs: set[subprocess.Popen] = set()
         self.stopping = False
 
-    def plan(self) -> list[str]:
-        """Each run's state; refuses (before anything runs) directories that hold another run, and unfinished
-        runs without --resume."""
+    def plan(self, dry_run: bool = False) -> list[str]:
+        """Each run's state; refuses (before anything runs) run directories whose names the filesystem cannot
+        hold, directories that hold another run, and unfinished runs without --resume (a dry run lists them)."""
+        for run in self.runs:
+            check_path_lengths(run.run_dir)
         states = [run_state(r) for r in self.runs]
         for run, state in zip(self.runs, states):
             check_run_dir(run, state)
         unfinished = [r.name for r, s in zip(self.runs, states) if s in ("checkpoint", "started")]
-        if unfinished and not self.resume:
+        if unfinished and not self.resume and not dry_run:
             raise UsageError(f"{len(unfinished)} run(s) in {self.out} are unfinished (e.g. {unfinished[0]}): pass "
                              f"--resume to continue them, or choose another --out")
         return states
@@ -612,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = Sweep(runs, out, jobs=args.jobs, resume=args.resume, command=shlex.join(["mixtail", "sweep", *argv]),
                   rank_by=args.rank_by)
     if args.dry_run:
-        for run, state in zip(runs, sweep.plan()):
+        for run, state in zip(runs, sweep.plan(dry_run=True)):
             paper = paper_top1(run.cfg)
             print(f"{state:<10} {run.run_dir}" + (f"   paper {paper.top1:.1f} {paper.note}".rstrip() if paper else ""))
         return 0

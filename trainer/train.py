@@ -35,8 +35,9 @@ from tqdm import tqdm
 from mixtail.errors import ConfigError, DataError, NonFiniteCheckpointError
 from mixtail.locks import DirectoryLock
 from mixtail.pipelines.loader import build_loader, loader_for_dataset
-from mixtail.pipelines.sources.subsets import VAL_RECORD, validation_record
 from mixtail.pipelines.sources.build import build_dataset
+from mixtail.pipelines.sources.folders import report_skipped
+from mixtail.pipelines.sources.subsets import VAL_RECORD, validation_record
 from mixtail.pipelines.sampling import foreground_class_probs
 from mixtail.trainer.checkpoint import CheckpointStore
 from mixtail.trainer.config import RouterConfig, RunConfig, config_from_dict, config_to_dict, dump_config
@@ -392,6 +393,11 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
                                                                  for k, v in record.items()) + "\n}\n")
             print(f"validation split: {len(val_set)} images ({cfg.data.val_per_class} per class, data.val_seed="
                   f"{cfg.data.val_seed}) held out of training, listed in {out_dir / VAL_RECORD}")
+    if info.is_main:  # the bad files data.on_error=skip left out, named rather than silently missing
+        line = report_skipped({"train": train_loader.skipped, "val": val_loader.skipped if val_loader else (),
+                               "test": test_loader.skipped}, out_dir)
+        if line:
+            print(line, flush=True)
     num_classes = train_loader.num_classes
     counts = train_loader.class_counts
     classes = list(train_loader.classes)

@@ -71,6 +71,14 @@ def training_classes(data) -> list[str] | None:
     raise ValueError(f"data.dataset={data.dataset!r} has no reader in this version")
 
 
+def need_two_classes(classes: list[str], where: str) -> None:
+    """A dataset of one class trains to 100% accuracy and learns nothing: refuse it, naming where it was read."""
+    if len(classes) < 2:
+        names = ", ".join(repr(c) for c in classes[:1])
+        raise DataError(f"{where} has {len(classes)} class{'' if len(classes) == 1 else 'es'}"
+                        f"{' (' + names + ')' if names else ''}: a classifier needs at least two")
+
+
 def _same_classes(found: list[str], classes: list[str], where: str) -> None:
     if found != list(classes):
         diff = next((k for k, (a, b) in enumerate(zip(found, classes)) if a != b), min(len(found), len(classes)))
@@ -104,9 +112,12 @@ def build_dataset(data, split: str, *, decoded: bool = True,
         # tables, already checked when converted; the train split's LT subset follows pipelines/sources/manifest.py.
         from mixtail.pipelines.sources.manifest import converted_dataset
 
-        return converted_dataset(data, split, classes=classes, decoded=decoded)
+        ds = converted_dataset(data, split, classes=classes, decoded=decoded)
+        need_two_classes(ds.classes, f"the converted data in data.root={data.root}")
+        return ds
     what = f"{split} images"
     read = "test" if split == "test" else "train"  # a validation split is held out of the training split
+    where = f"data.dataset={data.dataset}"
     if data.dataset == "demo":
         ds = demo_dataset(read, size=data.image_size)
     elif data.dataset in ("cifar10", "cifar100"):
@@ -114,22 +125,28 @@ def build_dataset(data, split: str, *, decoded: bool = True,
     elif data.dataset == "folder":
         folder = Path(data.root) / ("train" if read == "train" else data.test_dir)
         ds = scan_image_folder(folder, classes)
+        where = f"image folder {folder}"
         what = f"{split} images under {folder}"
         line = left_out_line(ds, f"{read} split under {folder}", len(ds))
         # Once per split read (val comes out of the train folder, already reported) and on one rank only.
         if line and split != "val" and os.environ.get("RANK", "0") == "0":
             print(line, flush=True)
     elif data.dataset in LISTED:
-        from mixtail.pipelines.sources.file_lists import read_listed_dataset
+        from mixtail.pipelines.sources.file_lists import outside_root, read_listed_dataset
 
         key = f"data.{split}_list"
         path = getattr(data, f"{split}_list")
         ds = read_listed_dataset(data.dataset, path, data.root, key, classes=classes)
+        line = outside_root(ds, data.root, f"{key}={path}", data.strict_root)
+        if line and os.environ.get("RANK", "0") == "0":
+            print(line, flush=True)
         if split == "train" and classes is None:
             _TRAIN_CLASSES[_list_key(data)] = list(ds.classes)
         what = f"{split} images of {key}={path}"
+        where = f"{key}={path} (data.root={data.root})"
     else:
         raise ValueError(f"data.dataset={data.dataset!r} has no reader in this version")
+    need_two_classes(ds.classes, where)
     if classes is not None and data.dataset in ("demo", "cifar10", "cifar100"):
         _same_classes(ds.classes, classes, f"data.dataset={data.dataset}")
     if split != "test" and data.dataset not in LISTED:  # those lists are long-tailed already

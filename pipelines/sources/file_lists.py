@@ -226,6 +226,26 @@ def read_inat_json(json_path: str | Path, root: str | Path = "", classes: list[s
     return ImageFiles(files, y, names)
 
 
+def outside_root(ds: ImageFiles, root: str, where: str, strict: bool) -> str | None:
+    """The entries of a list that lie outside `root` (through `../` or an absolute path): a line that counts
+    them and names the first, or with `strict` a DataError saying the same. Usually a mistake (a wrong root, a
+    list for another layout), so it is said before any file is read. root "" (the working directory: lists of
+    absolute paths) has no outside. Paths are compared as written (absolute, `..` folded), not through links."""
+    if not root:
+        return None
+    base = os.path.abspath(root)
+    prefix = base.rstrip(os.sep) + os.sep
+    outside = [i for i, f in enumerate(ds.files) if not f.startswith(prefix)]
+    if not outside:
+        return None
+    first = ds.files[outside[0]]
+    line = (f"{len(outside)} of the {len(ds)} entries of {where} lie outside data.root={root} "
+            f"(the first, entry {outside[0] + 1}: {first})")
+    if strict:
+        raise DataError(f"{line}; data.strict_root=true refuses them: fix data.root or the list")
+    return f"{line}; they are read all the same (data.strict_root=true refuses them)"
+
+
 def read_listed_dataset(kind: str, list_path: str, root: str, key: str,
                         classes: list[str] | None = None) -> ImageFiles:
     """The dataset named by a DataConfig list key (`key` is its name, for errors), read onto `classes`

@@ -155,6 +155,27 @@ def check_files(ds: ImageFiles, on_error: str = "stop", *, what: str = "images",
     return replace(kept, skipped=ds.skipped + tuple((ds.files[i], reason) for i, reason in result.bad))
 
 
+SKIPPED_FILES = "skipped_files.txt"  # in a run directory: every file data.on_error=skip left out
+SKIPPED_IN_LINE = 3
+
+
+def report_skipped(skipped: dict[str, tuple[tuple[str, str], ...]], out_dir: Path) -> str | None:
+    """Write every file data.on_error=skip left out, per split (`split<TAB>path<TAB>reason` lines), to
+    out_dir/skipped_files.txt, and return one line that counts them and names the first few; with none skipped,
+    remove a listing an earlier start left and return None."""
+    listing = Path(out_dir) / SKIPPED_FILES
+    rows = [(split, path, reason) for split, files in skipped.items() for path, reason in files]
+    if not rows:
+        listing.unlink(missing_ok=True)
+        return None
+    listing.write_text("".join(f"{split}\t{path}\t{reason}\n" for split, path, reason in rows), encoding="utf-8")
+    per_split = ", ".join(f"{split} {len(files)}" for split, files in skipped.items() if files)
+    first = "; ".join(f"{path} ({reason})" for _, path, reason in rows[:SKIPPED_IN_LINE])
+    more = f"; ... and {len(rows) - SKIPPED_IN_LINE} more" if len(rows) > SKIPPED_IN_LINE else ""
+    return (f"data.on_error=skip left out {len(rows)} bad file(s) ({per_split}): {first}{more}; "
+            f"all are listed in {listing}")
+
+
 def decode_in_memory(ds: ImageFiles, image_size: int, desc: str = "decoding") -> ImageArrays:
     """The images of `ds` decoded into memory for the torch backend.
 
