@@ -26,7 +26,8 @@ from mixtail.errors import ConfigError
 from mixtail.trainer.config import ModelConfig, load_config
 from mixtail.trainer.evaluate import evaluate, format_table
 from mixtail.trainer.experts import MultiExpertNet, build_experts_model, diversity_temperatures, diversity_term
-from mixtail.trainer.models import SMCNet, build_backbone, build_model
+from mixtail.trainer.backbones import build_backbone
+from mixtail.trainer.models import SMCNet, build_model
 from mixtail.trainer.step import SGD, Health, Objective, TrainStep
 from mixtail.trainer.train import build_training, refresh_diversity
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from mixtail.trainer.config import ModelConfig
 from mixtail.trainer.losses import log_class_prior, logit_adjusted_soft_ce
-from mixtail.trainer.models import CifarResNet, build_model
+from mixtail.trainer.backbones import CifarResNet
+from mixtail.trainer.models import build_model
 
 
 def _params(module):
@@ -49,7 +50,7 @@ def test_resnet32_is_the_cifar_resnet():
     net = CifarResNet(32)
     # He et al. report 0.46M parameters for ResNet-32 on CIFAR (option A shortcuts have none).
     assert 0.45e6 < _params(net) < 0.48e6
-    blocks = [m for m in net.modules() if type(m).__name__ == "_BasicBlock"]
+    blocks = [m for m in net.modules() if type(m).__name__ == "BasicBlock"]
     assert len(blocks) == 15  # 3 stages of 5
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 

@@ -13,7 +13,7 @@ import pytest
 from mixtail import cli
 from mixtail.locks import DirectoryLock
 from mixtail.trainer.checkpoint import CheckpointStore
-from mixtail.trainer.router import ROUTER_EVAL, ROUTER_FILE
+from mixtail.trainer.config import ROUTER_EVAL, ROUTER_FILE
 from mixtail.trainer.train import RUN_LOCK, prepare_run_dir
 
 

@@ -43,11 +43,11 @@ from mixtail.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from mixtail.pipelines.loader import build_loader, loader_for_dataset
 from mixtail.pipelines.sources.build import build_dataset
 from mixtail.trainer.checkpoint import read_checkpoint
-from mixtail.trainer.config import apply_overrides, config_from_dict
+from mixtail.trainer.config import ROUTER_FILE, apply_overrides, config_from_dict
 from mixtail.trainer.dist import cleanup, init_distributed
 from mixtail.trainer.evaluate import evaluate, feature_centres, format_table
 from mixtail.trainer.models import build_model
-from mixtail.trainer.router import ROUTER_FILE, Router, evaluate_router, router_table, stage1_model_config
+from mixtail.trainer.router import Router, evaluate_router, router_table, stage1_model_config
 from mixtail.trainer.report import (best_eval, group_means, inter_class_scores, load_class_vectors,
                                     semantic_similarity_rows, top_confusions, write_report)
 from mixtail.trainer.train import autocast_for, check_classes, class_priors, data_source

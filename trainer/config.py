@@ -195,6 +195,11 @@ class TrainConfig:
         parse_signals(self.stop_signals)
 
 
+# Where stage 2 writes in a run directory: the router (checkpoint format) and its evaluation.
+ROUTER_FILE = "router.pt"
+ROUTER_EVAL = "router_eval.json"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     """Stage 2 of RIDE (`mixtail train CONFIG --stage router`, trainer/router.py): the expert-assignment router

@@ -31,7 +31,7 @@ from mixtail.errors import ConfigError
 from mixtail.kernels import distributed_smc_loss
 from mixtail.trainer.losses import soft_targets
 from mixtail.trainer.losses import logit_adjusted_soft_ce
-from mixtail.trainer.models import CIFAR_DEPTHS, _BasicBlock
+from mixtail.trainer.backbones import CIFAR_DEPTHS, BasicBlock
 
 # RIDE's reduce_dimension: the experts' own stages at 3/4 of the single network's width (24/32, 48/64 in
 # its resnet_cifar; 192/256, 384/512 in its ResNet-50).
@@ -69,14 +69,14 @@ def _cifar_parts(depth: int, num_experts: int) -> tuple[nn.Module, list[nn.Modul
     """(shared stem + stage 1, K experts' stages 2-3 + pool, expert feature dim) of a CIFAR ResNet-(6n+2)."""
     n = (depth - 2) // 6
     shared = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-                           *[_BasicBlock(16, 16, 1) for _ in range(n)])
+                           *[BasicBlock(16, 16, 1) for _ in range(n)])
     w2, w3 = round(32 * REDUCE), round(64 * REDUCE)  # 24 and 48, RIDE's reduce_dimension widths
     experts = []
     for _ in range(num_experts):
         blocks, in_planes = [], 16
         for planes in (w2, w3):
             for i in range(n):
-                blocks.append(_BasicBlock(in_planes, planes, 2 if i == 0 else 1))
+                blocks.append(BasicBlock(in_planes, planes, 2 if i == 0 else 1))
                 in_planes = planes
         experts.append(nn.Sequential(*blocks, _Pool()))
     for m in [shared, *experts]:

@@ -207,7 +207,44 @@ def best_eval(metrics_jsonl_path: str | Path, by: str = "eval") -> dict | None:
 # Pictures and the writer
 # --------------------------------------------------------------------------------------------------
 
-GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}  # also evaluate.plot_per_class
+GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}  # also plot_per_class
+
+
+def plot_per_class(results: dict, train_counts: np.ndarray, classes: list[str], path: str | Path) -> None:
+    """Per-class test accuracy (bars) against training count (line, log scale), classes sorted by count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(train_counts)
+    order = np.argsort(-counts, kind="stable")
+    acc = np.array([np.nan if a is None else a for a in results["per_class"]])[order]
+    group_of = {}
+    for name, idx in shot_groups(counts).items():
+        for k in idx:
+            group_of[int(k)] = name
+    fig, ax = plt.subplots(figsize=(max(6.0, min(0.12 * len(counts), 20.0)), 4.0), dpi=120)
+    x = np.arange(len(counts))
+    ax.bar(x, acc, width=0.9, color=[GROUP_COLOURS[group_of[int(k)]] for k in order])
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("classes, sorted by training images")
+    if len(counts) <= 30:
+        ax.set_xticks(x, [classes[k] for k in order], rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_xticks([])
+    twin = ax.twinx()
+    twin.plot(x, counts[order], color="black", linewidth=1.2)
+    twin.set_yscale("log")
+    twin.set_ylabel("training images (log)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in GROUP_COLOURS.values()]
+    ax.legend(handles, [f"{g} ({'-' if results[g] is None else f'{results[g]:.1f}%'})" for g in GROUP_COLOURS],
+              loc="upper right", fontsize=8)
+    ax.set_title(f"Per-class accuracy: all {results['all']:.1f}%")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_centres_pca(centres: np.ndarray, class_names: list[str], train_counts: np.ndarray,
@@ -310,8 +347,6 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
     With a validation split (final["val"]) its row stands beside the test row, and the best epoch is the one
     with the best validation accuracy (best must then come from best_eval(..., by="val")).
     """
-    from mixtail.trainer.evaluate import plot_per_class
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = np.asarray(train_counts)

@@ -26,10 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixtail.errors import ConfigError
+from mixtail.trainer.config import ROUTER_EVAL, ROUTER_FILE
 from mixtail.trainer.models import build_model
 
-ROUTER_FILE = "router.pt"
-ROUTER_EVAL = "router_eval.json"
 
 
 class Router(nn.Module):

@@ -40,12 +40,13 @@ from mixtail.pipelines.sources.folders import report_skipped
 from mixtail.pipelines.sources.subsets import VAL_RECORD, validation_record
 from mixtail.pipelines.sampling import foreground_class_probs
 from mixtail.trainer.checkpoint import CheckpointStore
-from mixtail.trainer.config import RouterConfig, RunConfig, config_from_dict, config_to_dict, dump_config
+from mixtail.trainer.config import (ROUTER_EVAL, ROUTER_FILE, RouterConfig, RunConfig, config_from_dict, config_to_dict,
+                                    dump_config)
 from mixtail.trainer.dist import DistInfo, barrier, cleanup, init_distributed
-from mixtail.trainer.evaluate import evaluate_splits, format_table, plot_per_class
+from mixtail.trainer.evaluate import evaluate_splits, format_table
 from mixtail.trainer.losses import log_prior_vector, mean_mix_ratio, mixed_prior
 from mixtail.trainer.models import build_model
-from mixtail.trainer.router import ROUTER_EVAL, ROUTER_FILE
+from mixtail.trainer.report import plot_per_class
 from mixtail.trainer.step import SGD, Health, NonFiniteError, Objective, TrainStep
 from mixtail.trainer.stop import StopSignals
 
