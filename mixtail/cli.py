@@ -160,7 +160,7 @@ def _config(argv: list[str]) -> int:
 # name -> function(argv after the name) -> exit status. New commands only add a line here.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": _train, "eval": _eval, "bench": _bench,
-    "sweep": lambda argv: importlib.import_module("mixtail.trainer.sweep").main(argv),
+    "sweep": lambda argv: importlib.import_module("mixtail.commands.sweep").main(argv),
     "convert": lambda argv: importlib.import_module("mixtail.commands.convert").main(argv),
     "data": lambda argv: importlib.import_module("mixtail.commands.data").main(argv),
     "config": _config,
