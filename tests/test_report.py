@@ -1,4 +1,4 @@
-"""trainer/report.py: the Table 4 scores (SPEC "Feature-space scores") on a hand-made case and against loops,
+"""trainer/report.py: the Table 4 scores (docs/method.md, "Feature-space scores") on a hand-made case and against loops,
 class vectors from the real GloVe file, confusions, the best evaluated epoch, and the files of a report.
 
     python -m pytest tests/test_report.py -q
@@ -135,7 +135,7 @@ def test_load_class_vectors_synthetic(tmp_path):
 
 def _require(path: Path) -> None:
     if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data file {path} is absent (the project's shared data beside the repository)")
 
 
 @pytest.mark.data
