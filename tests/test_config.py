@@ -114,9 +114,10 @@ def _alias_bomb(levels: int) -> str:
 
 
 def test_an_alias_bomb_in_a_string_key_fails_at_once_in_one_short_line(tmp_path):
-    """The type error printed the whole expanded value: a 424-byte file ran past 60 s at 1.9 GB. The value is
-    quoted through a short prefix now. The small bomb shows it deterministically (its full repr is 4 MB); the
-    full one in a child process must end well inside a timeout it used to exceed many times over."""
+    """The type error must not print the whole expanded value (a 424-byte file would run past 60 s at 1.9 GB):
+    the value is quoted through a short prefix. The small bomb shows it deterministically (its full repr is
+    4 MB); the full one in a child process must end well inside a timeout that printing it exceeds many times
+    over."""
     msg = load_error(write_yaml(tmp_path, _alias_bomb(6)))
     assert msg.startswith(f"{tmp_path / 'run.yaml'}: key 'train.out_dir': expected a string, got list [[")
     assert len(msg) < 300 and "\n" not in msg, len(msg)
@@ -350,7 +351,8 @@ def test_keys_that_change_together_are_checked_once_all_are_set(tmp_path):
 
 
 def test_image_size_is_bounded():
-    """--data.image_size=100000 used to be an internal MemoryError (terabytes of batch) at the first step."""
+    """--data.image_size=100000 is refused when the config loads, not an internal MemoryError (terabytes of
+    batch) at the first step."""
     assert load_error(None, ["--data.image_size=100000"]) == "key 'data.image_size': must be in [8, 1024], got 100000"
     assert load_config(None, ["--data.image_size=1024"]).data.image_size == 1024
 

@@ -409,7 +409,7 @@ def test_bad_files_skipped_are_counted_and_listed(bad_tree, tmp_path, capsys):
 
 
 def test_a_symlink_loop_named_like_an_image_is_a_bad_file(cifar_tree, tmp_path, capsys):
-    """ELOOP used to abort the conversion even with --on-error skip."""
+    """ELOOP must not abort the conversion under --on-error skip."""
     root = tmp_path / "loops"
     shutil.copytree(cifar_tree, root)
     loop = root / "train" / "cat" / "loop.jpg"

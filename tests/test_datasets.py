@@ -507,7 +507,7 @@ def test_symlink_loop_named_like_an_image_is_a_broken_file(tmp_path, real_jpegs)
 
 def test_files_of_other_extensions_are_counted_and_reported_once_per_split(tmp_path, real_jpegs, capsys,
                                                                            monkeypatch):
-    """A GIF in a class folder used to be left out without a word: one line per split says so."""
+    """A GIF in a class folder is left out, and never without a word: one line per split says so."""
     monkeypatch.delenv("RANK", raising=False)
     root = jpeg_tree(tmp_path, real_jpegs, {"bird": 4, "cat": 3}, {"bird": 1, "cat": 1})
     gif = root / "train" / "cat" / "flying.gif"

@@ -251,7 +251,7 @@ def test_write_report_files_and_keys(tmp_path, with_vectors):
 
 
 def test_class_names_are_escaped_in_the_markdown_tables(tmp_path):
-    """A class named with `|` or a newline used to split or end report.md's table rows."""
+    """A class named with `|` or a newline must not split or end report.md's table rows."""
     names = ["a|b", "two\nlines", "x_y*", "<i>"]
     labels = np.repeat(np.arange(4), 10)
     preds = labels.copy()

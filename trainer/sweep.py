@@ -320,7 +320,7 @@ LONGEST_FILE = 64  # bytes: room for the longest name a run writes inside its di
 
 
 def check_path_lengths(run_dir: Path) -> None:
-    """A run directory whose name, or whose files' paths, the filesystem cannot hold used to fail only when its
+    """A run directory whose name, or whose files' paths, the filesystem cannot hold would fail only when its
     run started (ENAMETOOLONG after the runs before it had trained): refuse it before the first run."""
     name = os.fsencode(run_dir.name)
     if len(name) > NAME_MAX:

@@ -337,7 +337,7 @@ RUN_LOCK = ".mixtail-train.lock"
 
 
 def run_dir_lock(out_dir: Path, info: DistInfo) -> contextlib.AbstractContextManager:
-    """One training process per run directory: two used to both succeed and mix their metrics and
+    """One training process per run directory: two at once would both succeed and mix their metrics and
     checkpoints. Only global rank 0 takes the lock: it alone writes the directory, and on a shared filesystem a
     lock per node would refuse the job's own other nodes. A second job is refused at its rank 0 (torchrun then
     ends its other ranks)."""
