@@ -1,5 +1,5 @@
 """The classic loop over whole epochs, and what its full schedule would take: the other side of every
-"N× faster than the usual code" figure (issue 13's lease script, stage 4).
+"N× faster than the usual code" figure (benchmarks/gpu_lease.sh, stage 4).
 
 `mixtail bench train --baseline classic` times the classic loop (benchmarks/classic_baseline.py: PIL transforms
 in a DataLoader with workers, an eager fp32 one-view CE step) in steady-state windows. This benchmark runs it

@@ -1,10 +1,10 @@
 """Conversion throughput: images per second and output size of `mixtail convert`, per target, write mode and
 --max-resolution, on real sources; with --dali-read, also how fast the DALI executor reads each dali output.
 
-Default sources: the real photos (../shared/data/photos, 334 ImageNet JPEGs, as a `path label` list with 10
-fake classes) and a 2,000-image CIFAR-10 subset (the first 200 training JPEGs of each class from
-../shared/data/cifar10/cifar10-jpeg.tar.gz, extracted to a temporary folder). --source takes others (an image
-folder, a CIFAR root, a list or an iNaturalist .json, as `mixtail convert` does).
+Default sources, from the project's shared data directory beside the repository: the real photos (photos/, 334
+ImageNet JPEGs, as a `path label` list with 10 fake classes) and a 2,000-image CIFAR-10 subset (the first 200
+training JPEGs of each class from its archive of CIFAR-10 as JPEG files, extracted to a temporary folder). --source
+takes others (an image folder, a CIFAR root, a list or an iNaturalist .json, as `mixtail convert` does).
 
 Each row is one whole `mixtail convert` run into a temporary folder (reading and checking the source, decoding,
 resizing, encoding, writing, checksums, the rename; FFCV's import is paid before the clock), `--reps` times,

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _targets(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """The issue's H100 goals at N = 16,384: ≥ 3× eager and < 64 MB beside the inputs; N = 65,536 runs."""
+    """The kernel's H100 goals at N = 16,384: ≥ 3× eager and < 64 MB beside the inputs; N = 65,536 runs."""
     out = {}
     for row in rows:
         if row["impl"] != "triton" or "median_ms" not in row:

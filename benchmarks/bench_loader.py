@@ -1,7 +1,7 @@
 """Loader throughput: mixed two-view SMC samples per second at steady state, per backend, on real photos.
 
 Each backend loads the same job: weighted foreground + uniform background sampling, per-component
-RandomResizedCrop/flip/colour before mixing (SPEC Eq. 3), resize-and-paste into a λ-sized box, two views,
+RandomResizedCrop/flip/colour before mixing (the paper's Eq. 3), resize-and-paste into a λ-sized box, two views,
 normalization, at `--size` px (224 by default), batches of `--batch-size` pairs. A "sample" is one mixed
 pair with both views, what one row of the trainer's batch needs.
 
@@ -15,8 +15,9 @@ pair with both views, what one row of the trainer's batch needs.
   crop, mix and normalize (pipelines/backends/ffcv_executor.py). The table says so. Those ops are the reference
   itself, so there is no graph to verify first; tests/test_ffcv_loader.py checks the decoding.
 
-The photos (../shared/data/photos, 334 ImageNet JPEGs, one per class) get fake long-tailed labels: class k
-holds n_k = n_max·(1/ρ)^(k/(C−1)) consecutive photos (sorted by name), as CIFAR-LT is built.
+The photos (by default photos/ in the project's shared data directory beside the repository: 334 ImageNet JPEGs, one
+per class) get fake long-tailed labels: class k holds n_k = n_max·(1/ρ)^(k/(C−1)) consecutive photos (sorted by
+name), as CIFAR-LT is built.
 
 Before timing, the DALI graph is checked against the torch reference (mixing.render_views) on random images
 with drawn parameters, on the benchmark's device and size. Then per backend: `--warmup` batches, then
@@ -24,7 +25,7 @@ with drawn parameters, on the benchmark's device and size. Then per backend: `--
 the table gives the median and p20/p80 over windows. Results go to
 <out>/loader_<gpu-or-cpu>_<yyyymmdd>.json with the environment.
 
-    python -m mixtail.benchmarks.bench_loader --backend dali torch --device cuda --photos ../shared/data/photos
+    python -m mixtail.benchmarks.bench_loader --backend dali torch --device cuda --photos PHOTOS_DIR
     mixtail bench loader --backend dali --device cpu --num-photos 32 --size 64 --batch-size 16
     mixtail bench loader --backend ffcv torch --device cpu --num-photos 16 --size 64 --batch-size 8
 """

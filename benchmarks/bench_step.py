@@ -20,7 +20,7 @@ JSON (<out>/step_<gpu-or-cpu>_<yyyymmdd>.json) holds the rows, the resolved conf
     mixtail bench step --config cifar10_lt_r100                      # ResNet-32, 32 px, 128 pairs x 2 views
     mixtail bench step --config imagenet_lt_rn50 --modes eager graphs   # ResNet-50 at 224 px
     mixtail bench step --config smoke_cpu --model.arch=resnet8 --data.batch_size=8 --windows 2 --window-steps 2
-    mixtail bench step --config cifar10_lt_r100 --experts 1 2 3 4 --modes eager graphs   # RIDE's experts, issue 14
+    mixtail bench step --config cifar10_lt_r100 --experts 1 2 3 4 --modes eager graphs   # RIDE's experts
 
 `--experts K...` times one row per number of experts (model.experts) and adds `cost_vs_1_expert`, each row's
 ms/step over the same mode's 1-expert row.
@@ -230,7 +230,7 @@ def skipped_modes(modes: list[str], device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         return {}
     reasons = {"graphs": "CUDA graphs need a CUDA device",
-               "compile": "timed on CUDA only (a cold torch.compile on the CPU takes 25-40 s, ../shared/ENV.md, "
+               "compile": "timed on CUDA only (a cold torch.compile on the CPU takes 25-40 s on 2 cores, "
                           "and says nothing about the GPU)"}
     return {m: reasons[m] for m in modes if m in reasons}
 
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = bench_parser("mixtail bench step", __doc__, windows=10)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--experts", nargs="+", type=positive_int, default=None,
-                   help="rows for each number of RIDE experts K (model.experts; issue 14), e.g. 1 2 3 4; default: "
+                   help="rows for each number of RIDE experts K (model.experts), e.g. 1 2 3 4; default: "
                         "the config's")
     args, overrides = split_argv(p, argv)
     cfg = load_config(args.config, overrides)
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mode, why in skipped.items():
         print(f"skipping {mode}: {why}")
     if not modes:
-        # An empty results file with exit 0 read as a benchmark that ran (issue 16): say so and write nothing.
+        # An empty results file with exit 0 read as a benchmark that ran: say so and write nothing.
         raise UsageError(f"nothing to time on {device}: " + "; ".join(f"{m}: {why}" for m, why in skipped.items())
                          + " (add --modes eager)")
     print(f"{cfg.model.arch} at {cfg.data.image_size} px, {cfg.data.batch_size} pairs x {cfg.data.num_views} views, "

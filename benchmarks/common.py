@@ -34,7 +34,7 @@ import torch
 # The repo's committed measurements; benchmarks write there only when told (--out benchmarks/results).
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Where a benchmark writes without --out: a folder of the working directory, never the package's own
-# folder, which for an installed wheel is inside site-packages (issue 16).
+# folder, which for an installed wheel is inside site-packages.
 DEFAULT_OUT_DIR = "benchmarks-results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _L2_FLUSH_BYTES = 256 * 2**20  # H100: 50 MB of L2; B200: 126 MB
@@ -268,7 +268,7 @@ def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
 
 
 # argparse types: `p.add_argument("--batch-size", type=positive_int)`. A zero batch size or budget is
-# refused at the command line rather than failing inside the benchmark (issue 16: ZeroDivisionError).
+# refused at the command line rather than failing inside the benchmark (it raised ZeroDivisionError there).
 positive_int = _bounded(int, 0, strict=True)
 positive_float = _bounded(float, 0, strict=True)
 nonnegative_int = _bounded(int, 0, strict=False)

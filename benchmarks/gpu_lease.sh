@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything one GPU lease should bring back, most valuable first (issue 13), in one call under one deadline.
+# Everything one GPU lease should bring back, most valuable first, in one call under one deadline.
 # A lease is 15 minutes of device time in all, start-up included (about 8 minutes of useful run time), and may
 # be cut short: the summary JSON is rewritten after every stage, so whatever time the lease had, the stages
 # that finished are on disk. Stages, in order, each with its own cap (seconds):
@@ -14,9 +14,9 @@
 #   4 classic     90  the classic loop (mixtail bench classic: PIL + DataLoader + eager fp32 CE) over a few
 #                     whole epochs and one test pass, extrapolated to 200 epochs and labelled so; the ratio
 #                     to stage 3's wall time (target >= 3x)
-#   4b step_experts 40  stage 2's step with 1, 2, 3 and 4 RIDE experts (issue 14): ms/step, cost over 1 expert
+#   4b step_experts 40  stage 2's step with 1, 2, 3 and 4 RIDE experts: ms/step, cost over 1 expert
 #   5 runs        the rest: LA-CE, SMC + loss.prior=mixed, SMC + AutoAugment and SMC with 3 RIDE experts
-#                     (issue 14; its 1-expert run is stage 3), 200 epochs each, at once; each recorded when it
+#                     (its 1-expert run is stage 3), 200 epochs each, at once; each recorded when it
 #                     finishes, and those the deadline stops recorded as such with their last epoch
 # then one summary table (PASS/FAIL per target, the stages that did not run and why) and, in OUT_DIR,
 # gpu_lease_<gpu>_<yyyymmdd>.json and gpu_lease_results.tar.gz (logs, metrics, reports; no checkpoints).
@@ -33,7 +33,7 @@
 # rehearse the script and measure nothing, and the summary says so.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_lease.sh OUT_DIR CIFAR10_JPEG_TAR [DEADLINE_S]}
-cifar_tar=${2:?CIFAR-10 JPEG tarball (../shared/data/cifar10/cifar10-jpeg.tar.gz)}
+cifar_tar=${2:?CIFAR-10 JPEG tarball (train/<class>/, test/<class>/ as JPEG files)}
 deadline=$(( $(date +%s) + ${3:-480} ))
 tiny=${TINY:-0}
 glove=${GLOVE:-}
@@ -145,7 +145,7 @@ fi
 stage classic 90 python3 -m mixtail bench classic --config cifar10_lt_r100 "${tree[@]}" "${small[@]}" \
   "${run_len[@]}" "${classic[@]}" --out "$out/classic"
 
-# 4b. The step's cost against the number of RIDE experts (issue 14), eager and graphed, shorter windows: after
+# 4b. The step's cost against the number of RIDE experts, eager and graphed, shorter windows: after
 #     the headline run and the classic loop, so it never takes their time.
 ktiming=(--warmup 3 --windows 5 --window-steps 10); [ "$tiny" = 1 ] && ktiming=("${timing[@]}")
 stage step_experts 40 python3 -m mixtail bench step --config cifar10_lt_r100 --modes eager graphs --experts 1 2 3 4 \

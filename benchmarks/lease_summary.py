@@ -1,5 +1,5 @@
 """The summary of a GPU lease (benchmarks/gpu_lease.sh): what each stage left in OUT_DIR, read into one JSON and
-one table, with PASS or FAIL per target (issue 13). The lease script runs it after every stage, so a lease cut
+one table, with PASS or FAIL per target. The lease script runs it after every stage, so a lease cut
 short still leaves the stages that finished summarized; it reads only files and never fails on a missing one
 (a stage that did not run is listed with the reason).
 
@@ -23,7 +23,7 @@ import yaml
 
 from mixtail.benchmarks.common import environment, format_table, write_json
 
-# Issue 13's targets (issue 8's speed targets, measured in one lease).
+# The lease's targets (the speed targets of docs/gpu_checks.md, measured in one lease).
 GRAPHS_IMAGES_PER_S = 25_000
 WALL_200EP_S = 180
 CLASSIC_RATIO = 3.0
@@ -36,7 +36,7 @@ STAGES = {
     "smc_200ep": "the solo 200-epoch SMC run",
     "smc_report": "mixtail eval --report of that run",
     "classic": "the classic loop, extrapolated to 200 epochs",
-    "step_experts": "bench step with 1-4 RIDE experts, eager and graphs (issue 14)",
+    "step_experts": "bench step with 1-4 RIDE experts, eager and graphs",
 }
 RUNS = {"run_lace": "LA-CE", "run_smc_mixed": "SMC + loss.prior=mixed", "run_smc_aa": "SMC + AutoAugment",
         "run_ride3": "SMC, 3 RIDE experts"}
@@ -100,7 +100,7 @@ def run_record(run_dir: Path, stage: dict[str, Any] | None, label: str) -> dict[
     elif evals:
         row.update({f"top1_{g}": evals[-1]["eval"].get(g) for g in GROUPS},
                    accuracy_of=f"last evaluation, epoch {evals[-1]['epoch']} (not the final epoch)")
-    if final.exists() and "experts" in result:  # a multi-expert run (issue 14): its top1 is the ensemble's
+    if final.exists() and "experts" in result:  # a multi-expert run: its top1 is the ensemble's
         row["what"] += " (ensemble)"
     if configured is not None:
         row["schedule"] = ("paper (200 epochs)" if configured == done == PAPER_EPOCHS and final.exists()
@@ -149,7 +149,7 @@ def targets_of(out: Path, stages: dict[str, dict[str, Any]], smc: dict[str, Any]
                                        "finished": smc["finished"], "target": f"<= {WALL_200EP_S}", "pass": ok}
         if smc.get("top1_all") is not None:
             targets["smc_200ep_top1_all"] = {"value": smc["top1_all"], "of": smc.get("accuracy_of"),
-                                             "target": "accuracy (issue 7)", "pass": None}
+                                             "target": "accuracy", "pass": None}
     classic = [r for r in latest_record(out / "classic").get("rows", []) if r.get("extrapolated_s")]
     if classic:
         fastest = min(classic, key=lambda r: r["extrapolated_s"])

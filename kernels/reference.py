@@ -1,6 +1,6 @@
 """The SMC loss in plain PyTorch: the test oracle, the benchmark baseline and the CPU path.
 
-Exactly SPEC.md's Eq. 4. For N features z (L2-normalized) with labels y_f, y_b and ratios λ:
+Exactly The paper's Eq. 4 (arXiv 2211.11938). For N features z (L2-normalized) with labels y_f, y_b and ratios λ:
 
     ℓ_ij = z_i·z_j/τ − log Σ_{k≠i} exp(z_i·z_k/τ)                       (j ≠ i)
     F_i  = {j ≠ i : y_f[j] = y_f[i]}        Bg_i = {j ≠ i : y_b[j] = y_b[i]}

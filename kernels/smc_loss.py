@@ -1,6 +1,6 @@
 """Fused Triton SMC loss: forward and backward without ever holding the N×N similarity matrix.
 
-Same math and signature as `mixtail.kernels.reference.smc_loss` (SPEC.md Eq. 4); see that module for
+Same math and signature as `mixtail.kernels.reference.smc_loss` (the paper's Eq. 4); see that module for
 the definitions of ℓ_ij, F_i, Bg_i and X_i. Extra memory is O(N·D), against about 20 B per pair for
 the reference (5.4 GB at N = 16,384 on an H100, ENV.md).
 
@@ -532,7 +532,7 @@ torch.library.register_autograd("mixtail::smc_fwd", SMCLossFunction.backward,
 def smc_loss(features: torch.Tensor, fg_labels: torch.Tensor, bg_labels: torch.Tensor, lam: torch.Tensor, *,
              tau: float = 0.1, weighting: Weighting = "weighted", anchor_start: int = 0,
              num_anchors: int | None = None, impl: str = "auto") -> torch.Tensor:
-    """SMC loss (SPEC Eq. 4), mean over the anchors `anchor_start ... anchor_start + num_anchors − 1`.
+    """SMC loss (the paper's Eq. 4), mean over the anchors `anchor_start ... anchor_start + num_anchors − 1`.
 
     features: (N, D) L2-normalized embeddings (D ≤ 256 for Triton); fg_labels, bg_labels: (N,) int, each
     row's foreground and background class; lam: (N,) float, its foreground area ratio (1 for an unmixed

@@ -59,7 +59,7 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last good checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again in a train.out_dir that already holds a run")
     p.add_argument("--stage", choices=("model", "router"), default="model",
-                   help="router: RIDE's stage 2 on the finished multi-expert run in train.out_dir (issue 14)")
+                   help="router: RIDE's stage 2 on the finished multi-expert run in train.out_dir")
     args, unknown = p.parse_known_args(rest)
     if unknown:
         p.error(f"unrecognized arguments {unknown}; overrides look like --optim.lr=0.05")
@@ -83,7 +83,7 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--report", metavar="DIR", help="write report.md/report.json, plots and class centres to DIR")
     p.add_argument("--class-vectors", metavar="NPZ", help="class name vectors (arrays names, vectors) for the "
-                   "semantic similarity score, e.g. ../shared/data/glove/class_vectors_glove6B50d.npz")
+                   "semantic similarity score, e.g. class_vectors_glove6B50d.npz")
     p.add_argument("--posthoc-tau", metavar="T[,T...]|auto", default="",
                    help="also report accuracy with the test logits shifted by T·log(P_Y/π), for each T; auto: "
                         "choose T on the validation split (data.val_per_class) and report the test set at it")

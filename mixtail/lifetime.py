@@ -1,4 +1,4 @@
-"""A child process that dies with the process that started it (issue 16): `mixtail sweep` starts each
+"""A child process that dies with the process that started it: `mixtail sweep` starts each
 `mixtail train` with MIXTAIL_DIE_WITH_PARENT=<its pid>, and the child asks Linux to send it SIGTERM when
 that parent goes, even by SIGKILL, when no handler of the parent's can run. A trainer stopped that way
 ends like any SIGTERM'd run, and `mixtail sweep --resume` continues it.

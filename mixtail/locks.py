@@ -7,7 +7,7 @@ The lock is `flock` on a small file holding `pid host start-time`: the kernel re
 however it dies (kill -9 included), so a lock is never stale in truth. A file left by a dead holder is taken over
 with one line saying whose it was. Where a filesystem has no flock (some network mounts answer ENOLCK), the pid
 in the file decides: a live process on this host holds it, anything else is stale. `mixtail train` (rank 0 only:
-it alone writes the run directory; issue 16) and `mixtail convert` (PATH's parent, `.<name>.lock`) use it.
+it alone writes the run directory) and `mixtail convert` (PATH's parent, `.<name>.lock`) use it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ class PlanRender:
 
     fn(table) -> (images, y_f, y_b, lam) reads nothing but `table` (the plan on the device, one static
     (B, K) float32 tensor) and tensors the executor holds, never reads a value back to the host and never
-    builds a tensor from host data: a CUDA graph can hold it together with the training step (issue 8).
+    builds a tensor from host data: a CUDA graph can hold it together with the training step.
     key: the plan's host-side structure that fn was built for (mixed or not, colour or not); plans with
     equal keys run the same kernels on the same shapes, so one graph serves them all.
     """

@@ -199,8 +199,8 @@ def rank_batch_size(data, split: str, world_size: int) -> int:
 
 
 def test_resize_ratio(data) -> float:
-    """SPEC "Evaluation": the 224 px datasets resize the shorter side to S·8/7 and centre-crop S; CIFAR-scale
-    data (S <= 64, the same rule as the normalization statistics) is used whole."""
+    """docs/method.md, "The test-time view": the 224 px datasets resize the shorter side to S·8/7 and
+    centre-crop S; CIFAR-scale data (S <= 64, the same rule as the normalization statistics) is used whole."""
     return 8.0 / 7.0 if data.image_size > 64 else 1.0
 
 

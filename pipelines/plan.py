@@ -9,7 +9,7 @@ FFCV executor reads the index columns to build its traversal order. So every bac
 from the same plan, and a batch is a pure function of (seed, epoch, rank, batch): resume, DDP and
 cross-backend tests rely on that.
 
-Randomness, per SPEC "Data and sampling" and "Mixing":
+Randomness, per docs/method.md, "Foreground sampling" and "Mixing":
 - background indices: a shuffled pass over the dataset per epoch, strided over ranks (`sampling.sample_order`);
 - whether a batch is mixed (mix.mix_per=batch): one draw per global batch, shared by every rank, so a global
   batch is mixed or not as a whole, as in CMO's single-process code; only inside the epoch window;
@@ -432,9 +432,9 @@ def colour_possible(aug) -> bool:
 
 
 def centre_crop_windows(height: np.ndarray, width: np.ndarray, resize_ratio: float) -> np.ndarray:
-    """Relative windows of the test protocol: resize the shorter side to S·r, centre-crop S (SPEC
-    "Evaluation": r = 8/7 for the 224 px datasets). On the original image that is the centred square of side
-    min(h, w)/r; r = 1 keeps the largest centred square (the whole image when it is square)."""
+    """Relative windows of the test protocol: resize the shorter side to S·r, centre-crop S
+    (docs/method.md, "The test-time view": r = 8/7 for the 224 px datasets). On the original image that is the
+    centred square of side min(h, w)/r; r = 1 keeps the largest centred square (the whole image when it is square)."""
     side = np.minimum(height, width) / resize_ratio
     rh, rw = side / height, side / width
     return np.stack([(1 - rh) / 2, (1 - rw) / 2, rh, rw], axis=1)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root, the real data under ../shared/data, and a session-wide
+"""Shared fixtures: the repository root, the real data in the project's shared data directory beside the repository
+(absent on a fresh clone elsewhere: those tests skip), and a session-wide
 extraction of the CIFAR-10 JPEG tree (slow; only tests marked `slow` and `data` ask for it).
 
     python -m pytest -q            # the fast suite (pyproject's addopts deselect tests marked slow)
@@ -26,7 +27,8 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The real data lives beside the project, never inside it (../shared/data, see its README.md).
+# The real data lives in the project's shared data directory beside the repository, never inside it
+# (absent on a fresh clone elsewhere: those tests skip).
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 CIFAR10_JPEG_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"
 CIFAR100_META = SHARED_DATA / "cifar100-meta" / "cifar100_labels_and_lt_r100_indices.npz"
@@ -34,7 +36,7 @@ CIFAR100_META = SHARED_DATA / "cifar100-meta" / "cifar100_labels_and_lt_r100_ind
 
 def _skip_if_absent(path: Path) -> None:
     if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data file {path} is absent (the project's shared data beside the repository)")
 
 
 @pytest.fixture(scope="session")

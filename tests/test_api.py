@@ -177,8 +177,8 @@ def _smc_call(**changes):
                             impl="reference", **args)
 
 
-# Each used to give NaN, a silently wrong number (tau=-1: 1.546; a count of -5 taken as 1) or an error from deep
-# inside (AttributeError 'is_cuda', ZeroDivisionError, numpy 19 frames down).
+# Unchecked, each would give NaN, a silently wrong number (tau=-1: 1.546; a count of -5 taken as 1) or an error
+# from deep inside (AttributeError 'is_cuda', ZeroDivisionError, numpy 19 frames down).
 BAD_ARGUMENTS = [
     ("tau=0", lambda: _smc_call(tau=0.0), ValueError, "tau must be positive"),
     ("tau=-1", lambda: _smc_call(tau=-1.0), ValueError, "tau must be positive"),

@@ -224,8 +224,9 @@ def test_each_op_moves_pixels_far_beyond_its_tolerance(name):
 @pytest.mark.data
 @pytest.mark.slow
 def test_ops_match_torchvision_on_real_cifar_images():
-    """The same bounds on 16 real CIFAR-10 images (the first in ../shared/data's JPEG tree), whose histograms
-    are what Equalize and AutoContrast meet in training."""
+    """The same bounds on 16 real CIFAR-10 images (the first of the CIFAR-10 JPEG tree in
+    the project's shared data directory beside the repository), whose histograms are what Equalize and
+    AutoContrast meet in training."""
     if not CIFAR10_JPEG_TAR.is_file():
         pytest.skip(f"real data file {CIFAR10_JPEG_TAR} is absent")
     from PIL import Image

@@ -65,7 +65,7 @@ def test_bench_step_cpu_writes_eager_row_and_says_why_modes_were_skipped(tmp_pat
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's eager rows")
 def test_bench_step_rows_per_number_of_experts(tmp_path):
-    """--experts 1 3: one row per K (issue 14), each built with model.experts=K, its cost over K = 1's."""
+    """--experts 1 3: one row per K, each built with model.experts=K, its cost over K = 1's."""
     bench_step.main([*TINY, "--modes", "eager", "--experts", "1", "3", "--out", str(tmp_path)])
     rows = _record(tmp_path, "step")["rows"]
     assert [(r["mode"], r["experts"]) for r in rows] == [("eager", 1), ("eager", 3)]

@@ -121,8 +121,8 @@ def _unbound(router: Path, sha: str) -> None:
                                          (_other_experts, "does not fit"), (_huge_width, "does not fit"),
                                          (_unbound, "records no stage-1 checkpoint")])
 def test_a_damaged_or_mismatched_router_is_named_and_left_out(routed_run, tmp_path, capsys, damage, why):
-    """Each used to break the evaluation of a good checkpoint (EINVAL with no path, UnpicklingError, a
-    RuntimeError in Router): now one line naming router.pt, and the router is left out."""
+    """None may break the evaluation of a good checkpoint (EINVAL with no path, UnpicklingError, a
+    RuntimeError in Router): one line names router.pt, and the router is left out."""
     from mixtail.trainer.checkpoint import read_checkpoint
     from mixtail.trainer.checkpoint_eval import load_router
     from mixtail.trainer.models import build_model

@@ -243,7 +243,7 @@ def test_torchrun_summary_shows_the_message(tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 # bench: bad arguments are one-line usage errors, nothing ran means exit 2, results land in the working directory
-# (issue 16, item 9)
+#
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, fragment", [

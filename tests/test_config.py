@@ -114,9 +114,10 @@ def _alias_bomb(levels: int) -> str:
 
 
 def test_an_alias_bomb_in_a_string_key_fails_at_once_in_one_short_line(tmp_path):
-    """The type error printed the whole expanded value: a 424-byte file ran past 60 s at 1.9 GB. The value is
-    quoted through a short prefix now. The small bomb shows it deterministically (its full repr is 4 MB); the
-    full one in a child process must end well inside a timeout it used to exceed many times over."""
+    """The type error must not print the whole expanded value (a 424-byte file would run past 60 s at 1.9 GB):
+    the value is quoted through a short prefix. The small bomb shows it deterministically (its full repr is
+    4 MB); the full one in a child process must end well inside a timeout that printing it exceeds many times
+    over."""
     msg = load_error(write_yaml(tmp_path, _alias_bomb(6)))
     assert msg.startswith(f"{tmp_path / 'run.yaml'}: key 'train.out_dir': expected a string, got list [[")
     assert len(msg) < 300 and "\n" not in msg, len(msg)
@@ -170,7 +171,7 @@ def test_valid_values_are_converted_to_field_types(tmp_path):
     ("optim:\n  weight_decay: 2.0e-4\n", 2e-4),
 ])
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path, text, expected):
-    # YAML 1.1 (PyYAML's default) reads `5e-4` as a *string*; the SPEC and every user write weight decay
+    # YAML 1.1 (PyYAML's default) reads `5e-4` as a *string*; the paper and every user write weight decay
     # this way, so the strict loader must read it as the float it is (YAML 1.2 does).
     cfg = load_config(write_yaml(tmp_path, text))
     assert cfg.optim.weight_decay == expected
@@ -350,7 +351,8 @@ def test_keys_that_change_together_are_checked_once_all_are_set(tmp_path):
 
 
 def test_image_size_is_bounded():
-    """--data.image_size=100000 used to be an internal MemoryError (terabytes of batch) at the first step."""
+    """--data.image_size=100000 is refused when the config loads, not an internal MemoryError (terabytes of
+    batch) at the first step."""
     assert load_error(None, ["--data.image_size=100000"]) == "key 'data.image_size': must be in [8, 1024], got 100000"
     assert load_config(None, ["--data.image_size=1024"]).data.image_size == 1024
 
@@ -416,10 +418,10 @@ def test_normalization_defaults_by_image_size():
     assert mean == (0.5, 0.5, 0.5) and std == (0.25, 0.25, 0.25)
 
 
-def test_mix_defaults_follow_spec():
-    # SPEC "Mixing": λ ~ Beta(1, 1) normalized into [0.2, 0.8], resize (not crop), augment before mixing;
-    # CMO's strategy: "mixes a whole batch with probability 0.5 (one draw per batch) and only for
-    # 3 < epoch < E − 3 (0-indexed)". SPEC "Data and sampling": "The default is `instance`".
+def test_mix_defaults_follow_method():
+    # docs/method.md, "Mixing": λ ~ Beta(1, 1) normalized into [0.2, 0.8], resize (not crop); CMO's strategy mixes
+    # a whole batch with probability 0.5 (one coin per batch) and only in epochs 3 < e < E − 3 (counted from 0).
+    # docs/method.md, "Augmentation before mixing" and "Foreground sampling" (`data.fg_sampling: instance`).
     m = MixConfig()
     assert m.ratio_range == (0.2, 0.8) and m.alpha == 1.0 and m.mix_op == "resize"
     assert m.aug_order == "before_mix" and m.mix_prob == 0.5 and m.mix_per == "batch"
@@ -437,41 +439,42 @@ def test_nonfinite_numbers_are_config_errors(override):
 
 
 # --------------------------------------------------------------------------------------------------
-# The paper's defaults, pinned with the SPEC sentence each one comes from
+# The paper's defaults, pinned with the docs/method.md sentence each one comes from
 # --------------------------------------------------------------------------------------------------
 
-SPEC = REPO_ROOT.parent / "shared" / "paper" / "SPEC.md"
+METHOD = REPO_ROOT / "docs" / "method.md"
 
 
-def _spec_pins() -> list[tuple[str, object, object]]:
-    """(SPEC quote, value in the config, value SPEC gives): the defaults (the CIFAR-LT recipe) and the bundled
-    ImageNet-LT and iNaturalist configs. SPEC gives no weight decay, momentum or warmup for the last two (nor
-    does the paper, §4.2), so those are not pinned there."""
+def _method_pins() -> list[tuple[str, object, object]]:
+    """(docs/method.md quote, value in the config, value the quote gives): the defaults (the CIFAR-LT recipe) and
+    the bundled ImageNet-LT and iNaturalist configs. The paper gives no weight decay, momentum or warmup for the
+    last two (its §4.2), so those are not pinned there."""
     d = load_config(None)
     inet = load_config("imagenet_lt_rn50")
     inat = load_config("inat18_rn50")
     pins = [
-        ("**Total loss:** L = L_CE + η·L_SMC, with η = 0.1.", d.loss.eta, 0.1),
-        ("normalized, with τ = 0.1", d.loss.tau, 0.1),
+        ("L = L_CE + η·L_SMC, with η = `loss.eta` = 0.1.", d.loss.eta, 0.1),
+        ("`loss.tau` is τ = 0.1.", d.loss.tau, 0.1),
         ("Linear(d, d) → ReLU → Linear(d, 128)", d.model.head_dim, 128),
-        ("λ ~ Beta(α, α) with α = 1, then normalized into [0.2, 0.8]", (d.mix.alpha, d.mix.ratio_range),
-         (1.0, (0.2, 0.8))),
-        ("The default uses the anchor's λ.", d.loss.weighting, "weighted"),
-        ("Extension, off by default (`loss.prior: dataset | mixed`)", d.loss.prior, "dataset"),
-        ("L_CE = CE(f(x̃) + log P_Y, ỹ)", d.loss.logit_adjust, True),
-        ("**CIFAR-LT**, ResNet-32:", d.model.arch, "resnet32"),
-        ("200 epochs, batch 128;", (d.train.epochs, d.data.batch_size), (200, 128)),
-        ("SGD with momentum 0.9, weight decay 2e-4, lr 0.1;", (d.optim.momentum, d.optim.weight_decay, d.optim.lr),
-         (0.9, 2e-4, 0.1)),
-        ("linear warmup over 5 epochs, then ×0.01 at epoch 160 and ×0.0001 at epoch 180.",
-         (d.optim.warmup_epochs, d.optim.milestones, d.optim.lr_factors), (5.0, (160, 180), (0.01, 0.0001))),
-        ("SGD with momentum 0.9", d.optim.nesterov, False),
-        ("**ImageNet-LT**, ResNet-50: 100 epochs, lr 0.1, ×0.1 at epochs 60 and 80, batch 128.",
-         (inet.model.arch, inet.train.epochs, inet.optim.lr, inet.optim.milestones, inet.optim.lr_factors,
-          inet.data.batch_size), ("resnet50", 100, 0.1, (60, 80), (0.1, 0.01), 128)),
-        ("**iNaturalist 2018**, ResNet-50: 200 epochs, lr 0.1, ×0.1 at epochs 75 and 160, batch 256.",
-         (inat.model.arch, inat.train.epochs, inat.optim.lr, inat.optim.milestones, inat.optim.lr_factors,
-          inat.data.batch_size), ("resnet50", 200, 0.1, (75, 160), (0.1, 0.01), 256)),
+        ("The paper draws the ratio from Beta(α, α) with α = 1 (`mix.alpha`)", d.mix.alpha, 1.0),
+        ("[lo, hi] = `mix.ratio_range` = [0.2, 0.8];", d.mix.ratio_range, (0.2, 0.8)),
+        ("| `weighted` (default) | the formula above |", d.loss.weighting, "weighted"),
+        ("`loss.prior: dataset` (default) is the paper's log P_Y throughout.", d.loss.prior, "dataset"),
+        ("The classifier's loss is a soft cross-entropy with logit adjustment", d.loss.logit_adjust, True),
+        ("| backbone | ResNet-32 | ResNet-50 | ResNet-50 |", (d.model.arch, inet.model.arch, inat.model.arch),
+         ("resnet32", "resnet50", "resnet50")),
+        ("| epochs | 200 | 100 | 200 |", (d.train.epochs, inet.train.epochs, inat.train.epochs), (200, 100, 200)),
+        ("| batch (pairs) | 128 | 128 | 256 |", (d.data.batch_size, inet.data.batch_size, inat.data.batch_size),
+         (128, 128, 256)),
+        ("| optimizer | SGD, momentum 0.9, weight decay 2e-4 | SGD, lr 0.1 | SGD, lr 0.1 |",
+         (d.optim.momentum, d.optim.weight_decay, d.optim.nesterov, inet.optim.lr, inat.optim.lr),
+         (0.9, 2e-4, False, 0.1, 0.1)),
+        ("| lr | 0.1, linear warmup over 5 epochs, ×0.01 from epoch 160, ×0.0001 from 180 |",
+         (d.optim.lr, d.optim.warmup_epochs, d.optim.milestones, d.optim.lr_factors),
+         (0.1, 5.0, (160, 180), (0.01, 0.0001))),
+        ("×0.1 at 60 and again at 80 | ×0.1 at 75 and again at 160 |",
+         (inet.optim.milestones, inet.optim.lr_factors, inat.optim.milestones, inat.optim.lr_factors),
+         ((60, 80), (0.1, 0.01), (75, 160), (0.1, 0.01))),
     ]
     for name, cfg in (("imagenet_lt_rn50", inet), ("inat18_rn50", inat)):
         pins.append((f"For every dataset: η = 0.1, head output 128, α = 1, τ = 0.1. ({name})",
@@ -479,23 +482,23 @@ def _spec_pins() -> list[tuple[str, object, object]]:
     return pins
 
 
-@pytest.mark.parametrize("quote,value,expected", _spec_pins(), ids=lambda v: v[:40] if isinstance(v, str) else "")
-def test_paper_defaults_are_pinned_by_spec(quote, value, expected):
-    assert value == expected, f"SPEC: {quote!r}"
+@pytest.mark.parametrize("quote,value,expected", _method_pins(), ids=lambda v: v[:40] if isinstance(v, str) else "")
+def test_paper_defaults_are_pinned_by_method(quote, value, expected):
+    assert value == expected, f"docs/method.md: {quote!r}"
 
 
-def test_the_quoted_spec_sentences_are_in_spec():
-    """The quotes above are SPEC's own words (checked where ../shared/paper/SPEC.md is present)."""
-    if not SPEC.is_file():
-        pytest.skip(f"{SPEC} is absent (it lives beside the repository)")
-    text = " ".join(SPEC.read_text().split())
-    for quote, _, _ in _spec_pins():
+def test_the_quoted_sentences_are_in_method():
+    """The quotes above are the method page's own words (docs/method.md), so it and the defaults cannot drift
+    apart."""
+    text = " ".join(METHOD.read_text().split())
+    for quote, _, _ in _method_pins():
         words = quote.split(" (")[0] if quote.endswith(")") else quote
         assert " ".join(words.split()) in text, words
 
 
 def test_the_schedule_the_defaults_give():
-    """SPEC "Schedules": linear warmup over 5 epochs (per step), lr 0.1, ×0.01 from epoch 160, ×0.0001 from 180."""
+    """docs/method.md, "Schedules": linear warmup over 5 epochs (per step), lr 0.1, ×0.01 from epoch 160,
+    ×0.0001 from 180."""
     from mixtail.trainer.train import lr_at
 
     o, spe = load_config(None).optim, 97

@@ -2,7 +2,8 @@
 round trips of the real CIFAR-10 JPEGs and photos to both targets, checked against build_dataset on the same source;
 interrupted conversions; bad source files; tampering that --verify must catch; training from a converted output.
 
-Sources are small parts of ../shared/data (tens of images), copied into a temporary folder.
+Sources are small parts of the project's shared data directory beside the repository (tens of images;
+absent on a fresh clone elsewhere: those tests skip), copied into a temporary folder.
 
     python -m pytest tests/test_convert.py -q              # -m "not slow" leaves out the kill -9 test
 """
@@ -51,7 +52,7 @@ pytestmark = pytest.mark.data
 
 def _need(path: Path) -> None:
     if not path.exists():
-        pytest.skip(f"real data {path} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data {path} is absent (the project's shared data beside the repository)")
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +409,7 @@ def test_bad_files_skipped_are_counted_and_listed(bad_tree, tmp_path, capsys):
 
 
 def test_a_symlink_loop_named_like_an_image_is_a_bad_file(cifar_tree, tmp_path, capsys):
-    """ELOOP used to abort the conversion even with --on-error skip (issue 16)."""
+    """ELOOP must not abort the conversion under --on-error skip."""
     root = tmp_path / "loops"
     shutil.copytree(cifar_tree, root)
     loop = root / "train" / "cat" / "loop.jpg"
@@ -464,7 +465,7 @@ def _free_bytes(path: Path) -> int:
 
 
 def test_a_full_disk_names_the_output_and_what_was_written(photo_tree, mount_tmpfs, capsys, to):
-    """A real 256 KiB tmpfs, filled part-way through the split (issue 16: the message had no path)."""
+    """A real 256 KiB tmpfs, filled part-way through the split (the OS's message names no path, so ours must)."""
     disk = mount_tmpfs("256k")
     free = _free_bytes(disk)
     out = disk / "out"
@@ -645,7 +646,7 @@ def test_train_from_a_converted_dali_output(cifar_tree, tmp_path, backend):
 
 @pytest.mark.ffcv
 def test_a_converted_beton_is_the_ffcv_backends_data_source(cifar_tree, tmp_path):
-    """build_dataset gives the FFCV backend's BetonDataset (pipelines/backends/ffcv_executor.py, issue 9 §4) with the labels,
+    """build_dataset gives the FFCV backend's BetonDataset (pipelines/backends/ffcv_executor.py) with the labels,
     sizes and LT subset build_dataset takes from the source, at .beton positions that hold those images."""
     _ffcv_or_skip()
     beton = pytest.importorskip("mixtail.pipelines.sources.beton", reason="FFCV is not installed")

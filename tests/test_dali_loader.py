@@ -61,7 +61,8 @@ pytestmark = pytest.mark.dali
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-# The real photos; PHOTOS_DIR overrides (a GPU machine, where ../shared does not travel, passes its copy).
+# The real photos, in the project's shared data directory beside the repository; PHOTOS_DIR overrides (a GPU machine,
+# where that directory does not travel, passes its copy).
 PHOTOS = Path(os.environ.get("PHOTOS_DIR", REPO.parent / "shared" / "data" / "photos"))
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU variant of a CPU test)")
@@ -754,7 +755,7 @@ def test_file_sources_match_torch_loader(dataset, lists):
 
 def _photo_subset(n: int) -> list[Path]:
     if not PHOTOS.is_dir():
-        pytest.skip(f"real photos {PHOTOS} are absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
     return sorted(PHOTOS.glob("*.JPEG"))[:n]
 
 
@@ -936,13 +937,14 @@ def test_mixtail_train_cifar10_lt_with_dali_backend(cifar10_jpeg_root, tmp_path)
 @pytest.mark.data
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_224_test_protocol_on_real_photos(tmp_path, backend):
-    """Test images are resized on the shorter side to 256 and centre-cropped to 224 (SPEC "Evaluation"),
-    never squashed: each backend against PIL doing exactly that, on photos from 97 to 2400 px and aspect
-    ratios from 1:2.4 to 3.4:1. The squashed image is far from both, so the check can tell them apart."""
+    """Test images are resized on the shorter side to 256 and centre-cropped to 224
+    (docs/method.md, "The test-time view"), never squashed: each backend against PIL doing exactly that, on
+    photos from 97 to 2400 px and aspect ratios from 1:2.4 to 3.4:1. The squashed image is far from both, so the
+    check can tell them apart."""
     from PIL import Image
 
     if not PHOTOS.is_dir():
-        pytest.skip(f"real photos {PHOTOS} are absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
     names = ["n01748264_Indian_cobra", "n04238763_slide_rule", "n04254120_soap_dispenser",
              "n02091032_Italian_greyhound", "n04332243_strainer", "n01440764_tench"]
     for k, name in enumerate(names):

@@ -110,7 +110,7 @@ def test_shot_group_boundaries():
 def test_imagenet_lt_shot_groups_on_real_counts():
     path = SHARED_DATA / "lists" / "ImageNet_LT_train_cls_freq.json"
     if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data file {path} is absent (the project's shared data beside the repository)")
     counts = np.array(json.loads(path.read_text()))
     assert counts.sum() == 115846
     assert tuple(len(v) for v in shot_groups(counts).values()) == (385, 479, 136)
@@ -321,7 +321,7 @@ def test_build_dataset_folder_long_tailed(tmp_path):
 def real_jpegs() -> dict[str, list[bytes]]:
     """The first 8 real train JPEGs of CIFAR-10's first three classes, read from the archive (not unpacked)."""
     if not CIFAR10_TAR.is_file():
-        pytest.skip(f"real data file {CIFAR10_TAR} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data file {CIFAR10_TAR} is absent (the project's shared data beside the repository)")
     wanted = ("airplane", "automobile", "bird")
     out: dict[str, list[bytes]] = {c: [] for c in wanted}
     with tarfile.open(CIFAR10_TAR, "r:gz") as tar:
@@ -369,7 +369,7 @@ def test_test_split_uses_the_training_classes(tmp_path, real_jpegs):
 def test_class_set_faults_are_errors_before_training(tmp_path, real_jpegs, case):
     train = {"bird": 2, "cat": 2, "dog": 2}
     test = {"bird": 1, "cat": 1, "dog": 1}
-    if case == "empty_first":  # issue 10: an empty folder sorting first shifted every test label by one
+    if case == "empty_first":  # an empty folder sorting first must not shift every test label by one
         train = {"aaa": 0, **train}
         test = {"aaa": 1, **test}
     elif case == "only_in_test":
@@ -489,7 +489,7 @@ def test_broken_symlink_is_reported_not_dropped(tmp_path, real_jpegs):
 
 def test_symlink_loop_named_like_an_image_is_a_broken_file(tmp_path, real_jpegs):
     """A link to itself and a pair pointing at each other (ELOOP): named with stop, skipped and counted with
-    skip, for the file and the decoded dataset (issue 16: the scan aborted with ELOOP even with skip)."""
+    skip, for the file and the decoded dataset (the scan must not abort with ELOOP under skip)."""
     root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
     loops = [root / "train" / "cat" / "self.jpg", root / "train" / "bird" / "a.png", root / "train" / "bird" / "b.png"]
     loops[0].symlink_to("self.jpg")
@@ -507,7 +507,7 @@ def test_symlink_loop_named_like_an_image_is_a_broken_file(tmp_path, real_jpegs)
 
 def test_files_of_other_extensions_are_counted_and_reported_once_per_split(tmp_path, real_jpegs, capsys,
                                                                            monkeypatch):
-    """A GIF in a class folder used to be left out without a word (issue 16): one line per split says so."""
+    """A GIF in a class folder is left out, and never without a word: one line per split says so."""
     monkeypatch.delenv("RANK", raising=False)
     root = jpeg_tree(tmp_path, real_jpegs, {"bird": 4, "cat": 3}, {"bird": 1, "cat": 1})
     gif = root / "train" / "cat" / "flying.gif"
@@ -574,7 +574,7 @@ def test_check_files_keeps_earlier_skips_and_validates_mode(tmp_path, real_jpegs
 
 
 def test_sixteen_bit_png_tree_decodes_to_true_values(tmp_path):
-    """issue 10: a 16-bit PNG became all white in the torch backend's decode."""
+    """A 16-bit PNG must not become all white in the torch backend's decode."""
     for split in ("train", "test"):
         for k, value in enumerate((65535, 32768, 0)):
             (tmp_path / split / f"c{k}").mkdir(parents=True)
@@ -617,8 +617,8 @@ def test_cifar10_lt_from_jpeg_tree(cifar10_jpeg_root):
     n_k = [int(5000 * 0.01 ** (k / 9)) for k in range(10)]
     assert np.bincount(train.labels, minlength=10).tolist() == n_k
     assert len(train) == sum(n_k) == 12406
-    # Sorted file names are CIFAR-10's within-class order (../shared/data/README.md), so LDAM's protocol,
-    # restated here on positions 0..4999 of each class, names the files it keeps.
+    # Sorted file names are CIFAR-10's within-class order (the CIFAR-10 JPEG archive names its files so), so
+    # LDAM's protocol, restated here on positions 0..4999 of each class, names the files it keeps.
     np.random.seed(0)
     for k, cls in enumerate(train.classes):
         names = [Path(f).name for f, y in zip(train.files, train.labels) if y == k]

@@ -1,4 +1,4 @@
-"""Elastic restart on the CPU (issue 8): torchrun runs 2 gloo workers with --max-restarts 1, one worker is
+"""Elastic restart on the CPU: torchrun runs 2 gloo workers with --max-restarts 1, one worker is
 killed with SIGKILL mid-run after a checkpoint, torchrun restarts the group, the restarted workers resume
 from the last checkpoint (one command with --resume for every attempt), and the run ends with exactly
 the weights of an uninterrupted 2-process run.

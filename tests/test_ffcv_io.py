@@ -398,7 +398,7 @@ def test_bad_input_is_one_error_naming_it(tmp_path):
 def test_real_photos_round_trip(tmp_path):
     files = sorted(PHOTOS.glob("*.JPEG"))[:12] if PHOTOS.is_dir() else []
     if not files:
-        pytest.skip(f"real photos {PHOTOS} are absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
     photos = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     path = write_beton(tmp_path / "photos.beton", ((p, 0, i) for i, p in enumerate(photos)),
                        num_samples=len(photos), write_mode="jpg", max_resolution=96)

@@ -324,7 +324,7 @@ def test_a_few_steps_train_a_tiny_model(square_loader):
 @pytest.mark.slow
 def test_bench_loader_ffcv_row(tmp_path):
     if not PHOTOS.is_dir():
-        pytest.skip(f"{PHOTOS} is absent (the real photos live in ../shared/data)")
+        pytest.skip(f"{PHOTOS} is absent (the real photos: the project's shared data beside the repository)")
     from mixtail.benchmarks import bench_loader
 
     out = tmp_path / "results"

@@ -3,7 +3,8 @@ the training list defines the classes and the test list is read onto them; stray
 the test list, missing classes and annotations of unknown images are errors naming the file and line.
 
 The small fixtures under tests/fixtures/lists are made by tests/fixtures/make_fixtures.py in the real
-formats; the real lists under ../shared/data/lists are read where present (skipped otherwise).
+formats; the real lists in the project's shared data directory beside the repository are read where present
+(absent on a fresh clone elsewhere: those tests skip).
 
     python -m pytest tests/test_file_lists.py -q
 """
@@ -39,7 +40,7 @@ def private_cache(tmp_path, monkeypatch):
 def _real(name: str) -> Path:
     path = REAL_LISTS / name
     if not path.is_file():
-        pytest.skip(f"real list {path} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real list {path} is absent (the project's shared data beside the repository)")
     return path
 
 
@@ -172,7 +173,7 @@ def test_not_json(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The real lists (../shared/data/lists)
+# The real lists (the project's shared data directory beside the repository)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -271,7 +272,7 @@ def list_config(tmp_path: Path, train: list, test: list) -> DataConfig:
 
 
 def test_stray_label_in_a_training_list_is_named_by_line(tmp_path):
-    """issue 10: one stray label 9 in a 4-class list invented 6 phantom classes."""
+    """One stray label 9 in a 4-class list must not invent 6 phantom classes."""
     train = [(rel, int(y)) for rel, y in fixture_entries("train")]
     train.insert(4, ("train/class_a/5.jpg", 9))  # line 5
     data = list_config(tmp_path, train, fixture_entries("test"))

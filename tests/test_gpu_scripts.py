@@ -71,7 +71,7 @@ def test_gpu_lease_script_tiny_on_cpu(tmp_path):
     assert summary["config"]["tiny"] is True and summary["config"]["not_run"] == {"tests_gpu": "TINY=1"}
     rows = {r["run"]: r for r in summary["rows"] if "expert_of" not in r}
     assert set(rows) == {"smc_200ep"} | {n for n in stages if n.startswith("run_")}
-    # The 3-expert run (issue 14): its row is the ensemble's, then one row per expert from its final_eval.json.
+    # The 3-expert run: its row is the ensemble's, then one row per expert from its final_eval.json.
     if "run_ride3" in rows:
         experts = [r for r in summary["rows"] if r.get("expert_of") == "run_ride3"]
         final = json.loads((out / "run_ride3" / "final_eval.json").read_text())

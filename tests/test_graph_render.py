@@ -1,4 +1,4 @@
-"""The loader's on-device work inside the step's CUDA graph (issue 8), checked on the CPU.
+"""The loader's on-device work inside the step's CUDA graph, checked on the CPU.
 
 A torch-backend training batch carries a `PlanRender`: a function of its plan's device table alone. The
 step captures it with the forward, backward and SGD, so a replay runs the gather, augmentation, paste and

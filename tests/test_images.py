@@ -38,7 +38,7 @@ def private_cache(tmp_path, monkeypatch):
 def real_cifar_jpegs(n: int = 6) -> list[bytes]:
     """The first n train JPEGs of the real CIFAR-10 archive (the airplane class opens it: no full unpack)."""
     if not CIFAR10_TAR.is_file():
-        pytest.skip(f"real data file {CIFAR10_TAR} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data file {CIFAR10_TAR} is absent (the project's shared data beside the repository)")
     out = []
     with tarfile.open(CIFAR10_TAR, "r:gz") as tar:
         for member in tar:
@@ -245,7 +245,7 @@ def test_good_files_pass_with_their_sizes(tmp_path):
 
 def test_check_images_on_real_photos_reports_true_sizes():
     if not PHOTOS.is_dir():
-        pytest.skip(f"real photos {PHOTOS} are absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
     files = sorted(str(p) for p in PHOTOS.iterdir())[:40]
     result = check_images(files)
     assert result.bad == ()
@@ -355,7 +355,7 @@ def test_canvas_shape_rejects_bad_sides():
 
 def test_decode_to_canvas_on_real_photos():
     if not PHOTOS.is_dir():
-        pytest.skip(f"real photos {PHOTOS} are absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
     files = sorted(str(p) for p in PHOTOS.iterdir())[:6]
     pixels, sizes = decode_to_canvas(files, short_side=64, max_side=80)
     assert pixels.shape == (6, 80, 80, 3) and pixels.dtype == np.uint8 and sizes.dtype == np.int32

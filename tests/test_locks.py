@@ -1,4 +1,4 @@
-"""mixtail/locks.py: one process at a time on a run directory or a conversion output (issue 16). Two real
+"""mixtail/locks.py: one process at a time on a run directory or a conversion output. Two real
 training processes on one run directory are in tests/test_train.py (test_two_trainers_on_one_run_directory).
 
     python -m pytest tests/test_locks.py -q

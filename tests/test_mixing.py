@@ -317,7 +317,7 @@ def test_before_mix_views_share_box_and_differ_in_augmentation(size, aug, mix_op
     assert len(views) == 2 and all(v.shape == (n, 3, size, size) and v.dtype == torch.float32 for v in views)
     inside = inside_mask(mp.box, size)
     for v in range(2):
-        # Each component augmented on its own, then pasted with the pair's single box (SPEC, Eq. 3).
+        # Each component augmented on its own, then pasted with the pair's single box (the paper's Eq. 3).
         expected = ref.paste(ref.augment(fg.numpy(), fg_aug[v], size), ref.augment(bg.numpy(), bg_aug[v], size),
                              mp.box, mix_op)
         np.testing.assert_allclose(views[v].numpy(), expected, atol=tol(size), rtol=0)

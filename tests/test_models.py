@@ -66,7 +66,7 @@ def test_model_outputs_logits_and_unit_embeddings():
     logits, z = model(torch.randn(5, 3, 32, 32).contiguous(memory_format=torch.channels_last))
     assert logits.shape == (5, 10) and z.shape == (5, 128)
     assert torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-6)
-    # SPEC: Linear(d, d) -> ReLU -> Linear(d, 128) on the pooled feature.
+    # docs/method.md, "Network": Linear(d, d) -> ReLU -> Linear(d, 128) on the pooled feature.
     first, _, last = model.head
     assert (first.in_features, first.out_features, last.out_features) == (64, 64, 128)
 

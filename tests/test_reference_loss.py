@@ -23,7 +23,7 @@ def _inputs(n, d=8, classes=4, seed=0, dtype=torch.float64):
 
 
 def _brute_force(z, y_f, y_b, lam, tau, weighting):
-    """SPEC Eq. 4 with Python loops over anchors and candidates, in float64."""
+    """The paper's Eq. 4 with Python loops over anchors and candidates, in float64."""
     n = len(z)
     total = 0.0
     for i in range(n):
@@ -76,7 +76,7 @@ def _supcon(z, y, tau):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_unmixed_oracle_identity(seed):
-    # SPEC: with y_f = y_b = y, X is empty, F = Bg, and L_SMC = SupCon / 1.5 for any λ.
+    # docs/method.md, "The SMC loss": with y_f = y_b = y, X is empty, F = Bg, and L_SMC = SupCon / 1.5 for any λ.
     z, y, _, lam = _inputs(20, classes=4, seed=seed)
     got = reference_smc_loss(z, y, y, lam, tau=0.1)
     assert got.item() == pytest.approx(_supcon(z, y, 0.1).item() / 1.5, rel=1e-12)

@@ -1,4 +1,4 @@
-"""trainer/report.py: the Table 4 scores (SPEC "Feature-space scores") on a hand-made case and against loops,
+"""trainer/report.py: the Table 4 scores (docs/method.md, "Feature-space scores") on a hand-made case and against loops,
 class vectors from the real GloVe file, confusions, the best evaluated epoch, and the files of a report.
 
     python -m pytest tests/test_report.py -q
@@ -135,7 +135,7 @@ def test_load_class_vectors_synthetic(tmp_path):
 
 def _require(path: Path) -> None:
     if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data file {path} is absent (the project's shared data beside the repository)")
 
 
 @pytest.mark.data
@@ -251,7 +251,7 @@ def test_write_report_files_and_keys(tmp_path, with_vectors):
 
 
 def test_class_names_are_escaped_in_the_markdown_tables(tmp_path):
-    """A class named with `|` or a newline used to split or end report.md's table rows."""
+    """A class named with `|` or a newline must not split or end report.md's table rows."""
     names = ["a|b", "two\nlines", "x_y*", "<i>"]
     labels = np.repeat(np.arange(4), 10)
     preds = labels.copy()

@@ -31,7 +31,8 @@ LABELS = lt_labels(COUNTS)
 
 
 def expected_q(counts, mode: str, gamma: float) -> np.ndarray:
-    """q(k) written from the SPEC: class: n_k^-γ / Σ n_l^-γ; instance: n_k·n_k^-γ / Σ n_l·n_l^-γ."""
+    """q(k) written from docs/method.md, "Foreground sampling": class: n_k^-γ / Σ n_l^-γ;
+    instance: n_k·n_k^-γ / Σ n_l·n_l^-γ."""
     n = np.asarray(counts, dtype=np.float64)
     if mode == "class":
         raw = np.array([c ** -gamma if c > 0 else 0.0 for c in n])

@@ -66,7 +66,7 @@ def _assert_matches_reference(z: torch.Tensor, *args: torch.Tensor, **kw) -> tup
 def _dense_loss(z: torch.Tensor, y_f: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, tau: float = 0.1,
                 weighting: str = "weighted", *, include_self: bool = False,
                 cross_excludes_shared: bool = True) -> torch.Tensor:
-    """SPEC Eq. 4 densely in z's own dtype, with switches that break it the way a kernel bug would.
+    """The paper's Eq. 4 densely in z's own dtype, with switches that break it the way a kernel bug would.
 
     With the default switches it is the reference's math without the upcast: in bfloat16 it is the
     "PyTorch in the same dtype" baseline of flash-attention's tolerance rule.
@@ -139,7 +139,8 @@ def test_label_patterns(pattern, weighting):
 
 
 def test_unmixed_is_scaled_supcon():
-    """SPEC's oracle identity holds for the kernel too: with y_f = y_b, weighted = (1/1.5)·assign_larger."""
+    """The oracle identity of docs/method.md, "The SMC loss" holds for the kernel too: with y_f = y_b,
+    weighted = (1/1.5)·assign_larger."""
     z, y_f, _, lam = _inputs(41, seed=5)
     weighted, _ = _loss_and_grad("triton", z, y_f, y_f, lam, weighting="weighted")
     supcon, _ = _loss_and_grad("triton", z, y_f, y_f, lam, weighting="assign_larger")

@@ -1,4 +1,4 @@
-"""The training step pinned down (issue 8, "First, pin the step"): each test fails when one line of the
+"""The training step pinned down: each test fails when one line of the
 trainer is broken the way a reviewer would break it.
 
 - golden one step: the trainer's loss, its CE and SMC parts, the lr it applied and the updated weights equal

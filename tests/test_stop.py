@@ -1,4 +1,4 @@
-"""trainer/stop.py: stopping a run on a signal after a whole step (issue 16). The trainer's use of it, with
+"""trainer/stop.py: stopping a run on a signal after a whole step. The trainer's use of it, with
 exact resume, is in tests/test_train.py (test_stop_signal_checkpoints_the_step_and_resumes_exactly).
 
     python -m pytest tests/test_stop.py -q

@@ -297,7 +297,7 @@ def test_baseline_configs_change_only_their_method(dataset, rho, method):
         assert (base.mix.mix_prob, base.mix.mix_per, base.mix.alpha) == (0.5, "batch", 1.0)
         assert [e for e in range(200) if base.mix.active(e, 200)] == list(range(4, 197))
         assert base.loss.logit_adjust and base.loss.prior == "dataset"
-    # The paper's schedule (SPEC "Schedules"): 200 epochs, lr 0.1, wd 2e-4, warmup 5, x0.01 at 160, x1e-4 at 180.
+    # docs/method.md, "Schedules": 200 epochs, lr 0.1, wd 2e-4, warmup 5, x0.01 at 160, x1e-4 at 180.
     o = base.optim
     assert (base.train.epochs, o.lr, o.weight_decay, o.momentum, o.warmup_epochs) == (200, 0.1, 2e-4, 0.9, 5.0)
     assert (o.milestones, o.lr_factors, base.data.batch_size) == ((160, 180), (0.01, 0.0001), 128)
@@ -466,7 +466,7 @@ def _processes_training_into(run_dir: Path) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
 def test_sigkill_of_the_sweep_alone_takes_its_running_child_with_it(tmp_path):
     """Only the sweep is SIGKILLed (no handler of its own runs, its process group is left alone): the child
-    used to train on as an orphan (issue 16). It gets SIGTERM from the kernel, and --resume sees its run."""
+    must not train on as an orphan. It gets SIGTERM from the kernel, and --resume sees its run."""
     out = tmp_path / "sweep"
     args = ["smoke_cpu", "--train.epochs=200", *TINY[1:], "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "mixtail", "sweep", *args], cwd=REPO, start_new_session=True,
@@ -506,7 +506,7 @@ def test_a_run_directory_name_too_long_is_refused_before_the_first_run(tmp_path,
 
 
 def test_dry_run_lists_an_unfinished_run_instead_of_refusing(tmp_path, capsys):
-    """`sweep --dry-run` with an unfinished run used to stop with "pass --resume"."""
+    """`sweep --dry-run` with an unfinished run lists it instead of stopping with "pass --resume"."""
     out = tmp_path / "s"
     runs = expand_grid(["smoke_cpu"], ["loss.eta=0.1,0.2"], [], out)
     runs[0].run_dir.mkdir(parents=True)

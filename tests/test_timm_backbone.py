@@ -34,7 +34,7 @@ def test_timm_backbone_gets_mixtails_classifier_and_head():
     dim = reference.num_features
     assert type(model.backbone) is type(reference)
     assert model.classifier.in_features == dim and model.classifier.out_features == 7
-    first, _, last = model.head  # SPEC: Linear(d, d) -> ReLU -> Linear(d, head_dim) on the pooled feature
+    first, _, last = model.head  # docs/method.md, "Network": Linear(d, d) -> ReLU -> Linear(d, head_dim), pooled
     assert (first.in_features, first.out_features, last.out_features) == (dim, dim, 32)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

@@ -191,8 +191,9 @@ def test_ddp_two_gloo_processes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.data
 def test_cli_cifar10_lt_from_the_jpeg_tree(cifar10_jpeg_root, tmp_path):
-    """The done-criterion run: CIFAR-10-LT (ρ = 100) built from ../shared/data/cifar10, trained and
-    evaluated through the CLI on the CPU with the paper's ResNet-32 (a few steps)."""
+    """The done-criterion run: CIFAR-10-LT (ρ = 100) built from the CIFAR-10 JPEG archive in
+    the project's shared data directory beside the repository, trained and evaluated through the CLI on the
+    CPU with the paper's ResNet-32 (a few steps)."""
     out = tmp_path / "c10"
     res = _run_cli("train", "cifar10_lt_r100", "--data.dataset=folder", f"--data.root={cifar10_jpeg_root}",
                    "--train.epochs=1", "--train.max_steps_per_epoch=4", "--train.device=cpu",
@@ -236,7 +237,8 @@ def test_resume_from_a_moved_directory_and_with_more_epochs(tmp_path):
 @pytest.mark.slow
 def test_eval_report_and_posthoc_shift(tmp_path):
     """`mixtail eval CKPT --report DIR --posthoc-tau 0,1 --class-vectors ...` on a short run: the report has
-    the issue's keys, T = 0 reproduces the plain accuracy, and the shift equals T·log(P_Y/π) (recomputed)."""
+    its keys (top-1 and the Table 4 scores by group, the best epoch, the class centres), T = 0 reproduces the
+    plain accuracy, and the shift equals T·log(P_Y/π) (recomputed)."""
     from mixtail.pipelines.sampling import foreground_class_probs
     from mixtail.trainer.checkpoint_eval import evaluate_checkpoint, posthoc_shift
 
@@ -298,7 +300,7 @@ def test_tensorboard_events_beside_metrics(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Stopping on a signal, and run directories (issue 16)
+# Stopping on a signal, and run directories
 # --------------------------------------------------------------------------------------------------
 
 
@@ -362,8 +364,8 @@ def test_stop_signals_config_is_strict_and_can_be_emptied(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_sigterm_of_a_real_process_checkpoints_its_step(tmp_path):
-    """The issue's case: SIGTERM to `mixtail train` (what SLURM and Kubernetes send) used to end it in a
-    fraction of a second, rc 143, silently, losing the epoch. Now: one line naming the step, rc 143, and a
+    """SIGTERM to `mixtail train` (what SLURM and Kubernetes send) must not end it in a fraction of a second,
+    rc 143, silently, losing the epoch, but with one line naming the step, rc 143, and a
     checkpoint at that step (mid-epoch; that --resume continues it exactly is the test above)."""
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "mixtail", "train", "smoke_cpu", f"--train.out_dir={stopped}",
@@ -386,8 +388,8 @@ def test_sigterm_of_a_real_process_checkpoints_its_step(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch, capsys):
-    """Killed in its set-up or first step, a run leaves config.yaml and an empty metrics.jsonl. --resume used to
-    fail ("holds a run but no checkpoint") and a plain rerun was refused: only --overwrite worked. Now both
+    """Killed in its set-up or first step, a run leaves config.yaml and an empty metrics.jsonl. Neither --resume
+    nor a plain rerun may be refused for it (with "holds a run but no checkpoint", leaving only --overwrite): both
     start from scratch (nothing is lost), --resume saying so in one line, and end as an uninterrupted run."""
     train(_smoke(tmp_path / "straight", "--train.epochs=1"))
     for name, again in (("resumed", dict(resume=True)), ("rerun", dict())):
@@ -413,7 +415,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_two_trainers_on_one_run_directory(tmp_path, capsys):
-    """Two trainers on one train.out_dir used to both succeed and mix their metrics and checkpoints. A real
+    """Two trainers on one train.out_dir must not both succeed and mix their metrics and checkpoints. A real
     training process holds the directory: a second trainer (even with --overwrite) is refused in one line
     naming its pid; after the first is killed with kill -9, the lock it left is taken over, saying so."""
     from mixtail import cli
@@ -464,7 +466,7 @@ def _folder_run(out: Path, root: Path, *overrides: str):
 
 
 def test_files_skipped_by_on_error_skip_are_named_and_listed_in_the_run_directory(tmp_path, capsys):
-    """With data.on_error=skip the bad files used to be named nowhere (one image fewer was the only sign)."""
+    """With data.on_error=skip the bad files are named (otherwise one image fewer would be the only sign)."""
     root = _class_tree(tmp_path / "data", {"ant": 6, "bee": 6})
     bad = [root / "train" / "ant" / "0.png", root / "train" / "bee" / "1.png", root / "test" / "bee" / "0.png"]
     for path in bad:
@@ -479,8 +481,8 @@ def test_files_skipped_by_on_error_skip_are_named_and_listed_in_the_run_director
 
 
 def test_resume_onto_other_classes_is_refused_naming_the_first_difference(tmp_path):
-    """--resume with a data.root whose classes are renamed, reordered, counted differently or fewer used to run
-    on (label 0 meaning another class) or end in `internal error: RuntimeError ... state_dict`. Now one line
+    """--resume with a data.root whose classes are renamed, reordered, counted differently or fewer must not run
+    on (label 0 meaning another class) or end in `internal error: RuntimeError ... state_dict`: one line
     names the first difference; the same classes under another data.root resume."""
     first = {"ant": 6, "bee": 4, "cat": 3}
     run = tmp_path / "run"
@@ -513,8 +515,8 @@ def test_resume_onto_other_classes_is_refused_naming_the_first_difference(tmp_pa
 
 
 def test_eval_on_other_classes_or_another_architecture_is_refused(tmp_path, capsys):
-    """`mixtail eval CKPT` on a data.root whose test classes differ used to print numbers (rc 0) under the
-    checkpoint's group labels; --model.arch other than the checkpoint's was an internal error. Both are one
+    """`mixtail eval CKPT` on a data.root whose test classes differ must not print numbers (rc 0) under the
+    checkpoint's group labels, nor --model.arch other than the checkpoint's end in an internal error. Both are one
     line, exit 2, naming the first differing class or the key; the same classes elsewhere evaluate."""
     from mixtail import cli
 

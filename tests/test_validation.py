@@ -1,4 +1,4 @@
-"""The validation split (data.val_per_class, issue 13 §2): nothing a run reports is chosen on the test set.
+"""The validation split (data.val_per_class): nothing a run reports is chosen on the test set.
 
 The split itself (datasets.hold_out_validation): k per class, from the images the long-tailed subset left out,
 the head class completing them from its own subset; reproducible for data.val_seed; the same in every backend
@@ -86,7 +86,7 @@ def test_a_class_left_without_training_images_is_refused_by_name():
 @pytest.mark.data
 def test_cifar100_lt_r100_head_class_gives_from_its_subset():
     if not CIFAR100_META.is_file():
-        pytest.skip(f"real data file {CIFAR100_META} is absent (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data file {CIFAR100_META} is absent (the project's shared data beside the repository)")
     meta = np.load(CIFAR100_META)
     labels, kept = meta["y_train"], meta["lt_r100_train_indices"]
     held = hold_out_validation(labels, kept, 20, 0, [str(k) for k in range(100)])

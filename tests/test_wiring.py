@@ -1,4 +1,4 @@
-"""Every data, aug, mix and loss key changes what the loader or the loss produces (issue 7 §6).
+"""Every data, aug, mix and loss key changes what the loader or the loss produces.
 
 A switch can be read from the config yet never reach the loader (`fg_sampling` once did: the demo silently
 fell back). Here every field of DataConfig, AugConfig, MixConfig and LossConfig, enumerated from the
@@ -153,7 +153,7 @@ def loss_parts(cfg: RunConfig) -> tuple[float, float, float]:
 
 
 def soft_ce(log_prior: torch.Tensor | None) -> float:
-    """−mean Σ ỹ·log softmax(logits + log prior), written here from SPEC Eq. 5."""
+    """−mean Σ ỹ·log softmax(logits + log prior), written here from the paper's Eq. 5."""
     target = LAM[:, None] * F.one_hot(Y_F, C) + (1 - LAM[:, None]) * F.one_hot(Y_B, C)
     logits = LOGITS if log_prior is None else LOGITS + log_prior
     return float(-(target.repeat(2, 1) * logits.log_softmax(1)).sum(1).mean())
@@ -641,8 +641,9 @@ def check_logit_adjust(d, c):
 
 
 def check_prior_mixed(d, c):
-    """π(k) = p·(E[λ]·q(k) + (1 − E[λ])·P_Y(k)) + (1 − p)·P_Y(k) inside the mixing window (SPEC Eq. 5
-    extension), with p = 0.5, E[λ] = 0.5 and q uniform (instance sampling, γ = 1); P_Y outside it."""
+    """π(k) = p·(E[λ]·q(k) + (1 − E[λ])·P_Y(k)) + (1 − p)·P_Y(k) inside the mixing window
+    (docs/method.md, "Logit adjustment and the mixed prior"), with p = 0.5, E[λ] = 0.5 and q uniform
+    (instance sampling, γ = 1); P_Y outside it."""
     n = demo_counts(d.data.imbalance_ratio)
     p_y = n / n.sum()
     pi = 0.5 * (0.5 * BALANCED + 0.5 * p_y) + 0.5 * p_y
@@ -662,7 +663,7 @@ def check_prior_mixed(d, c):
 
 
 def expert_loss(cfg: RunConfig) -> float:
-    """The trainer's multi-expert objective (issue 14) for cfg at the last epoch, on fixed images: its loss
+    """The trainer's multi-expert objective for cfg at the last epoch, on fixed images: its loss
     holds the diversity term, which the diversity keys shape (tests/test_experts.py checks it by hand)."""
     from mixtail.trainer.train import build_training, refresh_diversity
 
@@ -742,7 +743,7 @@ ROWS: dict[str, list[Row]] = {
     "loss.impl": [Row("reference", check_impl), Row("triton", check_impl)],
     "loss.logit_adjust": [Row(False, check_logit_adjust)],
     "loss.prior": [Row("mixed", check_prior_mixed)],
-    # RIDE's diversity term acts only with several experts (issue 14).
+    # RIDE's diversity term acts only with several experts.
     "loss.diversity_weight": [Row(0.0, check_diversity, ("--model.experts=2",))],
     "loss.diversity_temperature": [Row(2.0, check_diversity, ("--model.experts=2",))],
     "loss.diversity_reweight_epoch": [Row(1, check_diversity, ("--model.experts=2",))],
@@ -767,8 +768,8 @@ EXEMPT: dict[str, str] = {
 # Non-default Literal choices without a row, and why.
 CHOICES_EXEMPT: dict[str, dict[str, str]] = {
     "data.dataset": {
-        "cifar10": "needs the CIFAR files (test_train.py trains on ../shared/data/cifar10 when present)",
-        "cifar100": "needs the CIFAR files (test_datasets.py reads ../shared/data/cifar100-meta when present)",
+        "cifar10": "needs the CIFAR files (test_train.py trains on them where the shared data has them)",
+        "cifar100": "needs the CIFAR files (test_datasets.py reads them where the shared data has them)",
         "imagenet_lt": "needs the ImageNet-LT lists and images (test_file_lists.py, on fixtures)",
         "inat2018": "needs the iNaturalist JSON and images (test_file_lists.py, on fixtures)",
     },

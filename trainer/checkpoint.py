@@ -7,7 +7,7 @@
     state = load_checkpoint("runs/x/checkpoint.pt")  # one explicit file (`mixtail eval PATH`), verified
     state, sha256 = read_checkpoint(path)    # the same, with the sha256 of exactly the bytes read
 
-Why each part (issue 10): a kill during a write must leave the previous checkpoint in place, so a checkpoint is
+Why each part: a kill during a write must leave the previous checkpoint in place, so a checkpoint is
 written to a temporary file in the same directory, fsynced, renamed over `checkpoint.pt` (a rename within one
 directory is atomic on POSIX) and the directory fsynced so the rename itself survives a power cut. A file can
 still be damaged later (a truncated copy, a flipped bit), so each carries a sha256 of its contents that loading

@@ -3,21 +3,21 @@
     mixtail eval runs/cifar10_lt_r100/checkpoint.pt                        # All / Many / Medium / Few
     mixtail eval CKPT --posthoc-tau 0,0.5,1                                # + accuracy with shifted logits
     mixtail eval CKPT --posthoc-tau auto        # T chosen on the validation split (data.val_per_class), test at it
-    mixtail eval CKPT --report runs/x/report --class-vectors ../shared/data/glove/class_vectors_glove6B50d.npz
+    mixtail eval CKPT --report runs/x/report --class-vectors class_vectors_glove6B50d.npz
 
-A multi-expert checkpoint (model.experts > 1, issue 14) is reported as its ensemble's row and one row per expert;
+A multi-expert checkpoint (model.experts > 1) is reported as its ensemble's row and one row per expert;
 with a stage-2 router.pt beside it (`mixtail train CONFIG --stage router`) that was trained on this very
 checkpoint (the sha256 router.pt records), also the routed prediction's accuracy and the mean number of experts
 consulted per image; a stale, damaged or mismatched router.pt is named in one line and left out. An override of
 any model key is refused: the weights fix the network.
 
-Post-hoc adjustment (issue 7 §2): a model trained with logit adjustment by log P_Y on mixed batches has
+Post-hoc adjustment: a model trained with logit adjustment by log P_Y on mixed batches has
 learned the soft labels' marginal π (trainer/losses.mixed_prior), not P_Y, so its test logits are over-
 corrected by log(π/P_Y). `--posthoc-tau T` shifts them by T·log(P_Y/π) (T = 1 undoes it exactly under that
 model; T = 0 is the plain prediction), for several T from one forward pass, so a user sees, without
 retraining, how accuracy moves. Picking the best of those T by its test accuracy would be choosing on the test
 set; `--posthoc-tau auto` chooses T on the run's validation split (data.val_per_class: images held out of
-training, issue 13 §2) from a printed grid, and reports the test set at that T only.
+training) from a printed grid, and reports the test set at that T only.
 
 A checkpoint trained with a validation split is evaluated on it too, beside the test set (its val row stands
 above the test row); an override that would draw another split (data.val_per_class, val_seed, the LT subset) is
@@ -131,7 +131,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), *, report_d
         kw = dict(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.train.seed,
                   channels_last=cfg.train.channels_last)
         test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **kw)
-        # Other test classes would print numbers under the checkpoint's group labels (issue 16).
+        # Other test classes would print numbers under the checkpoint's group labels.
         check_classes(state, path, list(test_loader.classes), data_source(cfg.data, "test"))
         val_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="val", **kw) if cfg.data.val_per_class else None
         counts = np.asarray(state["class_counts"])

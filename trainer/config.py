@@ -365,7 +365,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
-        if not math.isfinite(value):  # no knob of a run is meaningful at inf or NaN (issue 10: --optim.lr=.inf)
+        if not math.isfinite(value):  # no knob of a run is meaningful at inf or NaN (e.g. --optim.lr=.inf)
             fail("a finite number")
         return float(value)
     if tp is str:

@@ -1,6 +1,6 @@
 """Evaluation: top-1 on the test set, All and by shot group (Many > 100, Medium 20-100, Few < 20 training
 images), per-class accuracy, post-hoc logit shifts, pooled backbone features for the class centres of
-SPEC "Feature-space scores", and the per-class plot a run leaves behind.
+docs/method.md, "Feature-space scores", and the per-class plot a run leaves behind.
 
     mixtail eval runs/demo/checkpoint.pt
 
@@ -86,7 +86,7 @@ def evaluate(model: torch.nn.Module, loader, train_counts: np.ndarray, device: t
     shifts = _shift_rows(logit_shift, num_classes, device)
     num_shifts = shifts.shape[0]
     num_experts = getattr(model, "num_experts", 1)
-    # Row 0: unshifted; row 1 + s: shift s; then one row per expert of a multi-expert model (issue 14; its
+    # Row 0: unshifted; row 1 + s: shift s; then one row per expert of a multi-expert model (its
     # row 0 is the ensemble, the mean of the experts' logits). One all-reduce for all of them.
     correct = torch.zeros(1 + num_shifts + (num_experts if num_experts > 1 else 0), num_classes,
                           dtype=torch.float64, device=device)
@@ -211,7 +211,7 @@ def format_table(results: dict) -> str:
     head = ["", "All"] + [f"{c.capitalize()} ({sizes.get(c, '?')} cls)" for c in cols[1:]]
     splits = [("val ", results["val"]), ("test ", results)] if "val" in results else [("", results)]
     rows = []
-    for split, r in splits:  # a multi-expert model: the ensemble's row, then one per expert (issue 14)
+    for split, r in splits:  # a multi-expert model: the ensemble's row, then one per expert
         rows.append((f"{split}{'ensemble ' if 'experts' in r else ''}top-1 %", r))
         rows += [(f"{split}expert {k + 1} top-1 %", e) for k, e in enumerate(r.get("experts", []))]
     cells = [[name] + ["-" if r[c] is None else f"{r[c]:.2f}" for c in cols] for name, r in rows]

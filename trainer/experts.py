@@ -10,8 +10,8 @@ the stage-2 router. docs/experts.md states every choice and what differs from RI
     model.features(images)        # (B, K·d): the experts' pooled features side by side (Table 4 scores)
 
 Layout (RIDE's): the stem and the first stage are shared; each expert has its own later stages, its own
-linear classifier (or RIDE's cosine classifier of scale 30, model.expert_classifier) and its own SPEC
-"Network" MLP head. RIDE's `reduce_dimension` makes the experts' later
+linear classifier (or RIDE's cosine classifier of scale 30, model.expert_classifier) and its own MLP head
+(docs/method.md, "Network"). RIDE's `reduce_dimension` makes the experts' later
 stages 3/4 as wide as the single network's (ResNet-32: 24 and 48 channels instead of 32 and 64; ResNet-50:
 layer3 and layer4 at 192 and 384 bottleneck planes instead of 256 and 512, stages 1-2 shared), so that three
 experts cost about what one wider network costs. K = 1 never comes here: trainer/models.py builds today's
@@ -39,7 +39,7 @@ REDUCE = 3 / 4
 
 
 def _mlp_head(dim: int, head_dim: int) -> nn.Sequential:
-    # SPEC "Network": Linear(d, d) -> ReLU -> Linear(d, 128), as SMCNet's, one per expert.
+    # docs/method.md, "Network": Linear(d, d) -> ReLU -> Linear(d, 128), as SMCNet's, one per expert.
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, head_dim))
 
 

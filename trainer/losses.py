@@ -1,4 +1,5 @@
-"""The training objective: logit-adjusted soft cross-entropy + η·SMC (SPEC "Losses").
+"""The training objective: logit-adjusted soft cross-entropy + η·SMC (docs/method.md, "The SMC loss" and
+"Logit adjustment and the mixed prior").
 
     L_CE = CE(f(x̃) + log P_Y, ỹ)        (Eq. 5; at test time the prediction is argmax f(x))
     L    = L_CE + η·L_SMC                (Eq. 6)
@@ -40,7 +41,7 @@ def log_class_prior(counts: np.ndarray, device: torch.device | str = "cpu") -> t
 
 
 def logit_adjusted_soft_ce(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor | None) -> torch.Tensor:
-    """Mean over rows of −Σ_k ỹ_k · log softmax(logits + log P_Y)_k, in float32 (SPEC Eq. 5).
+    """Mean over rows of −Σ_k ỹ_k · log softmax(logits + log P_Y)_k, in float32 (the paper's Eq. 5).
 
     logits: (N, C) raw classifier outputs; targets: (N, C) soft labels, rows summing to 1 (`soft_targets`);
     log_prior: (C,) from `log_class_prior`, or None for plain soft cross-entropy. The prior is added in
@@ -71,7 +72,7 @@ def mean_mix_ratio(mix) -> float:
 def mixed_prior(counts: np.ndarray, fg_class_probs: np.ndarray, mean_lam: float, mix_prob: float) -> np.ndarray:
     """π(k) = p·(E[λ]·q(k) + (1 − E[λ])·P_Y(k)) + (1 − p)·P_Y(k): the marginal of the soft labels ỹ when a
     pair is mixed with probability p, its foreground drawn with class probabilities q and its background
-    uniformly (SPEC Eq. 5 extension, loss.prior=mixed)."""
+    uniformly (loss.prior=mixed; docs/method.md, "Logit adjustment and the mixed prior")."""
     counts = np.asarray(counts, dtype=np.float64)
     p_y = counts / counts.sum()
     q = np.asarray(fg_class_probs, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""The network: backbone + linear classifier + 2-layer MLP contrastive head (SPEC "Network").
+"""The network: backbone + linear classifier + 2-layer MLP contrastive head (docs/method.md, "Network").
 
 The backbones (CIFAR ResNets, torchvision and timm models) are trainer/backbones.py's.
 
@@ -25,7 +25,7 @@ class SMCNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Linear(feature_dim, num_classes)
-        # SPEC: Linear(d, d) -> ReLU -> Linear(d, 128); the hidden size follows the input feature size.
+        # docs/method.md, "Network": Linear(d, d) -> ReLU -> Linear(d, 128); the hidden size is the feature size.
         self.head = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True),
                                   nn.Linear(feature_dim, head_dim))
 
@@ -50,7 +50,7 @@ def build_model(cfg, num_classes: int) -> SMCNet:
     >>> logits.shape, z.shape, model.features(torch.randn(4, 3, 32, 32)).shape
     (torch.Size([4, 10]), torch.Size([4, 128]), torch.Size([4, 64]))
     """
-    if cfg.experts > 1:  # RIDE's multi-expert network (issue 14); K = 1 stays this network, unchanged
+    if cfg.experts > 1:  # RIDE's multi-expert network; K = 1 stays this network, unchanged
         from mixtail.trainer.experts import build_experts_model
 
         return build_experts_model(cfg, num_classes)

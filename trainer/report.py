@@ -1,13 +1,14 @@
 """The evaluation report of a checkpoint: top-1 by shot group (final epoch, and the best evaluated epoch,
-labelled), the largest confusions, and the paper's Table 4 feature-space scores (SPEC "Feature-space
-scores"), written as report.md, report.json, class_centres.npy and pictures.
+labelled), the largest confusions, and the paper's Table 4 feature-space scores
+(docs/method.md, "Feature-space scores"), written as report.md, report.json, class_centres.npy and pictures.
 
     mixtail eval runs/x/checkpoint.pt --report runs/x/report --class-vectors vectors.npz
 
 The scores are plain numpy on arrays; `trainer.evaluate.feature_centres` computes the centres from a loader.
 Centres are means of the *pooled backbone features* over the training set: the paper does not name the
-layer, SPEC says to take these and say so. A class with no training image has a NaN centre; every score
-then skips it (it is neither a k nor a j in the sums, and C counts only the classes with a centre).
+layer, so we take these and say so (docs/method.md, "Feature-space scores"). A class with no training image
+has a NaN centre; every score then skips it (it is neither a k nor a j in the sums, and C counts only the
+classes with a centre).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mixtail.errors import DataError
 from mixtail.pipelines.sources.subsets import shot_groups
 
 GROUPS = ("all", "many", "medium", "few")
-TAU_PRIME = 10.0  # SPEC: IS_k = exp(−(1/C)·Σ_j ‖c_k − c_j‖ / τ'), τ' = 10
+TAU_PRIME = 10.0  # the paper's Eq. 7: IS_k = exp(−(1/C)·Σ_j ‖c_k − c_j‖ / τ'), τ' = 10
 
 
 class Confusion(NamedTuple):
@@ -59,7 +60,7 @@ def _present(centres: np.ndarray) -> np.ndarray:
 def inter_class_scores(centres: np.ndarray, tau: float = TAU_PRIME) -> np.ndarray:
     """IS_k = exp(−(1/C)·Σ_j ‖c_k − c_j‖₂ / τ') per class (C,) float64; NaN for a class without a centre.
 
-    Lower is better: centres further apart. The sum includes j = k (a zero term), as SPEC writes it.
+    Lower is better: centres further apart. The sum includes j = k (a zero term), as the paper's Eq. 7 is written.
     """
     centres = np.asarray(centres, dtype=np.float64)
     ok = _present(centres)
@@ -119,8 +120,8 @@ def _norm_name(name: str) -> str:
 
 def load_class_vectors(path: str | Path, class_names: list[str]) -> np.ndarray:
     """(C, d) float32 vectors for the run's classes, in class order, matched by name (case, `_` and spaces
-    ignored). The .npz holds `names` and `vectors`, or several `<set>_names` / `<set>_vectors` pairs (the
-    GloVe file of ../shared/data/glove: cifar10_*, cifar100_*), of which the best-matching pair is used."""
+    ignored). The .npz holds `names` and `vectors`, or several `<set>_names` / `<set>_vectors` pairs (a
+    GloVe class-vector file for both CIFARs holds cifar10_*, cifar100_*), of which the best-matching pair is used."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: class-vector file not found")
@@ -363,7 +364,7 @@ def write_report(out_dir: str | Path, *, final: dict, best: dict | None, train_c
     report = {
         "top1": _groups_of(final),
         "val_top1": _groups_of(final["val"]) if by_val else None,
-        # A multi-expert model (issue 14): top1 is its ensemble's; each expert's own rows beside it.
+        # A multi-expert model: top1 is its ensemble's; each expert's own rows beside it.
         "experts_top1": [_groups_of(e) for e in final["experts"]] if "experts" in final else None,
         "val_experts_top1": [_groups_of(e) for e in final["val"]["experts"]]
         if by_val and "experts" in final["val"] else None,

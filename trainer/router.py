@@ -1,4 +1,4 @@
-"""Stage 2 of RIDE (issue 14): the expert-assignment router, trained on the frozen stage-1 experts, and the
+"""Stage 2 of RIDE: the expert-assignment router, trained on the frozen stage-1 experts, and the
 sequential prediction it drives (docs/experts.md, "Router").
 
     mixtail train cifar100_lt_r100_ride3 --data.root=data/cifar100                 # stage 1

@@ -1,5 +1,5 @@
 """One training step of SMC, eager or captured as a CUDA graph: forward of both views, L = logit-adjusted
-soft CE + η·SMC (SPEC Eq. 5-6), backward, momentum SGD with the learning rate as a device tensor, and a
+soft CE + η·SMC (the paper's Eq. 5-6), backward, momentum SGD with the learning rate as a device tensor, and a
 device-side record of non-finite values, so the host never has to synchronize per step.
 
     step = TrainStep(model, sgd, objective, cuda_graphs=False)
@@ -12,7 +12,7 @@ schedule is a `fill_` of that tensor, never a Python float baked into a capture.
 step against torch.optim.SGD and an independent recomputation of the loss.
 
 CUDA graphs (train.cuda_graphs): the CIFAR step is launch-bound (ResNet-32 at 256 images ran at 8.7k img/s
-eager and 27.9k under graphs on an H100, issue 8), so it is captured once per batch kind, after
+eager and 27.9k under graphs on an H100), so it is captured once per batch kind, after
 warm-up iterations whose effects on the weights, the momentum and the BatchNorm statistics are undone, so a
 graphed run follows the eager run's trajectory. A batch that carries a `PlanRender` (the torch executor's)
 is captured together with the loader's on-device work: the graph's one input is the plan's table, and the

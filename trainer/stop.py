@@ -1,4 +1,4 @@
-"""Stopping a run cleanly on a signal: finish the step, checkpoint it, exit (issue 16).
+"""Stopping a run cleanly on a signal: finish the step, checkpoint it, exit.
 
     with StopSignals(("SIGTERM", "SIGUSR1", "SIGINT")) as stop:
         for ...:

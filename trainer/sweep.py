@@ -61,7 +61,7 @@ from mixtail.trainer.train import RESUME_FREE_KEYS
 GROUPS = ("all", "many", "medium", "few")
 
 # --------------------------------------------------------------------------------------------------
-# The paper's numbers (Jeong & Kim, arXiv 2211.11938; ../shared/paper/smc-paper.txt), CIFAR-100-LT top-1 %
+# The paper's numbers (Jeong & Kim, arXiv 2211.11938), CIFAR-100-LT top-1 %
 # --------------------------------------------------------------------------------------------------
 
 # (dataset, ρ, the bundled config of the experiment, the override that makes it or None, top-1 %, where).
@@ -94,13 +94,13 @@ PAPER_TOP1 = (
     ("cifar100", 100, "cifar100_lt_r100", "loss.eta=0.05", 47.0, "Table 5: eta 0.05"),
     ("cifar100", 100, "cifar100_lt_r100", "loss.eta=0.1", 48.9, "Table 5: eta 0.1"),
     ("cifar100", 100, "cifar100_lt_r100", "loss.eta=0.2", 47.2, "Table 5: eta 0.2"),
-    # Table 6 (SMC with RIDE's experts, issue 14); its Many/Medium/Few in the label, as the paper gives them.
+    # Table 6 (SMC with RIDE's experts); its Many/Medium/Few in the label, as the paper gives them.
     ("cifar100", 100, "cifar100_lt_r100", None, 48.9, "Table 6: 1 expert (Many 61.9, Medium 48.8, Few 33.9)"),
     ("cifar100", 100, "cifar100_lt_r100_ride2", None, 49.6, "Table 6: 2 experts (Many 67.5, Medium 50.9, Few 27.1)"),
     ("cifar100", 100, "cifar100_lt_r100_ride3", None, 50.7, "Table 6: 3 experts (Many 70.5, Medium 50.7, Few 25.8)"),
     ("cifar100", 100, "cifar100_lt_r100_ride4", None, 52.5, "Table 6: 4 experts (Many 71.6, Medium 50.6, Few 32.3)"),
 )
-PAPER_EPOCHS = 200  # SPEC "Schedules", CIFAR-LT
+PAPER_EPOCHS = 200  # docs/method.md, "Schedules", CIFAR-LT
 
 # Keys that do not make another experiment: where the data and outputs live, logging, the device and its
 # numerics, the loader backend (tested equal to the torch one), the loss kernel, the seed.
@@ -320,7 +320,7 @@ LONGEST_FILE = 64  # bytes: room for the longest name a run writes inside its di
 
 
 def check_path_lengths(run_dir: Path) -> None:
-    """A run directory whose name, or whose files' paths, the filesystem cannot hold used to fail only when its
+    """A run directory whose name, or whose files' paths, the filesystem cannot hold would fail only when its
     run started (ENAMETOOLONG after the runs before it had trained): refuse it before the first run."""
     name = os.fsencode(run_dir.name)
     if len(name) > NAME_MAX:
@@ -395,7 +395,7 @@ def _duration(seconds: float | None) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
-RANK_BY = ("val",)  # the one column a sweep may rank by: never the test set (issue 13 §2)
+RANK_BY = ("val",)  # the one column a sweep may rank by: never the test set
 
 
 def ranked(rows: list[dict], rank_by: str | None) -> list[dict]:

@@ -14,7 +14,7 @@ function of (seed, epoch, rank, batch), so nothing but the model, optimizer and 
 Non-finite losses are detected on the device every step and read where the loop synchronizes anyway
 (train.on_nonfinite: stop | skip); a checkpoint is never written from non-finite weights. A signal of
 train.stop_signals (SIGTERM, SIGUSR1, Ctrl-C) finishes the step, checkpoints it and ends the run with one line
-and exit status 128 + the signal (trainer/stop.py; issue 16), so a preempted job loses nothing.
+and exit status 128 + the signal (trainer/stop.py), so a preempted job loses nothing.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def check_resume_config(cfg: RunConfig, saved: dict, path: Path, done_epochs: in
 def holds_run(out_dir: Path, store: CheckpointStore) -> bool:
     """A checkpoint, or a metrics.jsonl with a line (an epoch done). A run killed before either (in its set-up or
     first steps) left only config.yaml and an empty metrics.jsonl: nothing to lose, so it starts again from
-    scratch, with or without --resume (issue 16)."""
+    scratch, with or without --resume."""
     metrics = out_dir / "metrics.jsonl"
     return bool(store.paths()) or (metrics.exists() and metrics.stat().st_size > 0)
 
@@ -187,7 +187,7 @@ def data_source(data, split: str = "train") -> str:
 def check_classes(state: dict, path: Path, names: list[str], where: str, counts=None, prefix: str = "") -> None:
     """The data's classes must be the checkpoint's: the same names in the same order (label i means the same
     class) and, for training (counts given), the same number of training images each. The first difference is a
-    DataError (issue 16: a label meaning another class ran on silently). Every mixtail checkpoint holds both
+    DataError (otherwise a label meaning another class would run on silently). Every mixtail checkpoint holds both
     (since the first trainer); what a checkpoint lacks cannot be compared and is not (the model's shapes are)."""
     def fail(message: str):
         raise DataError(prefix + message)
@@ -298,7 +298,7 @@ def build_training(cfg: RunConfig, num_classes: int, counts: np.ndarray, device:
     objective = Objective(num_classes=num_classes, log_prior=log_prior_vector(prior, device) if prior is not None
                           else None, eta=cfg.loss.eta, tau=cfg.loss.tau, weighting=cfg.loss.weighting,
                           impl=cfg.loss.impl, autocast=autocast_for(cfg.train.precision, device))
-    if cfg.model.experts > 1:  # each expert on SMC's objective, plus RIDE's diversity term (issue 14)
+    if cfg.model.experts > 1:  # each expert on SMC's objective, plus RIDE's diversity term
         from mixtail.trainer.experts import ExpertsObjective
 
         objective = ExpertsObjective(objective, cfg.loss.diversity_weight,
@@ -338,7 +338,7 @@ RUN_LOCK = ".mixtail-train.lock"
 
 
 def run_dir_lock(out_dir: Path, info: DistInfo) -> contextlib.AbstractContextManager:
-    """One training process per run directory (issue 16): two used to both succeed and mix their metrics and
+    """One training process per run directory: two at once would both succeed and mix their metrics and
     checkpoints. Only global rank 0 takes the lock: it alone writes the directory, and on a shared filesystem a
     lock per node would refuse the job's own other nodes. A second job is refused at its rank 0 (torchrun then
     ends its other ranks)."""
@@ -467,7 +467,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dic
     stop = StopSignals(cfg.train.stop_signals, device)
 
     def stop_here(sig, epoch: int, batch: int):
-        """After the checkpoint of (epoch, batch): the one-line exception that ends the run (issue 16)."""
+        """After the checkpoint of (epoch, batch): the one-line exception that ends the run."""
         if saved_step != step:
             checkpoint(epoch, batch)
         barrier()  # rank 0's checkpoint is complete before any rank leaves

@@ -10,7 +10,7 @@ graph's per-sample inputs (`plan_inputs`, the one place they are defined). Paths
 are built ahead on the loader's side thread, and DALI's pipeline runs `prefetch` iterations further ahead;
 the labels and λ of each batch come from the plan it was fed (a FIFO), not through the pipeline.
 
-Per pair and view, on the device (SPEC "augment before mixing", Eq. 3):
+Per pair and view, on the device (the paper's Eq. 3; docs/method.md, "Augmentation before mixing"):
 
     decode ─┬─ view v: crop window (fn.slice, relative to the decoded image for files) → resize to S×S with
             │          the flip folded into the ROI (fn.resize roi_start > roi_end mirrors) → colour
@@ -24,7 +24,7 @@ The crop window is cut out first and then resized, as the reference does (augmen
 window: crop-then-resize, never blending pixels outside the window); fn.resize's own ROI would clamp at the
 image border instead. fn.multi_paste does not scale (ENV.md), hence the explicit resize before it.
 Windows are relative to each image (plan.py), so a file is cropped on its own size and aspect ratio;
-test images get the plan's centre window (resize the shorter side, centre-crop; SPEC "Evaluation").
+test images get the plan's centre window (resize the shorter side, centre-crop; docs/method.md, "The test-time view").
 
 AutoAugment and Cutout (aug.policy autoaugment, cmo_randaug; pipelines/ops/autoaugment.py)
 --------------------------------------------------------------------------------------
@@ -202,8 +202,8 @@ def _policy_inputs(plan: BatchPlan, prefix: str, cover: np.ndarray) -> dict[str,
 def plan_inputs(spec: GraphSpec, plan: BatchPlan, sources: Sources) -> dict[str, object]:
     """Every per-sample input of the graph for one plan, by name: the one place the inputs are defined."""
     if not spec.train:
-        # The test protocol resizes then centre-crops (SPEC "Evaluation"): one fn.resize whose relative ROI is
-        # the plan's fractional window, so neither a whole-pixel slice nor an edge clamp moves it.
+        # The test protocol resizes then centre-crops (docs/method.md, "The test-time view"): one fn.resize whose
+        # relative ROI is the plan's fractional window, so neither a whole-pixel slice nor an edge clamp moves it.
         top, left, h, w = (plan["crop"][:, k] for k in range(4))
         return {"img": sources(plan["index"].astype(np.int64)),
                 "test_roi_start": np.stack([top, left], 1).astype(np.float32),

@@ -1,5 +1,5 @@
 """The FFCV executor: batch plans (pipelines/plan.py) executed over a `.beton`, FFCV decoding and the shared
-torch ops (mixing.render_views) doing everything else on the device (issue 9 §4).
+torch ops (mixing.render_views) doing everything else on the device.
 
 FFCV only decodes, in an order it is given (pipelines/sources/beton.py: `BetonReader` puts each image on an S×S
 canvas and never draws anything). The executor knows each epoch's plans ahead (`Planner.indices`), so per
@@ -26,7 +26,7 @@ The dataset is a `BetonDataset` (`beton_dataset(path)`, from the .beton's own me
 when the executor is closed, so `data.backend=ffcv` runs on any small dataset. File datasets must be
 converted first (`mixtail convert --to ffcv`, or ffcv_io.write_beton).
 
-How `datasets.build_dataset` should return a .beton (for the data-source wiring, issue 9 §3): a source that
+How `datasets.build_dataset` should return a .beton (for the data-source wiring): a source that
 names a .beton per split, e.g. `data.dataset: beton` with `data.root` holding `train.beton` and `test.beton`
 (or the manifest `mixtail convert` writes, which also gives the class names), builds
 `beton_dataset(path, classes=manifest_classes)`; the train split then goes through `subset(long_tailed_indices

@@ -36,7 +36,7 @@ from mixtail.pipelines.sources.manifest import (
 
 def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print) -> Manifest:
     """Convert opts.source into opts.out (see the module docstring); returns the manifest written. One conversion
-    to a PATH at a time: a second is refused naming the pid holding PATH's lock (mixtail/locks.py; issue 16)."""
+    to a PATH at a time: a second is refused naming the pid holding PATH's lock (mixtail/locks.py)."""
     opts.validate()
     out = Path(os.path.abspath(opts.out))
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # the lock's folder, made here
@@ -76,7 +76,7 @@ def _convert(opts: ConvertOptions, out: Path, log: Callable[[str], None]) -> Man
     # Everything is read and checked before anything is written: with --on-error stop a bad file ends the run here.
     classes, prepared = prepare(fmt, source, splits, image_root=image_root, test_list=test_list,
                                 imbalance_ratio=opts.imbalance_ratio, lt_subset=opts.lt_subset, on_error=opts.on_error)
-    for name in splits:  # files of another extension are never converted: say how many (issue 16)
+    for name in splits:  # files of another extension are never converted: say how many
         if line := left_out_line(prepared[name].data, f"{name} split of {source}", prepared[name].source_images):
             log(line)
     for leftover in remove_leftovers(out):
@@ -120,7 +120,7 @@ def _convert(opts: ConvertOptions, out: Path, log: Callable[[str], None]) -> Man
             f.write(manifest.to_json())
         _publish(tmp, out, opts.overwrite)
     except BaseException as err:
-        # The OS's ENOSPC from a write() names no file (issue 16): say which output filled the disk, and how far
+        # The OS's ENOSPC from a write() names no file: say which output filled the disk, and how far
         # it got, measured before the partial folder (and its space) goes.
         full = isinstance(err, OSError) and err.errno in _OUT_OF_SPACE
         written = _bytes_under(tmp) + getattr(err, "bytes_written", 0) if full else 0  # + write_beton's removed file

@@ -1,5 +1,5 @@
-"""AutoAugment's CIFAR-10 policy and Cutout as batched torch ops, and the per-component policy views of
-SPEC ("Data and sampling": `aug.policy: simclr | autoaugment | cmo_randaug`).
+"""AutoAugment's CIFAR-10 policy and Cutout as batched torch ops, and the per-component policy views
+(`aug.policy: simclr | autoaugment | cmo_randaug`; docs/method.md, "Augmentation before mixing").
 
 Like augment.py, every random number is drawn on the host with numpy from the per-batch generator
 (`sampling.batch_generator`), as fixed-width arrays with one row per image, so a batch is a pure function of
@@ -47,14 +47,13 @@ Cutout (DeVries & Taylor, 2017) follows the reference code the peers use: a cent
 all pixels, the square [c − L//2, c + L//2) clipped at the border (so it can be smaller near the edge, and
 an odd L covers L − 1 rows), pixels set to 0 before normalization.
 
-Policies (SPEC): `simclr` is augment.py's crop, flip, colour jitter and grayscale; `autoaugment` is crop,
-flip, the CIFAR-10 policy and Cutout (no colour jitter); `cmo_randaug` picks one of the two per image with
-probability 1/2 each (`CMO_AUTOAUGMENT_PROB`). The order inside a component view is crop + flip
-(augment.py) → AutoAugment → colour jitter (simclr rows only) → Cutout; no row has both AutoAugment and
-jitter, so running augment.py's crop + flip + jitter first and then AutoAugment + Cutout (`augment_view`)
-is that order.
+Policies (docs/method.md, "Augmentation before mixing"): `simclr` is augment.py's crop, flip, colour jitter and
+grayscale; `autoaugment` is crop, flip, the CIFAR-10 policy and Cutout (no colour jitter); `cmo_randaug` picks one
+of the two per image with probability 1/2 each (`CMO_AUTOAUGMENT_PROB`). The order inside a component view is crop +
+flip (augment.py) → AutoAugment → colour jitter (simclr rows only) → Cutout; no row has both AutoAugment and jitter,
+so running augment.py's crop + flip + jitter first and then AutoAugment + Cutout (`augment_view`) is that order.
 
-`cmo_randaug` is SPEC's reading of CMO. CMO's own CIFAR code (`--use_randaug`: cifar_train.py and
+`cmo_randaug` is our reading of CMO. CMO's own CIFAR code (`--use_randaug`: cifar_train.py and
 imbalance_data/imbalance_cifar.py) also picks per image, with probability 1/2, but between two whole
 pipelines whose crops differ: pad-4 RandomCrop + flip + the policy + Cutout 16, or RandomResizedCrop 32
 with scale (0.2, 1) + flip + ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 + grayscale 0.2 + a Gaussian blur

@@ -7,7 +7,7 @@ This is the reference every backend is tested against:
 2. `render_views` runs on the device of the images and executes a plan's augmentation and mixing columns:
    augment foreground and background separately (aug_order: before_mix; `none` keeps them uncropped), resize
    the whole foreground into its box, paste it into the background, and do this for every view with the same
-   pair, λ and box (SPEC, Eq. 3). The torch executor is this function after a gather; DALI and FFCV
+   pair, λ and box (the paper's Eq. 3). The torch executor is this function after a gather; DALI and FFCV
    executors are tested against it;
 3. `render_plan` is the same for a whole plan over a dataset's images: it gathers each pair's foreground and
    background by the plan's indices and renders its views (test plans: the one test view), the torch

@@ -1,5 +1,5 @@
 """Writing and reading FFCV `.beton` files: the layer `mixtail convert --to ffcv` and the FFCV backend
-stand on (issue 9 §3-4).
+stand on.
 
 A mixtail `.beton` holds, per sample, in this order:
 
@@ -208,7 +208,7 @@ def write_beton(path: str | os.PathLike, samples: Iterable[tuple[np.ndarray, int
     except BaseException as err:
         if isinstance(err, OSError):
             # What reached the disk before it failed (a full disk: how far the file got), for the caller's
-            # message once the partial file is gone (pipelines/convert.py, issue 16).
+            # message once the partial file is gone (pipelines/convert.py).
             with contextlib.suppress(OSError):
                 err.bytes_written = os.stat(tmp_name).st_size
         Path(tmp_name).unlink(missing_ok=True)

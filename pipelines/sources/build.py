@@ -50,7 +50,7 @@ def training_classes(data) -> list[str] | None:
     CIFAR and the demo set, whose splits share one class list by construction."""
     if data.dataset in ("demo", "cifar10", "cifar100"):
         return None
-    if data.dataset == "converted":  # a mixtail convert output: its manifest's class map (issue 9 §3)
+    if data.dataset == "converted":  # a mixtail convert output: its manifest's class map
         from mixtail.pipelines.sources.manifest import read_manifest
 
         return read_manifest(data.root).classes
@@ -108,7 +108,7 @@ def build_dataset(data, split: str, *, decoded: bool = True,
     if classes is None and (split == "test" or (split == "val" and data.dataset in LISTED)):
         classes = training_classes(data)
     if data.dataset == "converted":
-        # A mixtail convert output (issue 9 §3): classes, labels, sizes and counts come from its manifest and
+        # A mixtail convert output: classes, labels, sizes and counts come from its manifest and
         # tables, already checked when converted; the train split's LT subset follows pipelines/sources/manifest.py.
         from mixtail.pipelines.sources.manifest import converted_dataset
 

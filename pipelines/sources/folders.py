@@ -31,7 +31,7 @@ from mixtail.pipelines.sources.types import DataNotFound, ImageArrays, ImageFile
 def _is_folder(entry: os.DirEntry) -> bool:
     """entry.is_dir(), False where the OS cannot say: a symlink loop (ELOOP) or an entry gone since the
     listing. Such a name is then kept as a file when it looks like an image, so the file check reports it
-    (named with data.on_error=stop, skipped and counted with skip) instead of the scan aborting (issue 16)."""
+    (named with data.on_error=stop, skipped and counted with skip) instead of the scan aborting."""
     try:
         return entry.is_dir()
     except OSError:

@@ -10,7 +10,8 @@ format becomes the same 8-bit RGB the DALI backend decodes.
 - `load_rgb(path)`: one file as an (H, W, 3) uint8 array, converted as below.
 - `decode_images(files, size)`: files squashed to size×size (the torch backend's in-memory set).
 - `decode_to_canvas(files, short_side=, max_side=)`: files resized on their own aspect ratio onto a
-  max_side² canvas, with the valid region of each (the 224 px protocol of issue 9).
+  max_side² canvas, with the valid region of each (the 224 px protocol;
+  docs/method.md, "The test-time view").
 
 Pixel formats (tested against known pixel values in tests/test_images.py):
 - 16-bit grey (I;16*): v → round(v · 255 / 65535), as DALI 2.4 decodes it (measured on all 65,536 values);

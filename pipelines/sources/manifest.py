@@ -1,5 +1,5 @@
 """The manifest of a `mixtail convert` output, its per-split tables, and the output as a training data source
-(`data.dataset: converted`, `data.root: PATH`), read without rescanning the source (issue 9 §3).
+(`data.dataset: converted`, `data.root: PATH`), read without rescanning the source.
 
 A converted output is a folder:
 
