@@ -329,7 +329,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> d
     info = init_distributed(cfg.train.device)
     try:
         with run_dir_lock(Path(cfg.train.out_dir), info):
-            return _train(cfg, info, resume, overwrite)
+            return Run(cfg, info, resume=resume, overwrite=overwrite).run()
     finally:
         cleanup()
 
@@ -349,207 +349,285 @@ def run_dir_lock(out_dir: Path, info: DistInfo) -> contextlib.AbstractContextMan
                          advice="choose another --train.out_dir")
 
 
-def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
-    out_dir = Path(cfg.train.out_dir)
-    device = info.device
-    log_line = (lambda msg: tqdm.write(msg)) if info.is_main else (lambda msg: None)
-    store = CheckpointStore(out_dir, keep=cfg.train.keep_checkpoints, log=log_line)
-    prepare_run_dir(out_dir, store, resume=resume, overwrite=overwrite, is_main=info.is_main)
-    barrier()
-    state, ckpt_path = None, store.latest
-    if resume:
-        found = store.load_latest(map_location=device)
-        if found is None and holds_run(out_dir, store):
-            raise FileNotFoundError(f"--resume: {out_dir} holds a run (metrics.jsonl) but no checkpoint to resume; "
-                                    f"--overwrite starts it again")
-        if found is None:
-            # Nothing to resume yet: start the run. So one command serves a first attempt and every restart
-            # (torchrun --max-restarts; docs/scaling.md), also after a kill before the first checkpoint.
-            if info.is_main:
-                started = (out_dir / "config.yaml").exists()
-                print(f"--resume: no checkpoint in {out_dir} yet, starting the run"
-                      + (" from scratch (an earlier attempt stopped before its first checkpoint)" if started else ""))
-        else:
-            ckpt_path, state = found
-            check_resume_config(cfg, state["config"], ckpt_path, state["epoch"])
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        store.clean_stale()
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
-    barrier()
+class Run:
+    """One training process's run, from its run directory to the final evaluation. The phases, in order:
 
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    loader_kw = dict(rank=info.rank, world_size=info.world_size, device=device, seed=cfg.train.seed,
-                     channels_last=cfg.train.channels_last)
-    train_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", num_epochs=cfg.train.epochs, **loader_kw)
-    test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **loader_kw)
-    val_loader = None
-    if cfg.data.val_per_class:  # held out of the training images: model choices are made here, never on test
-        val_set = build_dataset(cfg.data, "val", decoded=False)
-        val_loader = loader_for_dataset(val_set, cfg.data, cfg.aug, cfg.mix, split="val", **loader_kw)
+    - set-up (__init__): claim the run directory, load the checkpoint to resume (if any), build the loaders and
+      the model, restore the position (epoch, batch, step) and the running sums.
+    - train_epoch: one epoch's steps, with the progress line, a checkpoint every train.checkpoint_every_steps and
+      a stop signal acted on after a whole SGD step.
+    - end_epoch: the epoch's metrics line, the evaluation when due, the epoch's checkpoint, a late stop signal.
+    - checkpoint, evaluate, stopped (the checkpoint and message of a stop signal): what the epoch phases call.
+    - finish: the final evaluation files and table.
+    """
+
+    def __init__(self, cfg: RunConfig, info: DistInfo, *, resume: bool, overwrite: bool):
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.out_dir = Path(cfg.train.out_dir)
+        self.log_line = (lambda msg: tqdm.write(msg)) if info.is_main else (lambda msg: None)
+        self.store = CheckpointStore(self.out_dir, keep=cfg.train.keep_checkpoints, log=self.log_line)
+        state = self.open_run_dir(resume, overwrite)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.build_data()
+        if state is not None:  # before the model: other classes would load as an internal error, or silently
+            check_classes(state, self.ckpt_path, self.classes, data_source(cfg.data), self.counts,
+                          prefix="--resume: ")
+        self.training = build_training(cfg, self.num_classes, self.counts, self.device, info.world_size)
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg.train.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        self.restore(state)
+        self.announce(state)
+        self.results = None
+        self.checkpoint_due = False
+        self.images_per_step = cfg.data.batch_size * cfg.data.num_views
+        self.saved_step = self.step if state is not None else -1
+        self.stop = StopSignals(cfg.train.stop_signals, self.device)
+
+    def run(self) -> dict:
+        """Train the remaining epochs, then the final evaluation; returns it."""
+        with self.stop:
+            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+                self.train_epoch(epoch)
+                self.end_epoch(epoch)
+        return self.finish()
+
+    # --- set-up ---
+
+    def open_run_dir(self, resume: bool, overwrite: bool) -> dict | None:
+        """Check and prepare the run directory; with --resume, the checkpoint's state (None: start the run)."""
+        out_dir, store, info = self.out_dir, self.store, self.info
+        prepare_run_dir(out_dir, store, resume=resume, overwrite=overwrite, is_main=info.is_main)
+        barrier()
+        state, self.ckpt_path = None, store.latest
+        if resume:
+            found = store.load_latest(map_location=self.device)
+            if found is None and holds_run(out_dir, store):
+                raise FileNotFoundError(f"--resume: {out_dir} holds a run (metrics.jsonl) but no checkpoint to "
+                                        f"resume; --overwrite starts it again")
+            if found is None:
+                # Nothing to resume yet: start the run. So one command serves a first attempt and every restart
+                # (torchrun --max-restarts; docs/scaling.md), also after a kill before the first checkpoint.
+                if info.is_main:
+                    started = (out_dir / "config.yaml").exists()
+                    print(f"--resume: no checkpoint in {out_dir} yet, starting the run"
+                          + (" from scratch (an earlier attempt stopped before its first checkpoint)"
+                             if started else ""))
+            else:
+                self.ckpt_path, state = found
+                check_resume_config(self.cfg, state["config"], self.ckpt_path, state["epoch"])
         if info.is_main:
-            record = validation_record(cfg.data, val_set)
-            # One key a line: the image lists stay one line each, so the file reads at a glance.
-            (out_dir / VAL_RECORD).write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
-                                                                 for k, v in record.items()) + "\n}\n")
-            print(f"validation split: {len(val_set)} images ({cfg.data.val_per_class} per class, data.val_seed="
-                  f"{cfg.data.val_seed}) held out of training, listed in {out_dir / VAL_RECORD}")
-    if info.is_main:  # the bad files data.on_error=skip left out, named rather than silently missing
-        line = report_skipped({"train": train_loader.skipped, "val": val_loader.skipped if val_loader else (),
-                               "test": test_loader.skipped}, out_dir)
-        if line:
-            print(line, flush=True)
-    num_classes = train_loader.num_classes
-    counts = train_loader.class_counts
-    classes = list(train_loader.classes)
-    if state is not None:  # before the model: other classes would load as an internal error, or silently
-        check_classes(state, ckpt_path, classes, data_source(cfg.data), counts, prefix="--resume: ")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            store.clean_stale()
+            (out_dir / "config.yaml").write_text(dump_config(self.cfg))
+        barrier()
+        return state
 
-    run = build_training(cfg, num_classes, counts, device, info.world_size)
-    raw_model, net, model, sgd, health, step_fn = run.raw_model, run.net, run.step.model, run.sgd, run.health, run.step
-    autocast, log_prior = run.objective.autocast, run.objective.log_prior
-    o = cfg.optim
-    steps_per_epoch = len(train_loader)
-    if cfg.train.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    def build_data(self) -> None:
+        """The train, test and (with data.val_per_class) validation loaders, and the training classes."""
+        cfg, info, out_dir = self.cfg, self.info, self.out_dir
+        loader_kw = dict(rank=info.rank, world_size=info.world_size, device=self.device, seed=cfg.train.seed,
+                         channels_last=cfg.train.channels_last)
+        self.train_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="train", num_epochs=cfg.train.epochs,
+                                         **loader_kw)
+        self.test_loader = build_loader(cfg.data, cfg.aug, cfg.mix, split="test", **loader_kw)
+        self.val_loader = None
+        if cfg.data.val_per_class:  # held out of the training images: model choices are made here, never on test
+            val_set = build_dataset(cfg.data, "val", decoded=False)
+            self.val_loader = loader_for_dataset(val_set, cfg.data, cfg.aug, cfg.mix, split="val", **loader_kw)
+            if info.is_main:
+                record = validation_record(cfg.data, val_set)
+                # One key a line: the image lists stay one line each, so the file reads at a glance.
+                (out_dir / VAL_RECORD).write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
+                                                                      for k, v in record.items()) + "\n}\n")
+                print(f"validation split: {len(val_set)} images ({cfg.data.val_per_class} per class, "
+                      f"data.val_seed={cfg.data.val_seed}) held out of training, listed in {out_dir / VAL_RECORD}")
+        if info.is_main:  # the bad files data.on_error=skip left out, named rather than silently missing
+            line = report_skipped({"train": self.train_loader.skipped,
+                                   "val": self.val_loader.skipped if self.val_loader else (),
+                                   "test": self.test_loader.skipped}, out_dir)
+            if line:
+                print(line, flush=True)
+        self.num_classes = self.train_loader.num_classes
+        self.counts = self.train_loader.class_counts
+        self.classes = list(self.train_loader.classes)
 
-    start_epoch, start_batch, step = 0, 0, 0
-    epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, ce, smc summed over steps
-    epoch_time, extended = 0.0, []
-    if state is not None:
-        raw_model.load_state_dict(state["model"])
-        sgd.load_state_dict(state["optimizer"])
-        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        epoch_sums = state["epoch_sums"].to(device)
-        epoch_time = state["epoch_time"]
-        extended = list(state.get("extended", []))
-        saved_epochs = state["config"]["train"]["epochs"]
-        if saved_epochs != cfg.train.epochs:
-            extended.append({"from_epochs": saved_epochs, "to_epochs": cfg.train.epochs, "at_epoch": start_epoch})
-    health.sync_step(step)
-    log = RunLog(out_dir / "metrics.jsonl", info.is_main, state["metrics_lines"] if state else None,
-                 cfg.train.tensorboard)
-    recent: deque = deque(maxlen=max(cfg.train.log_every_steps, cfg.train.checkpoint_every_steps or 1) + 1)
+    def restore(self, state: dict | None) -> None:
+        """The position, running sums and weights: the checkpoint's, or a fresh run's; then metrics.jsonl."""
+        cfg, training = self.cfg, self.training
+        self.start_epoch, self.start_batch, self.step = 0, 0, 0
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, ce, smc summed over steps
+        self.epoch_time, self.extended = 0.0, []
+        if state is not None:
+            training.raw_model.load_state_dict(state["model"])
+            training.sgd.load_state_dict(state["optimizer"])
+            self.start_epoch, self.start_batch, self.step = state["epoch"], state["batch"], state["step"]
+            self.epoch_sums = state["epoch_sums"].to(self.device)
+            self.epoch_time = state["epoch_time"]
+            self.extended = list(state.get("extended", []))
+            saved_epochs = state["config"]["train"]["epochs"]
+            if saved_epochs != cfg.train.epochs:
+                self.extended.append({"from_epochs": saved_epochs, "to_epochs": cfg.train.epochs,
+                                      "at_epoch": self.start_epoch})
+        training.health.sync_step(self.step)
+        self.log = RunLog(self.out_dir / "metrics.jsonl", self.info.is_main,
+                          state["metrics_lines"] if state else None, cfg.train.tensorboard)
+        # (step, epoch, batch, plan) of the last steps, to name the batch of a non-finite loss
+        self.recent: deque = deque(maxlen=max(cfg.train.log_every_steps, cfg.train.checkpoint_every_steps or 1) + 1)
 
-    def describe(bad_step: int) -> str:
-        for s, e, b, plan in recent:
+    def announce(self, state: dict | None) -> None:
+        """The run's one-line summary, and where it resumes."""
+        if not self.info.is_main:
+            return
+        counts = self.counts
+        print(f"{self.cfg.data.dataset}: {int(counts.sum())} training images in {self.num_classes} classes "
+              f"({int(counts.max())}..{int(counts.min())} per class), {self.steps_per_epoch} steps/epoch, "
+              f"device {self.device}, world size {self.info.world_size}"
+              + (", CUDA graphs" if self.training.step.cuda_graphs else ""))
+        if state is not None:
+            print(f"resuming {self.ckpt_path} at epoch {self.start_epoch}, batch {self.start_batch} "
+                  f"(step {self.step})")
+
+    # --- one epoch ---
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Training mode, the epoch's priors and diversity temperatures, the loader at the epoch's position."""
+        cfg, objective = self.cfg, self.training.objective
+        self.training.step.model.train()
+        if objective.log_prior is not None:
+            objective.log_prior.copy_(log_prior_vector(adjustment_prior(cfg, self.counts, epoch), self.device))
+        refresh_diversity(objective, cfg, self.counts, epoch)
+        self.train_loader.set_epoch(epoch, self.start_batch)
+
+    def train_epoch(self, epoch: int) -> None:
+        """The steps of `epoch` from start_batch; the loss and throughput are read every train.log_every_steps."""
+        cfg, step_fn = self.cfg.train, self.training.step
+        self.begin_epoch(epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not self.info.is_main, dynamic_ncols=True, leave=False)
+        t_last, steps_since = time.perf_counter(), 0
+        batches = iter(self.train_loader)
+        for b in range(self.start_batch, self.steps_per_epoch):
+            batch = next(batches)
+            lr = lr_at(self.cfg.optim, self.step, self.steps_per_epoch)
+            parts = step_fn(batch, lr)
+            self.recent.append((self.step, epoch, b, batch.plan))
+            self.step += 1
+            steps_since += 1
+            self.epoch_sums += parts.double()
+            bar.update(1)
+            synced = steps_since == cfg.log_every_steps or b + 1 == self.steps_per_epoch
+            if synced:
+                self.training.health.check(cfg.on_nonfinite, self.describe)  # synchronizes: the interval is honest
+                now = time.perf_counter()
+                rate = steps_since * self.images_per_step / (now - t_last)
+                self.epoch_time += now - t_last
+                bar.set_postfix(loss=f"{float(parts[0]):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
+                t_last, steps_since = now, 0
+            if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                self.checkpoint_due = True
+            if self.checkpoint_due and step_fn.pending == 0:  # never between the batches of one accumulated step
+                self.checkpoint(epoch, b + 1)
+                self.checkpoint_due = False
+            # A stop signal is acted on after a whole SGD step: every step alone, where ranks synchronize anyway
+            # under DDP (they all reach the same `synced` steps and agree there).
+            if step_fn.pending == 0 and (self.info.world_size == 1 or synced):
+                sig = self.stop.agreed(sync=self.info.world_size > 1)
+                if sig is not None:
+                    bar.close()
+                    raise self.stopped(sig, epoch, b + 1)
+        step_fn.flush()  # a partial accumulation group at the end of the epoch
+        self.checkpoint_due = False  # the epoch's own checkpoint follows
+        bar.close()
+        self.start_batch = 0
+
+    def end_epoch(self, epoch: int) -> None:
+        """After the last step of `epoch`: its metrics line, the evaluation when due, its checkpoint."""
+        self.log_epoch(epoch)
+        last = epoch + 1 == self.cfg.train.epochs
+        if (epoch + 1) % self.cfg.train.eval_every_epochs == 0 or last:
+            self.evaluate(epoch)
+        self.checkpoint(epoch + 1, 0)
+        sig = self.stop.agreed(sync=True)  # a signal during the last steps or the evaluation
+        if sig is not None and not last:
+            raise self.stopped(sig, epoch + 1, 0)
+
+    def log_epoch(self, epoch: int) -> None:
+        """The epoch's mean losses, last lr and throughput to metrics.jsonl and the console; resets the sums."""
+        sums = (self.epoch_sums / self.steps_per_epoch).tolist()
+        record = {"epoch": epoch + 1, "step": self.step, "loss": sums[0], "ce": sums[1], "smc": sums[2],
+                  "lr": lr_at(self.cfg.optim, self.step - 1, self.steps_per_epoch), "train_time_s": self.epoch_time,
+                  "img_per_s": self.steps_per_epoch * self.images_per_step / max(self.epoch_time, 1e-9)}
+        self.log.write(record)
+        self.log_line(f"epoch {epoch + 1}: loss {sums[0]:.4f} (ce {sums[1]:.4f}, smc {sums[2]:.4f}), "
+                      f"{record['img_per_s']:,.0f} img/s")
+        self.epoch_sums.zero_()
+        self.epoch_time = 0.0
+
+    # --- checkpoint, evaluate, stop, finish ---
+
+    def describe(self, bad_step: int) -> str:
+        """Where a non-finite step was: its epoch, batch and background images when still in `recent`."""
+        for s, e, b, plan in self.recent:
             if s == bad_step:
                 idx = plan["bg_index"][:8].tolist() if plan is not None else []
                 return f"epoch {e}, step {s}, batch {b} (background indices {idx}...)"
         return f"step {bad_step}"
 
-    def checkpoint(epoch: int, batch: int) -> None:
-        health.check(cfg.train.on_nonfinite, describe)  # never write what a non-finite step produced
-        if info.is_main:
-            state = {"model": raw_model.state_dict(), "optimizer": sgd.state_dict(),
-                     "epoch": epoch, "batch": batch, "step": step, "epoch_sums": epoch_sums.cpu(),
-                     "epoch_time": epoch_time, "metrics_lines": log.lines, "config": config_to_dict(cfg),
+    def checkpoint(self, epoch: int, batch: int) -> None:
+        """Save the position (epoch, batch): rank 0 writes it, every rank first checks the losses were finite."""
+        training = self.training
+        training.health.check(self.cfg.train.on_nonfinite, self.describe)  # never write a non-finite step's weights
+        if self.info.is_main:
+            state = {"model": training.raw_model.state_dict(), "optimizer": training.sgd.state_dict(),
+                     "epoch": epoch, "batch": batch, "step": self.step, "epoch_sums": self.epoch_sums.cpu(),
+                     "epoch_time": self.epoch_time, "metrics_lines": self.log.lines,
+                     "config": config_to_dict(self.cfg),
                      # Plain data only: checkpoints are read with torch's weights-only unpickler.
-                     "class_counts": [int(c) for c in counts], "classes": classes, "extended": extended}
+                     "class_counts": [int(c) for c in self.counts], "classes": self.classes,
+                     "extended": self.extended}
             try:
-                store.save(state)
+                self.store.save(state)
             except NonFiniteCheckpointError as err:  # finite losses, but the weights (or BN statistics) blew up
-                raise NonFiniteError(f"non-finite model at epoch {epoch}, step {step}, batch {batch}: {err}; the "
-                                     f"previous checkpoint in {out_dir} is kept") from None
+                raise NonFiniteError(f"non-finite model at epoch {epoch}, step {self.step}, batch {batch}: {err}; "
+                                     f"the previous checkpoint in {self.out_dir} is kept") from None
+        self.saved_step = self.step
 
-    if info.is_main:
-        print(f"{cfg.data.dataset}: {int(counts.sum())} training images in {num_classes} classes "
-              f"({int(counts.max())}..{int(counts.min())} per class), {steps_per_epoch} steps/epoch, "
-              f"device {device}, world size {info.world_size}"
-              + (", CUDA graphs" if step_fn.cuda_graphs else ""))
-        if state is not None:
-            print(f"resuming {ckpt_path} at epoch {start_epoch}, batch {start_batch} (step {step})")
+    def evaluate(self, epoch: int) -> None:
+        """Test (and validation) accuracy after `epoch`, to metrics.jsonl and the console."""
+        # Without the DDP wrapper: ranks may see different numbers of test batches.
+        self.results = results = self.evaluate_now()
+        groups = lambda r: {k: r[k] for k in ("all", "many", "medium", "few")}  # noqa: E731
+        self.log.write({"epoch": epoch + 1, "step": self.step, "eval": groups(results),
+                        **({"val": groups(results["val"])} if "val" in results else {})})
+        self.log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%"
+                      + (f" (val {results['val']['all']:.2f}%)" if "val" in results else ""))
 
-    results = None
-    checkpoint_due = False
-    images_per_step = cfg.data.batch_size * cfg.data.num_views
-    saved_step = step if state is not None else -1
-    stop = StopSignals(cfg.train.stop_signals, device)
+    def evaluate_now(self) -> dict:
+        """Top-1 accuracy of the current weights on the test split (and the validation split)."""
+        return evaluate_splits(self.training.net, self.test_loader, self.val_loader, self.counts, self.device,
+                               self.training.objective.autocast)
 
-    def stop_here(sig, epoch: int, batch: int):
+    def stopped(self, sig, epoch: int, batch: int) -> Exception:
         """After the checkpoint of (epoch, batch): the one-line exception that ends the run."""
-        if saved_step != step:
-            checkpoint(epoch, batch)
+        if self.saved_step != self.step:
+            self.checkpoint(epoch, batch)
         barrier()  # rank 0's checkpoint is complete before any rank leaves
-        log.close()
-        where = f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch} of {steps_per_epoch}"
-        return stop.stopped(sig, f"after step {step} ({where}); checkpoint {store.latest} written: continue the run "
-                                 f"with --resume")
+        self.log.close()
+        where = (f"end of epoch {epoch}" if batch == 0
+                 else f"epoch {epoch + 1}, batch {batch} of {self.steps_per_epoch}")
+        return self.stop.stopped(sig, f"after step {self.step} ({where}); checkpoint {self.store.latest} written: "
+                                      f"continue the run with --resume")
 
-    with stop:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            model.train()
-            if log_prior is not None:
-                log_prior.copy_(log_prior_vector(adjustment_prior(cfg, counts, epoch), device))
-            refresh_diversity(run.objective, cfg, counts, epoch)
-            train_loader.set_epoch(epoch, start_batch)
-            bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                       disable=not info.is_main, dynamic_ncols=True, leave=False)
-            t_last, steps_since = time.perf_counter(), 0
-            batches = iter(train_loader)
-            for b in range(start_batch, steps_per_epoch):
-                batch = next(batches)
-                lr = lr_at(o, step, steps_per_epoch)
-                parts = step_fn(batch, lr)
-                recent.append((step, epoch, b, batch.plan))
-                step += 1
-                steps_since += 1
-                epoch_sums += parts.double()
-                bar.update(1)
-                synced = steps_since == cfg.train.log_every_steps or b + 1 == steps_per_epoch
-                if synced:
-                    health.check(cfg.train.on_nonfinite, describe)  # synchronizes, so the interval is honest
-                    now = time.perf_counter()
-                    rate = steps_since * images_per_step / (now - t_last)
-                    epoch_time += now - t_last
-                    bar.set_postfix(loss=f"{float(parts[0]):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:,.0f}")
-                    t_last, steps_since = now, 0
-                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                    checkpoint_due = True
-                if checkpoint_due and step_fn.pending == 0:  # never between the batches of one accumulated step
-                    checkpoint(epoch, b + 1)
-                    saved_step, checkpoint_due = step, False
-                # A stop signal is acted on after a whole SGD step: every step alone, where ranks synchronize anyway
-                # under DDP (they all reach the same `synced` steps and agree there).
-                if step_fn.pending == 0 and (info.world_size == 1 or synced):
-                    sig = stop.agreed(sync=info.world_size > 1)
-                    if sig is not None:
-                        bar.close()
-                        raise stop_here(sig, epoch, b + 1)
-            step_fn.flush()  # a partial accumulation group at the end of the epoch
-            checkpoint_due = False  # the epoch's own checkpoint follows
-            bar.close()
-            start_batch = 0
-            sums = (epoch_sums / steps_per_epoch).tolist()
-            record = {"epoch": epoch + 1, "step": step, "loss": sums[0], "ce": sums[1], "smc": sums[2],
-                      "lr": lr_at(o, step - 1, steps_per_epoch), "train_time_s": epoch_time,
-                      "img_per_s": steps_per_epoch * images_per_step / max(epoch_time, 1e-9)}
-            log.write(record)
-            log_line(f"epoch {epoch + 1}: loss {sums[0]:.4f} (ce {sums[1]:.4f}, smc {sums[2]:.4f}), "
-                     f"{record['img_per_s']:,.0f} img/s")
-            epoch_sums.zero_()
-            epoch_time = 0.0
-            last = epoch + 1 == cfg.train.epochs
-            if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
-                # Without the DDP wrapper: ranks may see different numbers of test batches.
-                results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
-                groups = lambda r: {k: r[k] for k in ("all", "many", "medium", "few")}  # noqa: E731
-                log.write({"epoch": epoch + 1, "step": step, "eval": groups(results),
-                           **({"val": groups(results["val"])} if "val" in results else {})})
-                log_line(f"eval after epoch {epoch + 1}: all {results['all']:.2f}%"
-                         + (f" (val {results['val']['all']:.2f}%)" if "val" in results else ""))
-            checkpoint(epoch + 1, 0)
-            saved_step = step
-            sig = stop.agreed(sync=True)  # a signal during the last steps or the evaluation
-            if sig is not None and not last:
-                raise stop_here(sig, epoch + 1, 0)
-
-    if results is None:  # resumed a finished run: evaluate its final weights
-        results = evaluate_splits(net, test_loader, val_loader, counts, device, autocast)
-    log.close()
-    if info.is_main:
-        plot_per_class(results, counts, classes, out_dir / "per_class_accuracy.png")
-        (out_dir / "final_eval.json").write_text(json.dumps(results, indent=1))
-        print(format_table(results))
-        print(f"run directory: {out_dir}")
-    return results
+    def finish(self) -> dict:
+        """The final evaluation (that of the last epoch) to final_eval.json, the per-class plot and the table."""
+        if self.results is None:  # resumed a finished run: evaluate its final weights
+            self.results = self.evaluate_now()
+        results, out_dir = self.results, self.out_dir
+        self.log.close()
+        if self.info.is_main:
+            plot_per_class(results, self.counts, self.classes, out_dir / "per_class_accuracy.png")
+            (out_dir / "final_eval.json").write_text(json.dumps(results, indent=1))
+            print(format_table(results))
+            print(f"run directory: {out_dir}")
+        return results
