@@ -236,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
         status = command(argv[1:])
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure becomes one line
         line, status = describe(err)
-        print(f"mixtail {name}: {line}", file=sys.stderr, flush=True)
+        # One write of the whole line: under torchrun every rank writes to the same stderr, and an unbuffered
+        # print (PYTHONUNBUFFERED) writes the text and its newline apart, so two ranks' lines could run together.
+        sys.stderr.write(f"mixtail {name}: {line}\n")
+        sys.stderr.flush()
     sys.exit(status)
 
 
