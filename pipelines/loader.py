@@ -103,7 +103,7 @@ class PlanStream:
 
 
 class Loader:
-    """The Loader interface (pipelines/loader.py) over a planner and an executor; made by `build_loader`.
+    """The one loader: a planner and an executor behind the Loader interface; made by `build_loader`.
 
     `len(loader)` batches per epoch on this rank; `set_epoch(epoch, start_batch=0)` positions the next
     iteration (a resume passes the batch to start from); iterating yields `Batch`es on the device. Also
@@ -183,9 +183,6 @@ class Loader:
             self.close()
         except Exception:  # interpreter shutdown: the libraries may already be gone
             pass
-
-
-
 
 
 def rank_batch_size(data, split: str, world_size: int) -> int:

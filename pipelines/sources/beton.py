@@ -522,6 +522,7 @@ def read_all(path: str | os.PathLike, *, batch_size: int = 256,
                                                batch.labels.tolist(), batch.indices.tolist()):
             yield image[:h, :w].copy(), label, index
 
+
 @dataclass(frozen=True)
 class BetonDataset:
     """The samples of a `.beton` as a dataset: sample i is stored at .beton position `positions[i]`."""
