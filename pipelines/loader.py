@@ -95,11 +95,11 @@ class PlanStream:
         self._submit()
         return plan
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         for f in self._ahead:
             f.cancel()
         self._ahead.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class Loader:
@@ -171,16 +171,18 @@ class Loader:
             self._stream.close()
         self._stream = PlanStream(self.planner, epoch, b, self.executor.device, depth=self.prefetch)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self._stream is not None:
-            self._stream.close()
+            self._stream.close(wait)
             self._stream = None
         self._next = None
         self.executor.close()
 
     def __del__(self):
+        # Never wait here: the garbage collector may run this inside another thread's start-up (threading's
+        # _maintain_shutdown_locks), and joining the plan thread there deadlocks with the thread that started it.
         try:
-            self.close()
+            self.close(wait=False)
         except Exception:  # interpreter shutdown: the libraries may already be gone
             pass
 
