@@ -180,13 +180,11 @@ def verify_dali(size: int, device: torch.device) -> float:
                                    rank=0, world_size=1, num_epochs=None)
     plan = planner.plan(0, 0)
     images = np.random.default_rng(0).integers(0, 256, (2 * n, size, size, 3), dtype=np.uint8)
-    views = run_plan_once(images, plan, aug=BENCH_AUG, mix_op=mix.mix_op, aug_order=mix.aug_order, num_views=2,
-                          mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    views = run_plan_once(images, plan, aug=BENCH_AUG, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                           device_id=(device.index or 0) if device.type == "cuda" else None)
     t = torch.from_numpy(images).permute(0, 3, 1, 2)
     dp = plan.to("cpu")
-    ref = render_views(t[dp["fg_index"].long()], t[dp["bg_index"].long()], dp, out_size=size, mix_op=mix.mix_op,
-                       aug_order=mix.aug_order, num_views=2)
+    ref = render_views(t[dp["fg_index"].long()], t[dp["bg_index"].long()], dp, out_size=size)
     err = 0.0
     for v, r in zip(views, ref):
         r = normalize_views([r], IMAGENET_MEAN, IMAGENET_STD).permute(0, 2, 3, 1).numpy()

@@ -25,6 +25,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_IMAGE_SIZE = 1024  # data.image_size's upper bound (DataConfig.validate says why)
 
+# The mixing choices a batch plan's layout records (pipelines/plan.py), so the executors read them there.
+MixOp = Literal["resize", "crop"]
+AugOrder = Literal["before_mix", "after_mix", "none"]
+
 
 def need(ok: bool, key: str, msg: str) -> None:
     """Raise a ConfigError naming `key` unless `ok`."""
@@ -175,10 +179,10 @@ class MixConfig:
 
     alpha: float = 1.0  # λ ~ Beta(α, α) before normalization
     ratio_range: tuple[float, float] = (0.2, 0.8)  # λ' = low + (high − low)·λ; [0, 1] is Table 5's ablation
-    mix_op: Literal["resize", "crop"] = "resize"  # resize: ResizeMix (the paper); crop: CutMix (Table 5)
+    mix_op: MixOp = "resize"  # resize: ResizeMix (the paper); crop: CutMix (Table 5)
     # Where the views' crops happen (Table 5, "augmentation method for positives"): before_mix crops each
     # component (the paper), after_mix crops the mixed image, none crops nothing (flip and colour stay).
-    aug_order: Literal["before_mix", "after_mix", "none"] = "before_mix"
+    aug_order: AugOrder = "before_mix"
     # CMO's code mixes a whole batch with probability 0.5, one draw per batch; `sample` draws per pair.
     mix_prob: float = 0.5
     mix_per: Literal["batch", "sample"] = "batch"  # one mix_prob draw per global batch, or one per pair

@@ -271,8 +271,9 @@ def loader_for_dataset(dataset, data, aug, mix, *, split: str, rank: int = 0, wo
     planner = build_planner(dataset.labels, data, aug, mix, split=split, sizes=sizes, num_classes=len(dataset.classes),
                             rank=rank, world_size=world_size, seed=seed, num_epochs=num_epochs)
     mean, std = normalization(data)
+    # How a plan's components combine (mix.aug_order, mix.mix_op, data.num_views) travels in the planner's
+    # layout: each executor reads it there, never from an argument of its own.
     common = dict(device=device, image_size=data.image_size, mean=mean, std=std, train=train,
-                  mix_op=mix.mix_op, aug_order=mix.aug_order, num_views=data.num_views if train else 1,
                   channels_last=channels_last)
     if data.backend == "torch":
         from mixtail.pipelines.backends.torch_executor import TorchExecutor

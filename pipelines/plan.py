@@ -35,8 +35,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from threading import Lock
+from typing import get_args
 
 import numpy as np
+
+from mixtail.pipelines.config import AugOrder, MixOp
 
 from mixtail.pipelines.ops.augment import AugParams, colour_matrices, sample_aug_params
 from mixtail.pipelines.ops.autoaugment import PolicyParams, cutout_boxes, sample_policy_params, without_colour
@@ -45,6 +48,7 @@ from mixtail.pipelines.sampling import (batch_box_generator, batch_generator, ba
                                         sample_order)
 
 _I4, _F4 = np.dtype(np.int32), np.dtype(np.float32)
+AUG_ORDERS, MIX_OPS = get_args(AugOrder), get_args(MixOp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,9 +65,18 @@ class Column:
 
 @dataclass(frozen=True)
 class PlanLayout:
-    """Named columns over a (B, K) table of 4-byte cells (stored as float32; int32 columns are bit views)."""
+    """Named columns over a (B, K) table of 4-byte cells (stored as float32; int32 columns are bit views), and
+    how a training plan's components become its views: aug_order (which components there are: fg/bg per view,
+    or one mixed image per view), mix_op (how a foreground goes into its box) and num_views.
+
+    Executors read those three here and take no arguments for them, so a plan is always rendered the way it
+    was drawn: a CutMix plan can never be pasted as ResizeMix by a backend configured apart from its planner.
+    """
 
     columns: tuple[Column, ...]
+    aug_order: str = "before_mix"  # mix.aug_order: before_mix | after_mix | none
+    mix_op: str = "resize"  # mix.mix_op: resize (ResizeMix, the paper) | crop (CutMix)
+    num_views: int = 1
     offsets: dict[str, tuple[int, int, np.dtype]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -74,10 +87,30 @@ class PlanLayout:
             offsets[c.name] = (at, c.width, c.dtype)
             at += c.width
         object.__setattr__(self, "offsets", offsets)
+        if self.aug_order not in AUG_ORDERS:
+            raise ValueError(f"aug_order must be one of {', '.join(AUG_ORDERS)}, got {self.aug_order!r}")
+        if self.mix_op not in MIX_OPS:
+            raise ValueError(f"mix_op must be one of {', '.join(MIX_OPS)}, got {self.mix_op!r}")
+        if self.num_views < 1:
+            raise ValueError(f"num_views must be at least 1, got {self.num_views}")
 
     @property
     def width(self) -> int:
         return sum(c.width for c in self.columns)
+
+    def components(self) -> list[str]:
+        """The augmented component images of a training plan (component_names of its aug_order and views)."""
+        return component_names(self.aug_order, self.num_views)
+
+    @property
+    def carries_colour(self) -> bool:
+        """Whether the plan has colour columns (else no component's colour changes)."""
+        return any(c.name.endswith(".colour_m") for c in self.columns)
+
+    @property
+    def carries_policy(self) -> bool:
+        """Whether the plan has AutoAugment and Cutout columns (aug.policy autoaugment or cmo_randaug)."""
+        return any(c.name.endswith(".aa_op") for c in self.columns)
 
     def __contains__(self, name: str) -> bool:
         return name in self.offsets
@@ -120,9 +153,10 @@ def component_names(aug_order: str, num_views: int) -> list[str]:
 
 
 def plan_layout(*, train: bool, aug_order: str = "before_mix", num_views: int = 2, colour: bool = True,
-                policy: str = "simclr") -> PlanLayout:
-    """The columns of a training or test plan. `colour`: whether colour parameters are carried at all;
-    `policy` (aug.policy): autoaugment and cmo_randaug add each component's AutoAugment ops and Cutout box."""
+                policy: str = "simclr", mix_op: str = "resize") -> PlanLayout:
+    """The layout of a training or test plan. `colour`: whether colour parameters are carried at all;
+    `policy` (aug.policy): autoaugment and cmo_randaug add each component's AutoAugment ops and Cutout box.
+    A test plan is one unmixed, uncropped-but-centred view: it ignores the training arguments."""
     if not train:
         return PlanLayout((Column("index", 1, _I4), Column("y", 1, _I4), Column("crop", 4, _F4)))
     cols = [Column("fg_index", 1, _I4), Column("bg_index", 1, _I4), Column("y_f", 1, _I4), Column("y_b", 1, _I4),
@@ -138,7 +172,7 @@ def plan_layout(*, train: bool, aug_order: str = "before_mix", num_views: int = 
                      Column(f"{p}.aa_mag", 2, _F4),  # signed magnitudes in each op's own units
                      Column(f"{p}.aa_affine", 12, _F4),  # per slot the 2×3 destination-to-source map
                      Column(f"{p}.cutout", 4, _I4)]  # top, left, height, width on the S×S view; 0 if none
-    return PlanLayout(tuple(cols))
+    return PlanLayout(tuple(cols), aug_order=aug_order, mix_op=mix_op, num_views=num_views)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +299,7 @@ class Planner:
             self.fg_weights = w
             self.colour_possible = colour_possible(aug)
             self.layout = plan_layout(train=True, aug_order=mix.aug_order, num_views=num_views,
-                                      colour=self.colour_possible, policy=aug.policy)
+                                      colour=self.colour_possible, policy=aug.policy, mix_op=mix.mix_op)
         else:
             self.layout = plan_layout(train=False)
         self._orders: _EpochOrders | None = None
@@ -368,7 +402,7 @@ class Planner:
         else:
             mp = sample_mix_params(rng, n, s, s, self.mix, mixed)
         augs, sizes, policies = {}, {}, {}
-        for p in component_names(self.mix.aug_order, self.num_views):
+        for p in self.layout.components():
             if p.startswith("fg") and not mixed.any():
                 continue
             # Pad-and-crop shifts by whole output pixels, so it is drawn on the S×S canvas; after_mix augments
@@ -405,7 +439,7 @@ def pack_train_plan(layout: PlanLayout, *, epoch: int, batch: int, fg_index: np.
     write(table, "mixed", mix.mixed)
     write(table, "box", mix.box)
     colour_any = False
-    has_colour = any(c.name.endswith(".colour_m") for c in layout.columns)
+    has_colour = layout.carries_colour
     for p, aug in augs.items():
         h, w = sizes[p]
         write(table, f"{p}.crop", aug.crop / np.stack([h, w, h, w], 1))

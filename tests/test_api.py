@@ -106,8 +106,7 @@ def test_render_plan_gathers_the_plans_images():
     assert plan.mixed
     dp = plan.to("cpu")
     fg, bg = dp["fg_index"].long(), dp["bg_index"].long()
-    want = render_views(images[fg], images[bg], dp, out_size=32, mix_op="resize", aug_order="before_mix",
-                        num_views=2, fg_hw=sizes[fg], bg_hw=sizes[bg])
+    want = render_views(images[fg], images[bg], dp, out_size=32, fg_hw=sizes[fg], bg_hw=sizes[bg])
     for p in (plan, dp):
         got = mixtail.render_plan(p, images, out_size=32, sizes=sizes)
         assert len(got) == 2

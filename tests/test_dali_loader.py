@@ -110,12 +110,11 @@ def _noise(n: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def _reference(images: np.ndarray, plan, aug_order: str, mix_op: str) -> list[np.ndarray]:
+def _reference(images: np.ndarray, plan) -> list[np.ndarray]:
     """mixing.render_views + normalize, as (n, S, S, 3) float arrays (the torch backend's math)."""
     t = torch.from_numpy(images).permute(0, 3, 1, 2)
     dp = plan.to("cpu")
-    views = render_views(t[dp["fg_index"].long()], t[dp["bg_index"].long()], dp, out_size=images.shape[1],
-                         mix_op=mix_op, aug_order=aug_order, num_views=2)
+    views = render_views(t[dp["fg_index"].long()], t[dp["bg_index"].long()], dp, out_size=images.shape[1])
     return [normalize_views([v], MEAN, STD).permute(0, 2, 3, 1).numpy() for v in views]
 
 
@@ -135,9 +134,8 @@ def _assert_matches_reference(views, ref, plan, size, exact_outside=False):
         assert err[np.broadcast_to(inside, err.shape)].max(initial=0) <= _grey(TOL_INSIDE), f"view {v} inside the box"
 
 
-def _run(images, plan, aug, mix, device_id=None):
-    return run_plan_once(images, plan, aug=aug, mix_op=mix.mix_op, aug_order=mix.aug_order, num_views=2,
-                         mean=MEAN, std=STD, device_id=device_id)
+def _run(images, plan, aug, device_id=None):
+    return run_plan_once(images, plan, aug=aug, mean=MEAN, std=STD, device_id=device_id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +143,7 @@ def _run(images, plan, aug, mix, device_id=None):
 # --------------------------------------------------------------------------------------------------
 
 
-def _fixed_plan(n: int, size: int, aug_order: str, crop: str):
+def _fixed_plan(n: int, size: int, aug_order: str, crop: str, mix_op: str = "resize"):
     """Hand-picked boxes (corner, interior, full canvas, unmixed) and augmentations (windows touching every
     border, flips, strong colour and grayscale). Foreground i is image i, background i is image n + i."""
     s = size
@@ -175,7 +173,7 @@ def _fixed_plan(n: int, size: int, aug_order: str, crop: str):
     else:
         augs = {"fg0": aug(0), "bg0": aug(2), "fg1": aug(1), "bg1": aug(3)}
     full = (np.full(n, float(s)), np.full(n, float(s)))
-    return pack_train_plan(plan_layout(train=True, aug_order=aug_order, num_views=2), epoch=0, batch=0,
+    return pack_train_plan(plan_layout(train=True, aug_order=aug_order, num_views=2, mix_op=mix_op), epoch=0, batch=0,
                            fg_index=np.arange(n), bg_index=n + np.arange(n), labels=np.zeros(2 * n, np.int64),
                            mix=MixParams(lam, box, mixed), augs=augs, sizes={p: full for p in augs})
 
@@ -186,10 +184,10 @@ def _fixed_plan(n: int, size: int, aug_order: str, crop: str):
 def test_graph_matches_reference_fixed_params(crop, aug_order, mix_op):
     size, n = 32, 6
     images = np.concatenate([_noise(n, size, 1), _noise(n, size, 2)])
-    aug, mix = AugConfig(crop=crop), MixConfig(aug_order=aug_order, mix_op=mix_op)
-    plan = _fixed_plan(n, size, aug_order, crop)
-    views = _run(images, plan, aug, mix)
-    _assert_matches_reference(views, _reference(images, plan, aug_order, mix_op), plan, size)
+    aug = AugConfig(crop=crop)
+    plan = _fixed_plan(n, size, aug_order, crop, mix_op)
+    views = _run(images, plan, aug)
+    _assert_matches_reference(views, _reference(images, plan), plan, size)
 
 
 def _drawn_plan(seed, n, size, aug, mix, labels_n):
@@ -210,8 +208,18 @@ def test_graph_matches_reference_drawn_params(seed, box):
     images = _noise(40, size, 3 + seed)
     plan = _drawn_plan(seed, n, size, aug, mix, 40)
     assert 0 < plan["mixed"].sum() < n
-    views = _run(images, plan, aug, mix)
-    _assert_matches_reference(views, _reference(images, plan, mix.aug_order, mix.mix_op), plan, size)
+    views = _run(images, plan, aug)
+    _assert_matches_reference(views, _reference(images, plan), plan, size)
+
+
+def test_the_graph_refuses_a_plan_of_another_layout():
+    """The graph is built once from its planner's layout (aug_order, mix_op, views): a plan drawn for another
+    layout would be rendered the graph's way, so it is refused, naming both."""
+    ds = ImageArrays(_noise(16, 16, 0), np.arange(16) % 4, ["a", "b", "c", "d"])
+    dali = _loader(ds, mix=MixConfig(mix_op="resize"))
+    crop_plan = _loader(ds, mix=MixConfig(mix_op="crop")).planner.plan(0, 0)
+    with pytest.raises(ValueError, match="mix_op crop, 2 views.* built for .*mix_op resize"):
+        next(dali.executor.batches(iter([crop_plan] * 3), 1))
 
 
 def test_antialiased_box_resize_would_fail_the_tolerance():
@@ -376,7 +384,7 @@ def _forced_case(size: int, equalize_on_host: bool = True, device_id: int | None
     saved = dali_loader.EQUALIZE_ON_HOST
     dali_loader.EQUALIZE_ON_HOST = equalize_on_host
     try:
-        views = _run(images, plan, AugConfig(policy="autoaugment"), MixConfig(), device_id=device_id)
+        views = _run(images, plan, AugConfig(policy="autoaugment"), device_id=device_id)
     finally:
         dali_loader.EQUALIZE_ON_HOST = saved
     affine = [plan["bg0.aa_affine"].reshape(n, 2, 2, 3)[:, 0], plan["bg1.aa_affine"].reshape(n, 2, 2, 3)[:, 1]]
@@ -502,8 +510,8 @@ def test_policy_plans_match_reference(policy, crop, size, aug_order):
     images = _range_images(100, size, seed=size, degenerate=False)
     plan = _drawn_plan(size, n, size, aug, mix, 100)
     assert 0 < plan["mixed"].sum() < n
-    views = _run(images, plan, aug, mix)
-    ref = _reference(images, plan, mix.aug_order, mix.mix_op)
+    views = _run(images, plan, aug)
+    ref = _reference(images, plan)
     bad, exact = _policy_row_failures(views, ref, plan, size, crop, aug_order)
     assert not bad, f"(view, row) pairs off the reference: {bad}"
     assert exact >= (2 * n) // 2 if crop == "pad" else exact > 0  # most rows are held to the exact rule
@@ -513,7 +521,7 @@ def test_policy_plans_match_reference(policy, crop, size, aug_order):
         o, m = wrong[f"{p}.aa_op"], wrong[f"{p}.aa_mag"]
         enhance = np.isin(o, [AA.OP_ID[k] for k in AA.ENHANCE])
         wrong = _with_policy(wrong, size, p, mag=np.where(enhance, 2.0 - m, -m))
-    bad_wrong, _ = _policy_row_failures(views, _reference(images, wrong, mix.aug_order, mix.mix_op), plan, size,
+    bad_wrong, _ = _policy_row_failures(views, _reference(images, wrong), plan, size,
                                         crop, aug_order)
     covered = plan["box"][:, 2] > 0
     changed = set()
@@ -817,10 +825,9 @@ def test_missing_image_root_names_the_file(tmp_path):
 def test_gpu_graph_matches_reference_fixed_params(crop, aug_order, mix_op):
     size, n = 32, 6
     images = np.concatenate([_noise(n, size, 1), _noise(n, size, 2)])
-    mix = MixConfig(aug_order=aug_order, mix_op=mix_op)
-    plan = _fixed_plan(n, size, aug_order, crop)
-    views = _run(images, plan, AugConfig(crop=crop), mix, device_id=0)
-    _assert_matches_reference(views, _reference(images, plan, aug_order, mix_op), plan, size)
+    plan = _fixed_plan(n, size, aug_order, crop, mix_op)
+    views = _run(images, plan, AugConfig(crop=crop), device_id=0)
+    _assert_matches_reference(views, _reference(images, plan), plan, size)
 
 
 @gpu
@@ -830,8 +837,8 @@ def test_gpu_graph_matches_reference_drawn_params_224():
     aug, mix = AugConfig(crop="resized"), MixConfig(mix_prob=0.8, mix_per="sample")
     images = _noise(64, size, 3)
     plan = _drawn_plan(0, n, size, aug, mix, 64)
-    views = _run(images, plan, aug, mix, device_id=0)
-    _assert_matches_reference(views, _reference(images, plan, mix.aug_order, mix.mix_op), plan, size)
+    views = _run(images, plan, aug, device_id=0)
+    _assert_matches_reference(views, _reference(images, plan), plan, size)
 
 
 @gpu
@@ -869,8 +876,8 @@ def test_gpu_policy_plans_match_reference(policy, crop):
     aug, mix = AugConfig(policy=policy, crop=crop), MixConfig(mix_prob=0.7, mix_per="sample")
     images = _range_images(100, size, seed=size, degenerate=False)
     plan = _drawn_plan(size, n, size, aug, mix, 100)
-    views = _run(images, plan, aug, mix, device_id=0)
-    bad, _ = _policy_row_failures(views, _reference(images, plan, mix.aug_order, mix.mix_op), plan, size, crop,
+    views = _run(images, plan, aug, device_id=0)
+    bad, _ = _policy_row_failures(views, _reference(images, plan), plan, size, crop,
                                   mix.aug_order)
     assert not bad
 

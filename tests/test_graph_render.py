@@ -131,9 +131,10 @@ def test_render_makes_the_plans_batch_and_nothing_a_graph_cannot_hold(recipe, va
         shapes.add(tuple(t.shape for t in made))
         # The reference, called directly on the plan's own table.
         plan = DevicePlan(b.plan, torch.from_numpy(b.plan.table))
+        mix = RECIPES[recipe]["mix"]  # the reference combines the components as the recipe's config says
+        assert (plan.layout.mix_op, plan.layout.aug_order, plan.layout.num_views) == (mix.mix_op, mix.aug_order, 2)
         bg, fg = plan["bg_index"].long(), plan["fg_index"].long()
         views = render_views(images[fg] if plan.mixed else None, images[bg], plan, out_size=SIZE,
-                             mix_op=ld.executor.mix_op, aug_order=ld.executor.aug_order, num_views=2,
                              fg_hw=None if sizes is None or not plan.mixed else sizes[fg],
                              bg_hw=None if sizes is None else sizes[bg])
         x = torch.cat(views)

@@ -282,7 +282,7 @@ def test_mixing_window():
 AUG = AugConfig(crop="pad", color_prob=1.0, grayscale_prob=0.3)
 
 
-def make_plan(size: int, mp, fg_aug: list, bg_aug: list, aug_order: str = "before_mix"):
+def make_plan(size: int, mp, fg_aug: list, bg_aug: list, aug_order: str = "before_mix", mix_op: str = "resize"):
     """A plan holding exactly these draws (components of image i are images i of fg and bg)."""
     n, views = len(mp.lam), len(bg_aug)
     if aug_order == "after_mix":
@@ -290,7 +290,7 @@ def make_plan(size: int, mp, fg_aug: list, bg_aug: list, aug_order: str = "befor
     else:
         augs = {**{f"fg{v}": fg_aug[v] for v in range(views)}, **{f"bg{v}": bg_aug[v] for v in range(views)}}
     full = (np.full(n, float(size)), np.full(n, float(size)))
-    return pack_train_plan(plan_layout(train=True, aug_order=aug_order, num_views=views), epoch=0, batch=0,
+    return pack_train_plan(plan_layout(train=True, aug_order=aug_order, num_views=views, mix_op=mix_op), epoch=0, batch=0,
                            fg_index=np.arange(n), bg_index=np.arange(n), labels=np.zeros(n, np.int64), mix=mp,
                            augs=augs, sizes={p: full for p in augs})
 
@@ -303,8 +303,9 @@ def draw(seed: int, n: int, size: int, aug: AugConfig, views: int = 2, crop: boo
     return mp, fg, bg
 
 
-def views_of(fg, bg, plan, size, mix_op="resize", aug_order="before_mix", views=2):
-    return render_views(fg, bg, plan.to("cpu"), out_size=size, mix_op=mix_op, aug_order=aug_order, num_views=views)
+def views_of(fg, bg, plan, size):
+    """The plan's views: how the components combine (aug_order, mix_op, views) is the plan layout's."""
+    return render_views(fg, bg, plan.to("cpu"), out_size=size)
 
 
 @pytest.mark.parametrize("size,aug", [(32, AUG), (31, AUG), (31, AugConfig(crop="resized", grayscale_prob=0.3))])
@@ -313,7 +314,7 @@ def test_before_mix_views_share_box_and_differ_in_augmentation(size, aug, mix_op
     n = 8
     fg, bg = random_uint8(n, size, 10), random_uint8(n, size, 11)
     mp, fg_aug, bg_aug = draw(0, n, size, aug)
-    views = views_of(fg, bg, make_plan(size, mp, fg_aug, bg_aug), size, mix_op)
+    views = views_of(fg, bg, make_plan(size, mp, fg_aug, bg_aug, mix_op=mix_op), size)
     assert len(views) == 2 and all(v.shape == (n, 3, size, size) and v.dtype == torch.float32 for v in views)
     inside = inside_mask(mp.box, size)
     for v in range(2):
@@ -332,7 +333,7 @@ def test_aug_order_none_crops_nothing_but_keeps_flip_and_colour():
     fg, bg = random_uint8(n, size, 12), random_uint8(n, size, 13)
     mp, fg_aug, bg_aug = draw(0, n, size, AUG, crop=False)
     assert all(np.array_equal(a.crop, np.tile([0, 0, size, size], (n, 1))) for a in fg_aug + bg_aug)
-    views = views_of(fg, bg, make_plan(size, mp, fg_aug, bg_aug, "none"), size, aug_order="none")
+    views = views_of(fg, bg, make_plan(size, mp, fg_aug, bg_aug, "none"), size)
     for v in range(2):
         expected = ref.paste(ref.augment(fg.numpy(), fg_aug[v], size), ref.augment(bg.numpy(), bg_aug[v], size),
                              mp.box, "resize")
@@ -345,7 +346,7 @@ def test_after_mix_augments_the_mixed_image(size):
     n = 8
     fg, bg = random_uint8(n, size, 14), random_uint8(n, size, 15)
     mp, _, bg_aug = draw(2, n, size, AUG)
-    views = views_of(fg, bg, make_plan(size, mp, [], bg_aug, "after_mix"), size, aug_order="after_mix")
+    views = views_of(fg, bg, make_plan(size, mp, [], bg_aug, "after_mix"), size)
     mixed = ref.paste(fg.numpy() / 255.0, bg.numpy() / 255.0, mp.box, "resize")
     for v in range(2):
         np.testing.assert_allclose(views[v].numpy(), ref.augment(mixed, bg_aug[v], size), atol=tol(size), rtol=0)
@@ -356,7 +357,8 @@ def test_one_view():
     n, size = 16, 32
     mp, fg_aug, bg_aug = draw(7, n, size, AUG, views=1)
     plan = make_plan(size, mp, fg_aug, bg_aug)
-    assert len(views_of(random_uint8(n, size, 0), random_uint8(n, size, 1), plan, size, views=1)) == 1
+    assert plan.layout.num_views == 1
+    assert len(views_of(random_uint8(n, size, 0), random_uint8(n, size, 1), plan, size)) == 1
 
 
 def test_unmixed_views_are_augmented_backgrounds():
@@ -413,3 +415,39 @@ def test_policy_views_equal_autoaugment_reference(policy):
     chosen = pols["bg0"].autoaugment
     assert chosen.all() if policy == "autoaugment" else 0 < chosen.sum() < n
     assert (plan["bg0.cutout"][chosen, 2:] > 0).all() and (plan["bg0.cutout"][~chosen, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("mix_op,aug_order", [("crop", "before_mix"), ("resize", "after_mix"), ("crop", "after_mix"),
+                                              ("resize", "before_mix")])
+def test_render_plan_combines_the_components_as_the_plan_was_drawn(mix_op, aug_order):
+    """The public render_plan takes no mixing arguments: a CutMix or after_mix plan is rendered as it was
+    drawn, against the numpy rebuild, whoever renders it (a renderer with its own defaults would paste a crop
+    plan as ResizeMix, and silently)."""
+    from mixtail.pipelines.ops.mixing import render_plan
+
+    size, n = 31, 6
+    images = random_uint8(2 * n, size, 30)  # foreground i is image n + i, background i is image i
+    rng = np.random.default_rng(5)
+    mp = sample_mix_params(rng, n, size, size, MixConfig(), True)
+    parts = [f"mx{v}" for v in range(2)] if aug_order == "after_mix" else ["fg0", "bg0", "fg1", "bg1"]
+    augs = {p: sample_aug_params(rng, n, size, size, AUG) for p in parts}
+    full = (np.full(n, float(size)), np.full(n, float(size)))
+    layout = plan_layout(train=True, aug_order=aug_order, num_views=2, mix_op=mix_op)
+    plan = pack_train_plan(layout, epoch=0, batch=0, fg_index=n + np.arange(n), bg_index=np.arange(n),
+                           labels=np.zeros(2 * n, np.int64), mix=mp, augs=augs, sizes={p: full for p in augs})
+    views = render_plan(plan, images, out_size=size)
+    fg, bg = images[n:].numpy(), images[:n].numpy()
+    for v in range(2):
+        if aug_order == "after_mix":
+            expected = ref.augment(ref.paste(fg / 255.0, bg / 255.0, mp.box, mix_op), augs[f"mx{v}"], size)
+        else:
+            expected = ref.paste(ref.augment(fg, augs[f"fg{v}"], size), ref.augment(bg, augs[f"bg{v}"], size),
+                                 mp.box, mix_op)
+        np.testing.assert_allclose(views[v].numpy(), expected, atol=tol(size), rtol=0)
+
+
+def test_a_plan_layout_refuses_unknown_mixing_choices():
+    with pytest.raises(ValueError, match="mix_op must be one of resize, crop, got 'cutmix'"):
+        plan_layout(train=True, mix_op="cutmix")
+    with pytest.raises(ValueError, match="aug_order must be one of before_mix, after_mix, none, got 'later'"):
+        plan_layout(train=True, aug_order="later")

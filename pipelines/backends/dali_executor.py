@@ -112,6 +112,15 @@ class GraphSpec:
     std: tuple[float, float, float]
     gpu: bool  # ops on the GPU, decoding "mixed"; False: everything on the CPU
 
+    @classmethod
+    def of_layout(cls, layout, *, size: int, train: bool, source: str, crop: str, mean, std,
+                  gpu: bool) -> "GraphSpec":
+        """The graph that executes plans of `layout`: which components there are, how they combine and which
+        columns exist all come from the plan layout (the planner's), never from separate arguments."""
+        return cls(size=size, num_views=layout.num_views if train else 1, train=train, source=source, crop=crop,
+                   aug_order=layout.aug_order, mix_op=layout.mix_op, colour=train and layout.carries_colour,
+                   policy=train and layout.carries_policy, mean=tuple(mean), std=tuple(std), gpu=gpu)
+
     def components(self) -> list[str]:
         return component_names(self.aug_order, self.num_views) if self.train else []
 
@@ -528,8 +537,7 @@ class DaliExecutor:
     """Executes plans in a DALI pipeline (see the module docstring)."""
 
     def __init__(self, dataset: ImageArrays | ImageFiles, *, planner, device: torch.device | str, image_size: int,
-                 mean, std, train: bool, mix_op: str = "resize", aug_order: str = "before_mix", num_views: int = 1,
-                 channels_last: bool = True, num_threads: int = 4, prefetch: int = 2):
+                 mean, std, train: bool, channels_last: bool = True, num_threads: int = 4, prefetch: int = 2):
         if isinstance(dataset, ImageArrays):
             n, h, w, c = dataset.images.shape
             if h != image_size or w != image_size or c != 3 or getattr(dataset, "sizes", None) is not None:
@@ -552,12 +560,10 @@ class DaliExecutor:
         self.planner = planner
         self.channels_last = channels_last
         self.num_threads, self.prefetch = num_threads, prefetch
-        aug = planner.aug
-        self.spec = GraphSpec(size=image_size, num_views=num_views if train else 1, train=train, source=source,
-                              crop=aug.crop if aug is not None else "resized", aug_order=aug_order,
-                              mix_op=mix_op, colour=train and planner.colour_possible,
-                              policy=train and aug.policy != "simclr", mean=tuple(mean),
-                              std=tuple(std), gpu=self.target.type == "cuda")
+        # The graph is built once, so it is built from the planner's layout: every plan it is fed has that layout.
+        self.spec = GraphSpec.of_layout(planner.layout, size=image_size, train=train, source=source,
+                                        crop=planner.aug.crop if planner.aug is not None else "resized",
+                                        mean=mean, std=std, gpu=self.target.type == "cuda")
         self.sources = Sources(dataset)
         probe = plan_inputs(self.spec, planner.plan(0, 0), self.sources)
         self.names_types = input_types(probe)
@@ -569,6 +575,11 @@ class DaliExecutor:
     def _feed(self):
         """The external_source callback: the next plan of the stream, as the graph's inputs."""
         plan = next(self._stream)
+        if plan.layout != self.planner.layout:  # the graph was built for the planner's layout, and only reads that
+            raise ValueError(f"a plan of epoch {plan.epoch}, batch {plan.batch} has another layout (aug_order "
+                             f"{plan.layout.aug_order}, mix_op {plan.layout.mix_op}, {plan.layout.num_views} views) "
+                             f"than the planner this DALI graph was built for (aug_order {self.planner.layout.aug_order},"
+                             f" mix_op {self.planner.layout.mix_op}, {self.planner.layout.num_views} views)")
         self._fed.append(plan)
         values = plan_inputs(self.spec, plan, self.sources)
         return tuple(values[name] for name, _, _ in self.names_types)
@@ -641,15 +652,13 @@ class DaliExecutor:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_plan_once(images: np.ndarray, plan: BatchPlan, *, aug, mix_op: str, aug_order: str, num_views: int,
-                  mean, std, device_id: int | None = None, num_threads: int = 2) -> list[np.ndarray]:
+def run_plan_once(images: np.ndarray, plan: BatchPlan, *, aug, mean, std, device_id: int | None = None,
+                  num_threads: int = 2) -> list[np.ndarray]:
     """Run the training graph once on in-memory uint8 (N, S, S, 3) images and one plan (whose indices point
-    into `images`). Returns the normalized views as float (n, S, S, 3) numpy arrays."""
-    colour = any(name.endswith(".colour_m") for name in plan.layout.offsets)
-    policy = any(name.endswith(".aa_op") for name in plan.layout.offsets)
-    spec = GraphSpec(size=images.shape[1], num_views=num_views, train=True, source="arrays", crop=aug.crop,
-                     aug_order=aug_order, mix_op=mix_op, colour=colour, policy=policy, mean=tuple(mean), std=tuple(std),
-                     gpu=device_id is not None)
+    into `images`; its layout says how the components combine). Returns the normalized views as float
+    (n, S, S, 3) numpy arrays."""
+    spec = GraphSpec.of_layout(plan.layout, size=images.shape[1], train=True, source="arrays", crop=aug.crop,
+                               mean=mean, std=std, gpu=device_id is not None)
     sources = Sources(ImageArrays(images, np.zeros(len(images), np.int64), ["x"]))
     values = plan_inputs(spec, plan, sources)
     names_types = input_types(values)

@@ -134,8 +134,8 @@ class FfcvExecutor:
     """Executes plans over a .beton (see the module docstring)."""
 
     def __init__(self, dataset: BetonDataset | ImageArrays, *, planner, device: torch.device | str, image_size: int,
-                 mean, std, train: bool, mix_op: str = "resize", aug_order: str = "before_mix", num_views: int = 1,
-                 channels_last: bool = True, num_threads: int = 4, canvas: int | None = None):
+                 mean, std, train: bool, channels_last: bool = True, num_threads: int = 4,
+                 canvas: int | None = None):
         self._tmp = None
         if isinstance(dataset, ImageArrays):
             tmp = tempfile.mkdtemp(prefix="mixtail_ffcv_")
@@ -152,7 +152,7 @@ class FfcvExecutor:
         self.device = self.target  # plans are staged there: the ops read their columns on the device
         self.planner, self.dataset = planner, dataset
         self.image_size, self.mean, self.std, self.channels_last = image_size, mean, std, channels_last
-        self.train, self.mix_op, self.aug_order, self.num_views = train, mix_op, aug_order, num_views
+        self.train = train
         self.canvas = canvas or canvas_side(image_size, dataset.sizes)
         # Each sample's valid (h, w) on the canvas, on the device; None when every image fills it exactly
         # (CIFAR at 32 px), which is what the torch executor gets for such data.
@@ -227,7 +227,6 @@ class FfcvExecutor:
             return Batch(normalize_views([x], self.mean, self.std, self.channels_last), y, y,
                          torch.ones(len(y), device=self.target), plan=plan.host)
         fg_hw = self._hw(plan["fg_index"].long()) if plan.mixed else None
-        views = render_views(fg, bg, plan, out_size=self.image_size, mix_op=self.mix_op, aug_order=self.aug_order,
-                             num_views=self.num_views, fg_hw=fg_hw, bg_hw=self._hw(plan["bg_index"].long()))
+        views = render_views(fg, bg, plan, out_size=self.image_size, fg_hw=fg_hw, bg_hw=self._hw(plan["bg_index"].long()))
         images = normalize_views(views, self.mean, self.std, self.channels_last)
         return Batch(images, plan["y_f"].long(), plan["y_b"].long(), plan["lam"].float(), plan=plan.host)

@@ -33,8 +33,7 @@ class TorchExecutor:
     """Executes plans on images held in device memory (see the module docstring)."""
 
     def __init__(self, dataset: ImageArrays, *, device: torch.device | str, image_size: int, mean, std,
-                 train: bool, mix_op: str = "resize", aug_order: str = "before_mix", num_views: int = 1,
-                 channels_last: bool = True):
+                 train: bool, channels_last: bool = True):
         if dataset.images.shape[-1] != 3:
             raise ValueError(f"the torch backend needs RGB images, got (N, H, W, C) = {dataset.images.shape}")
         self.device = torch.device(device)
@@ -43,7 +42,7 @@ class TorchExecutor:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
         self.channels_last = channels_last
-        self.train, self.mix_op, self.aug_order, self.num_views = train, mix_op, aug_order, num_views
+        self.train = train
         # (N, 3, H, W) uint8 on the device: 50k CIFAR images are 150 MB.
         self.images = torch.from_numpy(dataset.images).to(self.device).permute(0, 3, 1, 2).contiguous()
         sizes = getattr(dataset, "sizes", None)
@@ -64,7 +63,7 @@ class TorchExecutor:
 
     def _train_batch(self, plan: DevicePlan) -> Batch:
         make = functools.partial(self._train_tensors, plan.host)
-        if any(name.endswith(".aa_op") for name in plan.layout.offsets):  # host-chosen rows: not capturable
+        if plan.layout.carries_policy:  # host-chosen rows: not capturable
             return Batch(*make(plan.table), plan=plan.host)
         # The key says which body renders the table; its length too, so a kept short last batch (data.drop_last
         # false) gets its own captured graph.
@@ -74,8 +73,7 @@ class TorchExecutor:
         """The batch of the plan whose host side is `host` and whose device table is `table` (any plan with
         the same render key: a replayed graph passes the static copy of a later plan's table)."""
         plan = DevicePlan(host, table)
-        views = render_plan(plan, self.images, out_size=self.image_size, mix_op=self.mix_op,
-                            aug_order=self.aug_order, num_views=self.num_views, sizes=self.sizes)
+        views = render_plan(plan, self.images, out_size=self.image_size, sizes=self.sizes)
         images = normalize_views(views, self.mean, self.std, self.channels_last)
         return images, plan["y_f"].long(), plan["y_b"].long(), plan["lam"].float()
 

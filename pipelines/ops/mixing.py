@@ -183,18 +183,20 @@ def render_test_view(images: torch.Tensor, plan, out_size: int, valid_hw: torch.
     return augment_tensors(x, crop, torch.zeros(n, dtype=torch.bool, device=x.device), None, None, out_size)
 
 
-def render_views(fg: torch.Tensor | None, bg: torch.Tensor, plan, *, out_size: int, mix_op: str, aug_order: str,
-                 num_views: int, fg_hw: torch.Tensor | None = None, bg_hw: torch.Tensor | None = None,
-                 ) -> list[torch.Tensor]:
+def render_views(fg: torch.Tensor | None, bg: torch.Tensor, plan, *, out_size: int,
+                 fg_hw: torch.Tensor | None = None, bg_hw: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The mixed views of a batch: gathered foreground and background canvases (uint8 (n, 3, H, W)) and a plan
-    on their device in; one float (n, 3, out_size, out_size) tensor in [0, 1] per view out.
+    on their device in; one float (n, 3, out_size, out_size) tensor in [0, 1] per view out. How the components
+    combine (aug_order, mix_op, the number of views) is the plan layout's, as the planner drew it.
 
     fg may be None when the plan mixes nothing (the planner then drew no foreground). fg_hw / bg_hw: the valid
     (height, width) of each image on its canvas, or None when every image fills the canvas.
     """
+    layout = plan.layout
+    mix_op, num_views = layout.mix_op, layout.num_views
     box = plan["box"].long()
     views = []
-    if aug_order == "after_mix":
+    if layout.aug_order == "after_mix":
         mixed = whole_image(bg, out_size, bg_hw)
         if plan.mixed:
             mixed = paste(whole_image(fg, out_size, fg_hw), mixed, box, mix_op)
@@ -207,15 +209,14 @@ def render_views(fg: torch.Tensor | None, bg: torch.Tensor, plan, *, out_size: i
     return views
 
 
-def render_plan(plan, images: torch.Tensor, *, out_size: int, mix_op: str = "resize", aug_order: str = "before_mix",
-                num_views: int = 2, sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+def render_plan(plan, images: torch.Tensor, *, out_size: int, sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The views a plan describes, made from a whole dataset's images by the reference ops.
 
     plan: a BatchPlan from a Planner (its table is copied to the images' device) or a DevicePlan.
     images: (N, 3, H, W) uint8 canvases (or floats in [0, 1]) on any device, indexed by the plan's sample
     indices; sizes: (N, 2) valid (height, width) of each image on its canvas, or None when every image fills
-    it. mix_op, aug_order, num_views: the MixConfig's and DataConfig's values the plan was drawn with.
-    Returns one float (B, 3, out_size, out_size) tensor in [0, 1] per view (a test plan: its one view),
+    it. The plan's layout says how its components combine (mix.aug_order, mix.mix_op, data.num_views as the
+    planner drew them), so nothing here can render it another way. Returns one float (B, 3, out_size, out_size) tensor in [0, 1] per view (a test plan: its one view),
     unnormalized: the torch backend's batch before `normalize_views`, and what to look at when checking a plan.
 
     >>> import numpy as np, torch, mixtail
@@ -223,8 +224,7 @@ def render_plan(plan, images: torch.Tensor, *, out_size: int, mix_op: str = "res
     >>> labels = np.repeat(np.arange(4), [40, 20, 10, 5])
     >>> images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8)
     >>> planner = mixtail.build_planner(labels, cfg.data, cfg.aug, cfg.mix, split="train", seed=0)
-    >>> views = mixtail.render_plan(planner.plan(epoch=5, batch=0), images, out_size=32,
-    ...                             mix_op=cfg.mix.mix_op, aug_order=cfg.mix.aug_order, num_views=2)
+    >>> views = mixtail.render_plan(planner.plan(epoch=5, batch=0), images, out_size=32)
     >>> len(views), views[0].shape, bool(views[0].min() >= 0 and views[0].max() <= 1)
     (2, torch.Size([64, 3, 32, 32]), True)
     """
@@ -240,5 +240,4 @@ def render_plan(plan, images: torch.Tensor, *, out_size: int, mix_op: str = "res
     bg_idx = plan["bg_index"].long()
     fg_idx = plan["fg_index"].long() if plan.mixed else None
     return render_views(images[fg_idx] if plan.mixed else None, images[bg_idx], plan, out_size=out_size,
-                        mix_op=mix_op, aug_order=aug_order, num_views=num_views,
                         fg_hw=valid_hw(fg_idx) if plan.mixed else None, bg_hw=valid_hw(bg_idx))
