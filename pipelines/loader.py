@@ -108,7 +108,8 @@ class Loader:
     `len(loader)` batches per epoch on this rank; `set_epoch(epoch, start_batch=0)` positions the next
     iteration (a resume passes the batch to start from); iterating yields `Batch`es on the device. Also
     `classes`, `num_classes`, `class_counts` (training images per class: the prior of the soft CE),
-    `batch_size` (pairs per batch on this rank) and `planner`. `close()` stops its plan thread and backend.
+    `batch_size` (pairs per batch on this rank), `planner` and `mixing_on(epoch)`. `close()` stops its plan
+    thread and backend.
 
     >>> import mixtail
     >>> cfg = mixtail.load_config("demo")
@@ -137,6 +138,13 @@ class Loader:
 
     def __len__(self) -> int:
         return len(self.planner)
+
+    def mixing_on(self, epoch: int) -> bool:
+        """Whether `epoch` lies in the mixing window (a training loader): its planner's answer, the one place the
+        window is decided, which the trainer's logit-adjustment prior follows too."""
+        if not self.train:
+            raise ValueError("a test or validation loader mixes nothing: ask the training loader")
+        return self.planner.mixing_on(epoch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         check_int("epoch", epoch, 0)

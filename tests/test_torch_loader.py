@@ -361,3 +361,11 @@ def test_build_loader_from_demo_config():
     with pytest.raises(ValueError, match="not a known backend"):
         build_loader(DataConfig(dataset="demo", backend="nope"), cfg.aug, cfg.mix,  # type: ignore[arg-type]
                      split="train", rank=0, world_size=1, device=CPU, seed=0)
+
+
+def test_mixing_on_is_the_planners_window_and_only_a_training_loaders():
+    ld = loader(DS, mix=MixConfig(start_epoch=2, unmixed_last_epochs=1), num_epochs=6)
+    assert [ld.mixing_on(e) for e in range(6)] == [False, False, True, True, True, False]
+    assert all(any(b.plan.mixed for b in epoch(ld, e)) == ld.mixing_on(e) for e in (1, 2))
+    with pytest.raises(ValueError, match="mixes nothing"):
+        loader(DS, train=False).mixing_on(3)

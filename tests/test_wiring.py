@@ -647,10 +647,9 @@ def check_prior_mixed(d, c):
     n = demo_counts(d.data.imbalance_ratio)
     p_y = n / n.sum()
     pi = 0.5 * (0.5 * BALANCED + 0.5 * p_y) + 0.5 * p_y
-    for epoch in range(EPOCHS):
-        np.testing.assert_allclose(train_module.adjustment_prior(d, n, epoch), p_y, rtol=1e-12)
-        want = pi if d.mix.active(epoch, EPOCHS) else p_y
-        np.testing.assert_allclose(train_module.adjustment_prior(c, n, epoch), want, rtol=1e-12)
+    for mixing in (False, True):
+        np.testing.assert_allclose(train_module.adjustment_prior(d, n, mixing), p_y, rtol=1e-12)
+        np.testing.assert_allclose(train_module.adjustment_prior(c, n, mixing), pi if mixing else p_y, rtol=1e-12)
     # The trainer starts at epoch 0, outside the window: both objectives adjust by log P_Y there
     # (test_loss_prior_follows_the_window_in_the_loop checks the epochs inside it).
     for cfg in (d, c):
@@ -849,11 +848,9 @@ def test_trainer_builds_its_loaders_and_loss_from_the_config():
     assert (sgd.momentum, sgd.weight_decay, sgd.nesterov) == (0.8, 0.001, True)
 
 
-@pytest.mark.parametrize("prior", ["dataset", "mixed"])
-@pytest.mark.slow
-def test_loss_prior_follows_the_window_in_the_loop(tmp_path, monkeypatch, prior):
-    """Three one-step epochs with the window [1, 2): the loss adjusts by log π in epoch 1 only (mixed), by
-    log P_Y everywhere else."""
+def _priors_of_three_epochs(tmp_path, monkeypatch, prior: str) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+    """Train three one-step epochs with the mix keys' window [1, 2); (the log prior each step's loss
+    used, P_Y, π)."""
     seen = []
 
     class Recording(Objective):
@@ -868,8 +865,27 @@ def test_loss_prior_follows_the_window_in_the_loop(tmp_path, monkeypatch, prior)
     train_module.train(cfg)
     n = demo_counts(cfg.data.imbalance_ratio)
     p_y = n / n.sum()
-    pi = 0.5 * (0.5 * BALANCED + 0.5 * p_y) + 0.5 * p_y
-    want = [p_y, pi if prior == "mixed" else p_y, p_y]
+    return seen, p_y, 0.5 * (0.5 * BALANCED + 0.5 * p_y) + 0.5 * p_y
+
+
+@pytest.mark.parametrize("prior", ["dataset", "mixed"])
+@pytest.mark.slow
+def test_loss_prior_follows_the_window_in_the_loop(tmp_path, monkeypatch, prior):
+    """Three one-step epochs with the window [1, 2): the loss adjusts by log π in epoch 1 only (mixed), by
+    log P_Y everywhere else."""
+    seen, p_y, pi = _priors_of_three_epochs(tmp_path, monkeypatch, prior)
     assert len(seen) == 3
-    for got, w in zip(seen, want):
+    for got, w in zip(seen, [p_y, pi if prior == "mixed" else p_y, p_y]):
+        np.testing.assert_allclose(got.numpy(), np.log(w), rtol=1e-6)
+
+
+def test_the_loops_prior_takes_the_window_from_the_planner(tmp_path, monkeypatch):
+    """The mixing window is decided by the training loader's planner alone: a planner that mixes only in
+    epoch 2 moves the loss's mixed prior there too, whatever the mix keys say ([1, 2) here)."""
+    from mixtail.pipelines.plan import Planner
+
+    monkeypatch.setattr(Planner, "mixing_on", lambda self, epoch: epoch == 2)
+    seen, p_y, pi = _priors_of_three_epochs(tmp_path, monkeypatch, "mixed")
+    assert len(seen) == 3
+    for got, w in zip(seen, [p_y, p_y, pi]):
         np.testing.assert_allclose(got.numpy(), np.log(w), rtol=1e-6)

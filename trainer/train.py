@@ -88,13 +88,17 @@ def class_priors(cfg: RunConfig, counts: np.ndarray) -> tuple[np.ndarray, np.nda
     return p_y, mixed_prior(counts, q, mean_mix_ratio(cfg.mix), cfg.mix.mix_prob)
 
 
-def adjustment_prior(cfg: RunConfig, counts: np.ndarray, epoch: int) -> np.ndarray | None:
-    """The prior the CE adjusts by in `epoch`: None without logit adjustment; log P_Y (loss.prior=dataset);
-    with loss.prior=mixed, π inside the mixing window and P_Y outside it (no pair is mixed there)."""
+def adjustment_prior(cfg: RunConfig, counts: np.ndarray, mixing: bool) -> np.ndarray | None:
+    """The prior the CE adjusts by in an epoch: None without logit adjustment; log P_Y (loss.prior=dataset);
+    with loss.prior=mixed, π in an epoch whose batches may mix and P_Y in one where no pair is mixed.
+
+    mixing: whether the epoch lies in the mixing window, as the training loader's planner decides it
+    (`Loader.mixing_on`): the window is decided there alone, so the prior can never follow another window
+    than the batches do."""
     if not cfg.loss.logit_adjust:
         return None
     p_y, pi = class_priors(cfg, counts)
-    if cfg.loss.prior == "mixed" and cfg.mix.active(epoch, cfg.train.epochs):
+    if cfg.loss.prior == "mixed" and mixing:
         return pi
     return p_y
 
@@ -294,7 +298,7 @@ def build_training(cfg: RunConfig, num_classes: int, counts: np.ndarray, device:
             net, device_ids=[device.index] if device.type == "cuda" else None)
     o = cfg.optim
     sgd = SGD(raw_model.parameters(), momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-    prior = adjustment_prior(cfg, counts, 0)
+    prior = adjustment_prior(cfg, counts, mixing=False)  # each epoch then sets its own (Run.begin_epoch)
     objective = Objective(num_classes=num_classes, log_prior=log_prior_vector(prior, device) if prior is not None
                           else None, eta=cfg.loss.eta, tau=cfg.loss.tau, weighting=cfg.loss.weighting,
                           impl=cfg.loss.impl, autocast=autocast_for(cfg.train.precision, device))
@@ -495,7 +499,8 @@ class Run:
         cfg, objective = self.cfg, self.training.objective
         self.training.step.model.train()
         if objective.log_prior is not None:
-            objective.log_prior.copy_(log_prior_vector(adjustment_prior(cfg, self.counts, epoch), self.device))
+            prior = adjustment_prior(cfg, self.counts, self.train_loader.mixing_on(epoch))
+            objective.log_prior.copy_(log_prior_vector(prior, self.device))
         refresh_diversity(objective, cfg, self.counts, epoch)
         self.train_loader.set_epoch(epoch, self.start_batch)
 
