@@ -11,7 +11,7 @@ What is checked:
 - AutoAugment and Cutout (aug.policy autoaugment, cmo_randaug): every op forced alone at three magnitudes,
   both signs, either slot, at 32 and 31 px, against autoaugment.py, with proof that a wrong sign, bin,
   skipped slot, swapped order or skipped Cutout fails; the drawn plans of both policies (pad and resized
-  crops, after_mix), with the rows that hang on a rounding tie held to a mean bound (dali_loader's docstring);
+  crops, after_mix), with the rows that hang on a rounding tie held to a mean bound (dali_autoaugment.py's docstring);
 - `mixtail train --data.backend=dali` (also with each aug.policy) and the loader benchmark, tiny, on the CPU.
 GPU variants (marked gpu) run the same comparisons with device_id=0 where CUDA is present.
 
@@ -40,7 +40,7 @@ from mixtail.pipelines.ops.augment import AugParams, identity_aug_params, sample
 from mixtail.pipelines.loader import build_loader, loader_for_dataset
 from mixtail.pipelines.batch import normalize_views  # noqa: E402
 from mixtail.pipelines.config import AugConfig, DataConfig  # noqa: E402
-from mixtail.pipelines.backends import dali_executor as dali_loader  # noqa: E402
+from mixtail.pipelines.backends import dali_autoaugment  # noqa: E402
 from mixtail.pipelines.backends.dali_executor import run_plan_once  # noqa: E402
 from mixtail.pipelines.sources.types import ImageArrays, ImageFiles  # noqa: E402
 from mixtail.pipelines.ops.mixing import MixParams, render_views
@@ -243,7 +243,7 @@ _QUANTIZING = [AA.OP_ID[k] for k in ("Posterize", "Solarize", "Equalize")]  # re
 _CONTINUOUS = [AA.OP_ID[k] for k in ("Brightness", "Color", "Contrast", "Sharpness", "AutoContrast")]
 _GEOMETRIC = [AA.OP_ID[k] for k in AA.GEOMETRIC]
 # A pixel is a nearest-neighbour tie when a source coordinate lies this close to a pixel edge (an integer):
-# the two backends' float rounding may then pick either neighbour (dali_loader's docstring).
+# the two backends' float rounding may then pick either neighbour (dali_autoaugment.py's docstring).
 TIE_EPS = 1e-3
 # Rows whose result hangs on a rounding tie (see _tie_sensitive) may differ from the reference by at most this
 # mean error over the row, in grey levels: Equalize and AutoContrast are discontinuous (one pixel's level
@@ -381,12 +381,12 @@ def _forced_case(size: int, equalize_on_host: bool = True, device_id: int | None
            "bg1": (np.stack([none, op], 1), np.stack([np.zeros(n), mag], 1))}
     plan = _policy_plan(size, ops, {"bg0": cut, "bg1": np.zeros_like(cut)})
     images = _range_images(n, size, seed=size)
-    saved = dali_loader.EQUALIZE_ON_HOST
-    dali_loader.EQUALIZE_ON_HOST = equalize_on_host
+    saved = dali_autoaugment.EQUALIZE_ON_HOST
+    dali_autoaugment.EQUALIZE_ON_HOST = equalize_on_host
     try:
         views = _run(images, plan, AugConfig(policy="autoaugment"), device_id=device_id)
     finally:
-        dali_loader.EQUALIZE_ON_HOST = saved
+        dali_autoaugment.EQUALIZE_ON_HOST = saved
     affine = [plan["bg0.aa_affine"].reshape(n, 2, 2, 3)[:, 0], plan["bg1.aa_affine"].reshape(n, 2, 2, 3)[:, 1]]
     ties = [_warp_ties(a, size) for a in affine]
     return images, plan, views, ties
