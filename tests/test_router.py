@@ -14,7 +14,7 @@ from mixtail import cli
 from mixtail.locks import DirectoryLock
 from mixtail.trainer.checkpoint import CheckpointStore
 from mixtail.trainer.config import ROUTER_EVAL, ROUTER_FILE
-from mixtail.trainer.train import RUN_LOCK, prepare_run_dir
+from mixtail.trainer.run_dir import RUN_LOCK, prepare_run_dir
 
 
 def test_stage_router_takes_the_run_directory_lock(tmp_path, capsys):

@@ -50,7 +50,8 @@ from mixtail.trainer.models import build_model
 from mixtail.trainer.router import Router, evaluate_router, router_table, stage1_model_config
 from mixtail.trainer.report import (best_eval, group_means, inter_class_scores, load_class_vectors,
                                     semantic_similarity_rows, top_confusions, write_report)
-from mixtail.trainer.train import autocast_for, check_classes, class_priors, data_source
+from mixtail.trainer.run_dir import check_classes, data_source
+from mixtail.trainer.train import autocast_for, class_priors
 
 
 def posthoc_shift(cfg, counts: np.ndarray, taus: list[float]) -> torch.Tensor:

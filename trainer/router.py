@@ -181,7 +181,7 @@ def train_router_stage(cfg) -> dict:
     """`mixtail train CONFIG --stage router`: stage 2 on the finished stage-1 run in cfg.train.out_dir.
     Writes router.pt (the router's weights and the config) and router_eval.json; returns the evaluation."""
     from mixtail.trainer.dist import cleanup, init_distributed
-    from mixtail.trainer.train import run_dir_lock
+    from mixtail.trainer.run_dir import run_dir_lock
 
     if cfg.model.experts < 2:
         raise ConfigError(f"key 'model.experts': --stage router needs a multi-expert run (K >= 2), got "
@@ -203,7 +203,8 @@ def train_router_stage(cfg) -> dict:
 def _router_stage(cfg, out_dir: Path, info) -> dict:
     from mixtail.pipelines.loader import build_loader
     from mixtail.trainer.checkpoint import CheckpointStore, save_checkpoint
-    from mixtail.trainer.train import autocast_for, check_resume_config
+    from mixtail.trainer.run_dir import check_resume_config
+    from mixtail.trainer.train import autocast_for
 
     store = CheckpointStore(out_dir, keep=cfg.train.keep_checkpoints)
     found = store.load_latest(map_location=info.device)

@@ -56,7 +56,7 @@ from mixtail.errors import ConfigError, UsageError
 from mixtail.lifetime import ENV_VAR
 from mixtail.trainer.checkpoint import CheckpointStore
 from mixtail.trainer.config import RunConfig, config_from_dict, config_path, config_to_dict, load_config
-from mixtail.trainer.train import RESUME_FREE_KEYS
+from mixtail.trainer.run_dir import RESUME_FREE_KEYS
 
 GROUPS = ("all", "many", "medium", "few")
 
