@@ -21,11 +21,7 @@ from mixtail.trainer.config import AugConfig
 NO_COLOUR = dict(color_prob=0.0, grayscale_prob=0.0)
 
 
-def tol(size: int) -> float:
-    """Absolute tolerance on [0, 1] pixels. grid_sample works in float32 normalized coordinates, so a pixel
-    position carries an error of about size·6e-8 px; that is below 1e-5 in value up to 32 px and grows
-    linearly beyond. An off-by-one pixel or a wrong interpolation weight is ~1e-1 on random images."""
-    return 1e-5 * max(1.0, size / 32)
+tol = ref.grid_tolerance  # the float32 sampling grid's error on [0, 1] pixels
 
 
 def random_images(n: int, size: int, seed: int = 0, width: int | None = None) -> np.ndarray:

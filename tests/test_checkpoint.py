@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.checks import Payload, free_bytes
 from mixtail.errors import CheckpointError, MixtailError, NonFiniteCheckpointError
 from mixtail.trainer import checkpoint as ckpt
 from mixtail.trainer.checkpoint import (CheckpointStore, load_checkpoint, nonfinite_tensors, save_checkpoint,
@@ -147,16 +148,6 @@ def test_checkpoint_without_checksum_loads_with_a_message(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Loading never runs code from the file
 # --------------------------------------------------------------------------------------------------
-
-
-class Payload:
-    """Unpickling this creates `marker`: proof that loading a file ran code from it."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _payload_state(marker: Path) -> dict:
@@ -449,22 +440,17 @@ def tiny_tmpfs(mount_tmpfs):
     return mount_tmpfs("64k")
 
 
-def _free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 def test_full_disk_real_tmpfs(tiny_tmpfs):
     run_dir = tiny_tmpfs / "run"
     store, _ = _store(run_dir)
     store.save(_state(1, numel=100))
-    free = _free_bytes(tiny_tmpfs)
+    free = free_bytes(tiny_tmpfs)
     with pytest.raises(CheckpointError) as info:
         store.save(_state(2, numel=100_000))  # 400 KB into 64 KiB
     msg = str(info.value)
     _one_line(msg)
     assert "No space left on device (ENOSPC)" in msg and str(run_dir / "checkpoint.pt") in msg
-    assert _temporaries(run_dir) == [] and _free_bytes(tiny_tmpfs) == free  # the space is given back
+    assert _temporaries(run_dir) == [] and free_bytes(tiny_tmpfs) == free  # the space is given back
     _assert_is(store.load_latest()[1], 1)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.checks import Payload
 from mixtail import cli
 from mixtail.errors import ConfigError
 from mixtail.trainer.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
@@ -22,16 +23,6 @@ from mixtail.trainer.config import ModelConfig, config_to_dict, load_config
 
 RUN = ["--model.experts=2", "--train.epochs=1", "--train.max_steps_per_epoch=2", "--router.epochs=1",
        "--router.batch_size=64"]
-
-
-class Payload:
-    """Unpickling this creates `marker`: proof that loading a file ran code from it."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture(scope="module")

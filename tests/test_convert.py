@@ -11,6 +11,7 @@ absent on a fresh clone elsewhere: those tests skip), copied into a temporary fo
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import json
 import multiprocessing
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.checks import cli_error_line, free_bytes
 from mixtail import cli
 from mixtail.errors import ConfigError, DataError, UsageError
 from mixtail.pipelines import convert as cv
@@ -115,13 +117,7 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
     return info.value.code, out, err
 
 
-def _one_line(err: str, *fragments: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("mixtail convert: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+_one_line = functools.partial(cli_error_line, "convert")  # stderr is one `mixtail convert: error:` line
 
 
 def _stored_order(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -459,15 +455,10 @@ def test_a_file_that_fails_only_when_decoded(cifar_tree, tmp_path, capsys, to):
     cv.verify(out, sample=3)
 
 
-def _free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 def test_a_full_disk_names_the_output_and_what_was_written(photo_tree, mount_tmpfs, capsys, to):
     """A real 256 KiB tmpfs, filled part-way through the split (the OS's message names no path, so ours must)."""
     disk = mount_tmpfs("256k")
-    free = _free_bytes(disk)
+    free = free_bytes(disk)
     out = disk / "out"
     code, _, err = _cli(capsys, str(photo_tree), "--to", to, "--out", str(out))
     assert code == 2
@@ -475,7 +466,7 @@ def test_a_full_disk_names_the_output_and_what_was_written(photo_tree, mount_tmp
                      "the partial output was removed, nothing was written to")
     written = int(line.split(" after ", 1)[1].split(" bytes", 1)[0].replace(",", ""))
     assert 0 < written <= free
-    assert list(disk.iterdir()) == [] and _free_bytes(disk) == free  # nothing left, the space given back
+    assert list(disk.iterdir()) == [] and free_bytes(disk) == free  # nothing left, the space given back
 
 
 def test_a_full_disk_simulated_counts_the_bytes_of_the_files_written(cifar_tree, tmp_path, monkeypatch, capsys):

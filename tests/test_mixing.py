@@ -30,9 +30,7 @@ def MixConfig(**overrides) -> _MixConfig:  # noqa: N802 - stands in for the data
 
 
 
-def tol(size: int) -> float:
-    """See tests/test_augment.py: float32 grid coordinates carry ~size·6e-8 px of error."""
-    return 1e-5 * max(1.0, size / 32)
+tol = ref.grid_tolerance  # the float32 sampling grid's error on [0, 1] pixels
 
 
 def random_floats(n: int, size: int, seed: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ and real sweeps of the smoke_cpu config on the CPU (sequential, --jobs 2, resume
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.checks import cli_error_line
 from helpers.train_hooks import SimulatedCrash, wrap_train_loader
 from mixtail import cli
 from mixtail.errors import ConfigError, UsageError
@@ -36,12 +38,7 @@ def _sweep(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, **kw)
 
 
-def _one_line(err: str, *fragments: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mixtail sweep: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+_one_line = functools.partial(cli_error_line, "sweep")  # stderr is one `mixtail sweep: error:` line
 
 
 def _table(out: Path) -> tuple[dict, list[str]]:

@@ -21,6 +21,14 @@ RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
                        [0.211, -0.523, 0.312]])
 
 
+def grid_tolerance(size: int) -> float:
+    """Absolute tolerance on [0, 1] pixels when comparing the torch ops with these rebuilds. grid_sample works
+    in float32 normalized coordinates, so a pixel position carries an error of about size·6e-8 px; that is
+    below 1e-5 in value up to 32 px and grows linearly beyond. An off-by-one pixel or a wrong interpolation
+    weight is ~1e-1 on random images."""
+    return 1e-5 * max(1.0, size / 32)
+
+
 def bilinear_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """(C, H, W) -> (C, out_h, out_w), bilinear, align_corners=False, edge-clamped."""
     _, h, w = img.shape
