@@ -1,10 +1,13 @@
-"""Shared fixtures: the repository root, the real data in the project's shared data directory beside the repository
-(absent on a fresh clone elsewhere: those tests skip), and a session-wide
-extraction of the CIFAR-10 JPEG tree (slow; only tests marked `slow` and `data` ask for it).
+"""Shared fixtures: generated data that tests share (photo-like JPEGs of varied sizes and encodings, a small
+CIFAR-10-style JPEG tree), the real datasets for the few tests that check facts of them (the CIFAR-100-LT labels
+and indices; a session-wide extraction of the CIFAR-10 JPEG archive, slow, asked for only by tests marked `slow`
+and `data`), and a real tmpfs. The real data is found as tests/helpers/real_data.py says; where it is absent,
+those tests skip, saying which file and why.
 
     python -m pytest -q            # the fast suite (pyproject's addopts deselect tests marked slow)
     python -m pytest -q -m slow    # only the slow tests (CI runs both)
     python -m pytest -q -m ""      # everything
+    MIXTAIL_SHARED_DATA=/nonexistent python -m pytest -q    # as a fresh clone without the real data sees it
 """
 
 from __future__ import annotations
@@ -26,24 +29,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The real data lives in the project's shared data directory beside the repository, never inside it
-# (absent on a fresh clone elsewhere: those tests skip).
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-CIFAR10_JPEG_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"
-CIFAR100_META = SHARED_DATA / "cifar100-meta" / "cifar100_labels_and_lt_r100_indices.npz"
+from helpers.images import CIFAR10_CLASSES, write_cifar_like_tree, write_photos
+from helpers.real_data import CIFAR10_JPEG_TAR, CIFAR100_META, require
 
 
-def _skip_if_absent(path: Path) -> None:
-    if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (the project's shared data beside the repository)")
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    """16 generated photo-like JPEGs (helpers/images.py's PHOTO_SPECS: 68 to 2400 px, aspect ratios 1:2.4 to
+    3.4:1, 4:4:4, 4:2:2 and 4:2:0, progressive, grayscale, EXIF-rotated), named pNNN_WxH.JPEG in that order."""
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar_like_root(tmp_path_factory) -> Path:
+    """A CIFAR-10-style JPEG tree of generated 32×32 images: train/<class>/0000..0011.jpg and
+    test/<class>/0000..0003.jpg for the ten CIFAR-10 class names. Tests copy it before changing it."""
+    return write_cifar_like_tree(tmp_path_factory.mktemp("cifar_like"), CIFAR10_CLASSES, 12, 4)
 
 
 @pytest.fixture(scope="session")
 def cifar100_meta() -> dict[str, np.ndarray]:
     """The canonical CIFAR-100 labels and LT (ρ=100) subset: y_train, y_test, lt_r100_train_indices,
     lt_r100_n_k, class_names."""
-    _skip_if_absent(CIFAR100_META)
+    require(CIFAR100_META, "the real CIFAR-100 labels and LT indices are the facts checked")
     with np.load(CIFAR100_META) as npz:
         return {k: npz[k] for k in npz.files}
 
@@ -55,7 +65,7 @@ def cifar10_jpeg_root() -> Iterator[Path]:
     A private temporary folder removed at the end of the session, not tmp_path_factory: pytest keeps the
     last three session folders, and three stale copies of 60k files make its start-up cleanup slow.
     """
-    _skip_if_absent(CIFAR10_JPEG_TAR)
+    require(CIFAR10_JPEG_TAR, "the real archive's counts and file order are the facts checked")
     with tempfile.TemporaryDirectory(prefix="mixtail_cifar10_jpeg_") as tmp:
         root = Path(tmp)
         with tarfile.open(CIFAR10_JPEG_TAR, "r:gz") as tar:

@@ -1,9 +1,9 @@
 """Tests of `mixtail convert` (pipelines/convert.py) and converted outputs as a data source (pipelines/sources/manifest.py):
-round trips of the real CIFAR-10 JPEGs and photos to both targets, checked against build_dataset on the same source;
+round trips of CIFAR-like JPEGs and photos to both targets, checked against build_dataset on the same source;
 interrupted conversions; bad source files; tampering that --verify must catch; training from a converted output.
 
-Sources are small parts of the project's shared data directory beside the repository (tens of images;
-absent on a fresh clone elsewhere: those tests skip), copied into a temporary folder.
+Sources are generated (tests/helpers/images.py): a CIFAR-10-style tree of 32×32 JPEGs and photo-like JPEGs of
+varied sizes and encodings, copied into a temporary folder.
 
     python -m pytest tests/test_convert.py -q              # -m "not slow" leaves out the kill -9 test
 """
@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -42,40 +41,29 @@ from mixtail.pipelines.sources.file_lists import read_file_list
 from mixtail.pipelines.sources.images import load_rgb
 from mixtail.pipelines.sources.manifest import MANIFEST_NAME, Manifest, read_manifest, split_table
 
+from helpers.images import jpeg_bytes, photo_pixels, write_photos
+
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
-CIFAR_TAR = DATA / "cifar10" / "cifar10-jpeg.tar.gz"
-PHOTOS = DATA / "photos"
 CLASSES = ["airplane", "cat", "frog", "ship"]
 TRAIN_PER_CLASS, TEST_PER_CLASS = 12, 4
 
-pytestmark = pytest.mark.data
-
-
-def _need(path: Path) -> None:
-    if not path.exists():
-        pytest.skip(f"real data {path} is absent (the project's shared data beside the repository)")
-
 
 @pytest.fixture(scope="module")
-def cifar_tree(tmp_path_factory) -> Path:
-    """train/<class>/ and test/<class>/ with the first 12 and 4 JPEGs of four CIFAR-10 classes, from the tarball."""
-    _need(CIFAR_TAR)
+def cifar_tree(cifar_like_root, tmp_path_factory) -> Path:
+    """train/<class>/ and test/<class>/ with the 12 and 4 JPEGs of four classes of the generated CIFAR-like tree."""
     root = tmp_path_factory.mktemp("cifar_small")
-    wanted = {f"{split}/{c}/{i:04d}.jpg" for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS))
-              for c in CLASSES for i in range(n)}
-    with tarfile.open(CIFAR_TAR, "r:gz") as tar:
-        members = [m for m in tar if m.name in wanted]
-        tar.extractall(root, members=members, filter="data")
-    assert len(members) == len(wanted)
+    for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                shutil.copy(cifar_like_root / split / c / f"{i:04d}.jpg", root / split / c)
     return root
 
 
-def _photo_tree(root: Path, counts=(4, 3, 2)) -> Path:
-    """root/<class>/<photo> with real photos of varied sizes: the smallest (100×100) and the largest
-    (2400×1600) of the set first, then others in name order."""
-    _need(PHOTOS)
-    photos = sorted(PHOTOS.iterdir())
+def _photo_tree(root: Path, photos_dir: Path, counts=(4, 3, 2)) -> Path:
+    """root/<class>/<photo> with photos of varied sizes: the smallest (68×100) and the largest (2400×1600) of
+    `photos_dir` first, then others in name order."""
+    photos = sorted(photos_dir.iterdir())
     by_area = sorted(photos, key=lambda p: (Image.open(p).size[0] * Image.open(p).size[1], p.name))
     rest = [p for p in photos if p not in (by_area[0], by_area[-1])]
     picked = [by_area[0], by_area[-1], *rest[:sum(counts) - 2]]
@@ -89,8 +77,8 @@ def _photo_tree(root: Path, counts=(4, 3, 2)) -> Path:
 
 
 @pytest.fixture(scope="module")
-def photo_tree(tmp_path_factory) -> Path:
-    return _photo_tree(tmp_path_factory.mktemp("photos") / "tree")
+def photo_tree(photos_dir, tmp_path_factory) -> Path:
+    return _photo_tree(tmp_path_factory.mktemp("photos") / "tree", photos_dir)
 
 
 def _ffcv_or_skip() -> None:
@@ -298,8 +286,8 @@ def test_an_interrupted_conversion_leaves_nothing_verify_accepts(cifar_tree, tmp
 @pytest.mark.slow
 def test_kill_9_mid_conversion(tmp_path):
     """A real SIGKILL of the CLI while it writes (photos, one thread): no output, --verify refuses, a rerun works."""
-    _need(PHOTOS)
-    source = _photo_tree(tmp_path / "src", counts=(40, 40))
+    write_photos(tmp_path / "photos", 80)
+    source = _photo_tree(tmp_path / "src", tmp_path / "photos", counts=(40, 40))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mixtail", "convert", str(source), "--to", "dali", "--out", str(out),
            "--write-mode", "jpg", "--jobs", "1"]
@@ -435,10 +423,9 @@ def test_files_of_other_extensions_are_reported_by_convert(cifar_tree, tmp_path)
 @pytest.mark.slow
 def test_a_file_that_fails_only_when_decoded(cifar_tree, tmp_path, capsys, to):
     """Complete JPEG markers around broken data: the header check passes, the decode does not."""
-    _need(PHOTOS)
     root = tmp_path / "late"
     shutil.copytree(cifar_tree, root)
-    data = bytearray((PHOTOS / "n01440764_tench.JPEG").read_bytes())
+    data = bytearray(jpeg_bytes(photo_pixels(np.random.default_rng(0), 375, 500)))
     data[2000:2400] = b"\xff" * 400
     broken = root / "train" / "ship" / "broken.jpg"
     broken.write_bytes(bytes(data))

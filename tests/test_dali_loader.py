@@ -5,7 +5,7 @@ What is checked:
   and mix op), within float-rounding tolerances stated below;
 - λ and the labels equal the pasted areas and the sampled images (read back from the pixels);
 - foreground classes follow q(k) (chi-square; a wrong weighting is rejected);
-- image-folder, ImageNet-LT list and iNaturalist JSON sources (fixtures, and real photos);
+- image-folder, ImageNet-LT list and iNaturalist JSON sources (fixtures, and generated photo-like JPEGs);
 - two ranks see disjoint backgrounds and equal epoch lengths, equal to the torch loader's;
 - resume (set_epoch with start_batch) and abandoned epochs;
 - AutoAugment and Cutout (aug.policy autoaugment, cmo_randaug): every op forced alone at three magnitudes,
@@ -50,6 +50,8 @@ from mixtail.pipelines.sampling import foreground_class_probs, foreground_weight
 from mixtail.pipelines.config import MixConfig as _MixConfig  # noqa: E402
 from mixtail.trainer.config import load_config  # noqa: E402
 
+from helpers.images import CIFAR10_CLASSES, write_cifar_like_tree  # noqa: E402
+
 
 def MixConfig(**overrides) -> _MixConfig:  # noqa: N802 - stands in for the dataclass
     """These tests exercise mixing itself: every batch is mixed from epoch 0 unless a test says otherwise
@@ -61,9 +63,6 @@ pytestmark = pytest.mark.dali
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-# The real photos, in the project's shared data directory beside the repository; PHOTOS_DIR overrides (a GPU machine,
-# where that directory does not travel, passes its copy).
-PHOTOS = Path(os.environ.get("PHOTOS_DIR", REPO.parent / "shared" / "data" / "photos"))
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the GPU variant of a CPU test)")
 
@@ -729,7 +728,7 @@ def test_two_ranks_disjoint_and_equal_lengths(drop_last):
 
 
 # --------------------------------------------------------------------------------------------------
-# File sources: fixtures in the real formats, and the real photos
+# File sources: fixtures in the real formats, and photo-like JPEGs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -761,17 +760,11 @@ def test_file_sources_match_torch_loader(dataset, lists):
             assert err.mean() < 1.0 and err.max() < 16
 
 
-def _photo_subset(n: int) -> list[Path]:
-    if not PHOTOS.is_dir():
-        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
-    return sorted(PHOTOS.glob("*.JPEG"))[:n]
-
-
-@pytest.mark.data
 @pytest.mark.parametrize("kind", ["folder", "imagenet_lt", "inat2018"])
-def test_real_photos_through_each_source(tmp_path, kind):
-    """Real JPEGs of every size (68 to 2400 px) through the three file sources at 64 px, RandomResizedCrop."""
-    photos = _photo_subset(8)
+def test_photos_through_each_source(photos_dir, tmp_path, kind):
+    """Photo-like JPEGs of every size (68 to 2400 px) and encoding (conftest's photos_dir) through the three file
+    sources at 64 px, RandomResizedCrop."""
+    photos = sorted(photos_dir.glob("*.JPEG"))[:8]
     labels = [0, 0, 0, 0, 1, 1, 2, 2]
     args = ["--data.image_size=64", "--data.batch_size=4", "--data.eval_batch_size=3", "--aug.crop=resized",
             "--data.imbalance_ratio=1"]
@@ -783,7 +776,8 @@ def test_real_photos_through_each_source(tmp_path, kind):
         args += ["--data.dataset=folder", f"--data.root={tmp_path}"]
     elif kind == "imagenet_lt":
         (tmp_path / "list.txt").write_text("".join(f"{p.name} {y}\n" for p, y in zip(photos, labels)))
-        args += ["--data.dataset=imagenet_lt", f"--data.root={PHOTOS}", f"--data.train_list={tmp_path / 'list.txt'}",
+        args += ["--data.dataset=imagenet_lt", f"--data.root={photos_dir}",
+                 f"--data.train_list={tmp_path / 'list.txt'}",
                  f"--data.test_list={tmp_path / 'list.txt'}"]
     else:
         doc = {"images": [{"id": 10 + i, "file_name": p.name, "width": 0, "height": 0} for i, p in enumerate(photos)],
@@ -791,7 +785,7 @@ def test_real_photos_through_each_source(tmp_path, kind):
                                for i, y in enumerate(labels)],
                "categories": [{"id": str(700 + y), "name": f"c{y}"} for y in (2, 1, 0)]}
         (tmp_path / "val.json").write_text(json.dumps(doc))
-        args += ["--data.dataset=inat2018", f"--data.root={PHOTOS}", f"--data.train_list={tmp_path / 'val.json'}",
+        args += ["--data.dataset=inat2018", f"--data.root={photos_dir}", f"--data.train_list={tmp_path / 'val.json'}",
                  f"--data.test_list={tmp_path / 'val.json'}"]
     cfg = load_config("smoke_cpu", args)
     kw = dict(rank=0, world_size=1, device=torch.device("cpu"), seed=0)
@@ -884,9 +878,8 @@ def test_gpu_policy_plans_match_reference(policy, crop):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.data
-def test_gpu_real_photos_mixed_decode(tmp_path):
-    photos = _photo_subset(16)
+def test_gpu_photos_mixed_decode(photos_dir):
+    photos = sorted(photos_dir.glob("*.JPEG"))[:16]
     ds = ImageFiles([str(p) for p in photos], np.arange(16) % 4, ["a", "b", "c", "d"])
     loader = _loader(ds, batch_size=8, aug=AugConfig(crop="resized"), image_size=224, device="cuda")
     for batch in loader:
@@ -898,13 +891,11 @@ def test_gpu_real_photos_mixed_decode(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.data
-def test_bench_loader_tiny_cpu(tmp_path):
-    _photo_subset(16)
+def test_bench_loader_tiny_cpu(photos_dir, tmp_path):
     from mixtail.benchmarks import bench_loader
 
     out = tmp_path / "results"
-    rows = bench_loader.main(["--backend", "dali", "torch", "--device", "cpu", "--photos", str(PHOTOS),
+    rows = bench_loader.main(["--backend", "dali", "torch", "--device", "cpu", "--photos", str(photos_dir),
                               "--num-photos", "16", "--size", "64", "--batch-size", "8", "--warmup", "1",
                               "--windows", "2", "--window-batches", "2", "--threads", "2", "--out", str(out)])
     assert [r["backend"] for r in rows] == ["dali", "torch"]
@@ -934,29 +925,25 @@ def test_mixtail_train_demo_with_dali_backend_and_policy(tmp_path, policy):
 
 
 @pytest.mark.slow
-@pytest.mark.data
-def test_mixtail_train_cifar10_lt_with_dali_backend(cifar10_jpeg_root, tmp_path):
-    """`mixtail train` on CIFAR-10-LT JPEGs (image folder) with the DALI backend on the CPU."""
-    final = _train_cli(tmp_path, "--data.dataset=folder", f"--data.root={cifar10_jpeg_root}")
+def test_mixtail_train_cifar_like_lt_with_dali_backend(tmp_path):
+    """`mixtail train` on a long-tailed CIFAR-style JPEG tree (image folder, generated: 40 train and 10 test
+    images per class, the smoke config's ρ=20) with the DALI backend on the CPU."""
+    root = write_cifar_like_tree(tmp_path / "cifar_like", CIFAR10_CLASSES, 40, 10)
+    final = _train_cli(tmp_path, "--data.dataset=folder", f"--data.root={root}")
     assert 0.0 <= final["all"] <= 100.0
 
 
-@pytest.mark.data
 @pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_224_test_protocol_on_real_photos(tmp_path, backend):
+def test_224_test_protocol_on_photos(photos_dir, tmp_path, backend):
     """Test images are resized on the shorter side to 256 and centre-cropped to 224
     (docs/method.md, "The test-time view"), never squashed: each backend against PIL doing exactly that, on
-    photos from 97 to 2400 px and aspect ratios from 1:2.4 to 3.4:1. The squashed image is far from both, so the
-    check can tell them apart."""
+    photo-like JPEGs from 97 to 2400 px and aspect ratios from 1:2.4 to 3.4:1 (the first six of conftest's
+    photos_dir, one of them grayscale). The squashed image is far from both, so the check can tell them apart."""
     from PIL import Image
 
-    if not PHOTOS.is_dir():
-        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
-    names = ["n01748264_Indian_cobra", "n04238763_slide_rule", "n04254120_soap_dispenser",
-             "n02091032_Italian_greyhound", "n04332243_strainer", "n01440764_tench"]
-    for k, name in enumerate(names):
+    for k, photo in enumerate(sorted(photos_dir.glob("*.JPEG"))[:6]):
         (tmp_path / "test" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "test" / f"c{k % 2}" / f"{k}.jpg").symlink_to(PHOTOS / f"{name}.JPEG")
+        (tmp_path / "test" / f"c{k % 2}" / f"{k}.jpg").symlink_to(photo)
     (tmp_path / "train").symlink_to(tmp_path / "test")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     cfg = load_config("smoke_cpu", ["--data.dataset=folder", f"--data.root={tmp_path}", "--data.image_size=224",

@@ -1,8 +1,9 @@
 """Tests of pipelines/sources/: the long-tailed subset on the real CIFAR-100 labels, shot groups, the
 built-in demo set, image-folder trees, one class map per dataset (the test split read onto the training
-classes), bad image files found when the dataset is built (both data.on_error modes, on real CIFAR-10
-JPEGs taken from the archive and broken files the tests write), the offline download error, and (slow)
-CIFAR-10-LT built from the real JPEG tree.
+classes), bad image files found when the dataset is built (both data.on_error modes, on generated CIFAR-like
+JPEGs and broken files the tests write), the offline download error, and (slow) CIFAR-10-LT built from the real
+JPEG tree. Tests of the real CIFAR-100 labels, ImageNet-LT's class counts and CIFAR-10's archive skip where that
+real data is absent (tests/helpers/real_data.py).
 
     python -m pytest tests/test_datasets.py -q               # fast tests; real-data ones skip if absent
     python -m pytest tests/test_datasets.py -q -m slow       # the CIFAR-10 JPEG extraction (~60k files)
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,8 +30,8 @@ from mixtail.pipelines.sources.cifar import cifar_dataset
 from mixtail.pipelines.sources.images import decode_images
 from mixtail.pipelines.sources.subsets import long_tailed_counts, long_tailed_indices, shot_groups
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-CIFAR10_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"
+from helpers.images import cifar_like_jpeg
+from helpers.real_data import REAL_LISTS, require
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +45,7 @@ def private_cache(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.data
 def test_cifar100_labels_sanity(cifar100_meta):
     # The README's own checks, so a wrong file cannot make the tests below pass vacuously.
     assert cifar100_meta["y_train"].shape == (50000,) and cifar100_meta["y_test"].shape == (10000,)
@@ -52,6 +53,7 @@ def test_cifar100_labels_sanity(cifar100_meta):
     assert np.array_equal(np.bincount(cifar100_meta["y_train"]), np.full(100, 500))
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("rho,total", [(100, 10847), (50, 12608), (10, 19573)])
 def test_cifar100_lt_indices_exact(cifar100_meta, rho, total):
     """The canonical CIFAR-100-LT subsets (LDAM-DRW's seeded per-class shuffle), index for index, in order."""
@@ -91,6 +93,7 @@ def test_long_tailed_indices_ldam_protocol_written_out():
         long_tailed_indices(labels, 8.0, rule="random")
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("rho,sizes", [(100, (35, 35, 30)), (50, (41, 41, 18)), (10, (69, 31, 0))])
 def test_cifar100_shot_groups(cifar100_meta, rho, sizes):
     y = cifar100_meta["y_train"].astype(np.int64)
@@ -107,10 +110,9 @@ def test_shot_group_boundaries():
     assert g["many"].tolist() == [0, 5] and g["medium"].tolist() == [1, 2] and g["few"].tolist() == [3, 4]
 
 
+@pytest.mark.data
 def test_imagenet_lt_shot_groups_on_real_counts():
-    path = SHARED_DATA / "lists" / "ImageNet_LT_train_cls_freq.json"
-    if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (the project's shared data beside the repository)")
+    path = require(REAL_LISTS / "ImageNet_LT_train_cls_freq.json", "ImageNet-LT's class counts are the fact checked")
     counts = np.array(json.loads(path.read_text()))
     assert counts.sum() == 115846
     assert tuple(len(v) for v in shot_groups(counts).values()) == (385, 479, 136)
@@ -318,27 +320,15 @@ def test_build_dataset_folder_long_tailed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_jpegs() -> dict[str, list[bytes]]:
-    """The first 8 real train JPEGs of CIFAR-10's first three classes, read from the archive (not unpacked)."""
-    if not CIFAR10_TAR.is_file():
-        pytest.skip(f"real data file {CIFAR10_TAR} is absent (the project's shared data beside the repository)")
-    wanted = ("airplane", "automobile", "bird")
-    out: dict[str, list[bytes]] = {c: [] for c in wanted}
-    with tarfile.open(CIFAR10_TAR, "r:gz") as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if len(parts) == 3 and parts[0] == "train" and member.isfile() and parts[1] in out:
-                if len(out[parts[1]]) < 8:
-                    out[parts[1]].append(tar.extractfile(member).read())
-            elif len(parts) >= 2 and parts[1] not in wanted and all(len(v) == 8 for v in out.values()):
-                break
-    assert all(len(v) == 8 for v in out.values())
-    return out
+def cifar_jpegs() -> dict[str, list[bytes]]:
+    """8 generated 32×32 JPEGs for each of three classes (the tests need files of CIFAR's kind, not its content)."""
+    return {c: [cifar_like_jpeg(label, k) for k in range(8)] for label, c in enumerate(("airplane", "automobile",
+                                                                                         "bird"))}
 
 
-def jpeg_tree(root: Path, real_jpegs, train: dict[str, int], test: dict[str, int]) -> Path:
-    """root/train/<class>/NNNN.jpg and root/test/<class>/NNNN.jpg from the real JPEGs (cycled over classes)."""
-    pool = [data for v in real_jpegs.values() for data in v]
+def jpeg_tree(root: Path, cifar_jpegs, train: dict[str, int], test: dict[str, int]) -> Path:
+    """root/train/<class>/NNNN.jpg and root/test/<class>/NNNN.jpg from the given JPEGs (cycled over classes)."""
+    pool = [data for v in cifar_jpegs.values() for data in v]
     i = 0
     for split, layout in (("train", train), ("test", test)):
         for cls, n in layout.items():
@@ -353,8 +343,8 @@ def folder_config(root: Path, **kw) -> DataConfig:
     return DataConfig(dataset="folder", root=str(root), imbalance_ratio=1.0, image_size=32, **kw)
 
 
-def test_test_split_uses_the_training_classes(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 3, "cat": 2, "dog": 2}, {"bird": 1, "cat": 2, "dog": 1})
+def test_test_split_uses_the_training_classes(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 3, "cat": 2, "dog": 2}, {"bird": 1, "cat": 2, "dog": 1})
     data = folder_config(root)
     train = build_dataset(data, "train", decoded=False)
     test = build_dataset(data, "test", decoded=False)
@@ -366,7 +356,7 @@ def test_test_split_uses_the_training_classes(tmp_path, real_jpegs):
 
 
 @pytest.mark.parametrize("case", ["empty_first", "only_in_test", "missing_in_test", "empty_test"])
-def test_class_set_faults_are_errors_before_training(tmp_path, real_jpegs, case):
+def test_class_set_faults_are_errors_before_training(tmp_path, cifar_jpegs, case):
     train = {"bird": 2, "cat": 2, "dog": 2}
     test = {"bird": 1, "cat": 1, "dog": 1}
     if case == "empty_first":  # an empty folder sorting first must not shift every test label by one
@@ -378,7 +368,7 @@ def test_class_set_faults_are_errors_before_training(tmp_path, real_jpegs, case)
         del test["cat"]
     elif case == "empty_test":
         test["dog"] = 0
-    root = jpeg_tree(tmp_path, real_jpegs, train, test)
+    root = jpeg_tree(tmp_path, cifar_jpegs, train, test)
     data = folder_config(root)
     expected = {"empty_first": f"class folder {root / 'train' / 'aaa'} holds no images",
                 "only_in_test": f"not among the training classes: {root / 'test' / 'zebra'}",
@@ -393,13 +383,13 @@ def test_class_set_faults_are_errors_before_training(tmp_path, real_jpegs, case)
         assert len(build_dataset(data, "train", decoded=False)) == 6  # the training split itself is fine
 
 
-def test_hidden_files_and_folders_are_never_images_or_classes(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
+def test_hidden_files_and_folders_are_never_images_or_classes(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
     fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(100)
     for split in ("train", "test"):
         (root / split / "bird" / "._0000.jpg").write_bytes(fork)  # the macOS fork that crashed DALI
         (root / split / ".ipynb_checkpoints").mkdir()
-        (root / split / ".ipynb_checkpoints" / "x.jpg").write_bytes(real_jpegs["bird"][0])
+        (root / split / ".ipynb_checkpoints" / "x.jpg").write_bytes(cifar_jpegs["bird"][0])
         (root / split / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     data = folder_config(root)
     train = build_dataset(data, "train", decoded=False)
@@ -408,8 +398,8 @@ def test_hidden_files_and_folders_are_never_images_or_classes(tmp_path, real_jpe
     assert len(build_dataset(data, "test", decoded=False)) == 2
 
 
-def test_given_classes_define_both_splits(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
+def test_given_classes_define_both_splits(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
     data = folder_config(root)
     assert build_dataset(data, "test", decoded=False, classes=["bird", "cat"]).labels.tolist() == [0, 1]
     with pytest.raises(DataError, match="no folder for 1 training class"):
@@ -427,8 +417,8 @@ def test_a_folder_of_one_class_is_refused_naming_the_root(tmp_path):
     assert str(err.value) == f"image folder {tmp_path / 'train'} has 1 class ('cat'): a classifier needs at least two"
 
 
-def test_lt_ratio_that_empties_a_class_is_an_error(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"a": 8, "b": 8, "c": 8}, {"a": 1, "b": 1, "c": 1})
+def test_lt_ratio_that_empties_a_class_is_an_error(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"a": 8, "b": 8, "c": 8}, {"a": 1, "b": 1, "c": 1})
     # n_k = int(8 · (1/20)^(k/2)): 8, 1, 0: the tail class would silently vanish from training.
     with pytest.raises(DataError, match=r"imbalance_ratio=20.0 leaves 1 class\(es\) without a training image.*'c'"):
         build_dataset(replace(folder_config(root), imbalance_ratio=20.0), "train", decoded=False)
@@ -439,9 +429,9 @@ def test_lt_ratio_that_empties_a_class_is_an_error(tmp_path, real_jpegs):
 # --------------------------------------------------------------------------------------------------
 
 
-def break_files(root: Path, real_jpegs) -> dict[str, str]:
-    """A truncated real JPEG, a zero-byte file and a text file named .jpg in the train split; their reasons."""
-    jpeg = real_jpegs["airplane"][0]
+def break_files(root: Path, cifar_jpegs) -> dict[str, str]:
+    """A truncated JPEG, a zero-byte file and a text file named .jpg in the train split; their reasons."""
+    jpeg = cifar_jpegs["airplane"][0]
     (root / "train" / "bird" / "0000.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
     (root / "train" / "cat" / "0001.jpg").write_bytes(b"")
     (root / "train" / "cat" / "notes.jpg").write_text("label notes, saved with the wrong name\n")
@@ -450,9 +440,9 @@ def break_files(root: Path, real_jpegs) -> dict[str, str]:
             str(root / "train" / "cat" / "notes.jpg"): "not an image file"}
 
 
-def test_bad_files_stop_the_run_all_named_in_one_error(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 3, "cat": 3}, {"bird": 1, "cat": 1})
-    bad = break_files(root, real_jpegs)
+def test_bad_files_stop_the_run_all_named_in_one_error(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 3, "cat": 3}, {"bird": 1, "cat": 1})
+    bad = break_files(root, cifar_jpegs)
     for decoded in (False, True):
         with pytest.raises(DataError) as err:
             build_dataset(folder_config(root), "train", decoded=decoded)
@@ -464,9 +454,9 @@ def test_bad_files_stop_the_run_all_named_in_one_error(tmp_path, real_jpegs):
     assert len(build_dataset(folder_config(root), "test", decoded=False)) == 2  # the test split is intact
 
 
-def test_bad_files_skipped_counted_and_listed(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 3, "cat": 3}, {"bird": 1, "cat": 1})
-    bad = break_files(root, real_jpegs)
+def test_bad_files_skipped_counted_and_listed(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 3, "cat": 3}, {"bird": 1, "cat": 1})
+    bad = break_files(root, cifar_jpegs)
     data = folder_config(root, on_error="skip")
     train = build_dataset(data, "train", decoded=False)
     assert len(train) == 4 and sorted(p for p, _ in train.skipped) == sorted(bad)
@@ -479,18 +469,18 @@ def test_bad_files_skipped_counted_and_listed(tmp_path, real_jpegs):
     assert decoded.skipped == train.skipped
 
 
-def test_broken_symlink_is_reported_not_dropped(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
+def test_broken_symlink_is_reported_not_dropped(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
     link = root / "train" / "cat" / "moved.jpg"
     link.symlink_to(tmp_path / "elsewhere" / "moved.jpg")
     with pytest.raises(DataError, match=f"1 of 5 train images .*: {link}: does not exist"):
         build_dataset(folder_config(root), "train", decoded=False)
 
 
-def test_symlink_loop_named_like_an_image_is_a_broken_file(tmp_path, real_jpegs):
+def test_symlink_loop_named_like_an_image_is_a_broken_file(tmp_path, cifar_jpegs):
     """A link to itself and a pair pointing at each other (ELOOP): named with stop, skipped and counted with
     skip, for the file and the decoded dataset (the scan must not abort with ELOOP under skip)."""
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 2, "cat": 2}, {"bird": 1, "cat": 1})
     loops = [root / "train" / "cat" / "self.jpg", root / "train" / "bird" / "a.png", root / "train" / "bird" / "b.png"]
     loops[0].symlink_to("self.jpg")
     loops[1].symlink_to("b.png")
@@ -505,11 +495,11 @@ def test_symlink_loop_named_like_an_image_is_a_broken_file(tmp_path, real_jpegs)
         assert all("symbolic link loop" in reason for _, reason in train.skipped)
 
 
-def test_files_of_other_extensions_are_counted_and_reported_once_per_split(tmp_path, real_jpegs, capsys,
+def test_files_of_other_extensions_are_counted_and_reported_once_per_split(tmp_path, cifar_jpegs, capsys,
                                                                            monkeypatch):
     """A GIF in a class folder is left out, and never without a word: one line per split says so."""
     monkeypatch.delenv("RANK", raising=False)
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 4, "cat": 3}, {"bird": 1, "cat": 1})
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 4, "cat": 3}, {"bird": 1, "cat": 1})
     gif = root / "train" / "cat" / "flying.gif"
     gif.write_bytes((root / "train" / "cat" / "0000.jpg").read_bytes())
     (root / "train" / "bird" / "notes.txt").write_text("where these came from\n")
@@ -530,23 +520,23 @@ def test_files_of_other_extensions_are_counted_and_reported_once_per_split(tmp_p
     assert capsys.readouterr().out == ""
 
 
-def test_a_class_folder_of_only_other_extensions_says_what_it_holds(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 2}, {"bird": 1})
+def test_a_class_folder_of_only_other_extensions_says_what_it_holds(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 2}, {"bird": 1})
     (root / "train" / "cat").mkdir()
     (root / "train" / "cat" / "a.gif").write_bytes(b"GIF89a")
     with pytest.raises(DataError, match=r"holds no images .*it holds 1 file\(s\) of other extensions \(\.gif\)"):
         build_dataset(folder_config(root), "train", decoded=False)
 
 
-def test_skipping_every_image_of_a_class_is_an_error(tmp_path, real_jpegs):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 1, "cat": 2}, {"bird": 1, "cat": 1})
+def test_skipping_every_image_of_a_class_is_an_error(tmp_path, cifar_jpegs):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 1, "cat": 2}, {"bird": 1, "cat": 1})
     (root / "train" / "bird" / "0000.jpg").write_bytes(b"")
     with pytest.raises(DataError, match=r"leaves class\(es\) bird with no images"):
         build_dataset(folder_config(root, on_error="skip"), "train", decoded=False)
 
 
-def test_many_bad_files_listed_in_a_file(tmp_path, real_jpegs, monkeypatch):
-    root = jpeg_tree(tmp_path, real_jpegs, {"bird": 30, "cat": 1}, {"bird": 1, "cat": 1})
+def test_many_bad_files_listed_in_a_file(tmp_path, cifar_jpegs, monkeypatch):
+    root = jpeg_tree(tmp_path, cifar_jpegs, {"bird": 30, "cat": 1}, {"bird": 1, "cat": 1})
     for k in range(25):
         (root / "train" / "bird" / f"{k:04d}.jpg").write_bytes(b"")
     with pytest.raises(DataError) as err:
@@ -557,9 +547,9 @@ def test_many_bad_files_listed_in_a_file(tmp_path, real_jpegs, monkeypatch):
     assert len(listing.read_text().splitlines()) == 25
 
 
-def test_check_files_keeps_earlier_skips_and_validates_mode(tmp_path, real_jpegs):
-    (tmp_path / "a.jpg").write_bytes(real_jpegs["bird"][0])
-    (tmp_path / "b.jpg").write_bytes(real_jpegs["bird"][1][:100])
+def test_check_files_keeps_earlier_skips_and_validates_mode(tmp_path, cifar_jpegs):
+    (tmp_path / "a.jpg").write_bytes(cifar_jpegs["bird"][0])
+    (tmp_path / "b.jpg").write_bytes(cifar_jpegs["bird"][1][:100])
     ds = ImageFiles([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), str(tmp_path / "c.jpg")],
                     np.array([0, 0, 0]), ["x"], skipped=(("/old.jpg", "zero-byte file"),))
     kept = check_files(ds, "skip")
@@ -610,6 +600,9 @@ def test_offline_download_says_how_to_get_the_data(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.data
 def test_cifar10_lt_from_jpeg_tree(cifar10_jpeg_root):
+    """On the real archive: its counts (5,000 and 1,000 per class) and its file order (sorted names are
+    CIFAR-10's within-class order) are what make this subset the published CIFAR-10-LT; generated files cannot
+    show that."""
     data = DataConfig(dataset="folder", root=str(cifar10_jpeg_root), imbalance_ratio=100, image_size=32)
     train = build_dataset(data, "train", decoded=False)
     assert train.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",

@@ -37,7 +37,6 @@ from mixtail.pipelines.sources.beton import BetonDataset, beton_dataset  # noqa:
 
 pytestmark = pytest.mark.ffcv
 REPO = Path(__file__).resolve().parent.parent
-PHOTOS = REPO.parent / "shared" / "data" / "photos"
 CPU = torch.device("cpu")
 S = 16  # output side
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -320,15 +319,12 @@ def test_a_few_steps_train_a_tiny_model(square_loader):
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.data
 @pytest.mark.slow
-def test_bench_loader_ffcv_row(tmp_path):
-    if not PHOTOS.is_dir():
-        pytest.skip(f"{PHOTOS} is absent (the real photos: the project's shared data beside the repository)")
+def test_bench_loader_ffcv_row(photos_dir, tmp_path):
     from mixtail.benchmarks import bench_loader
 
     out = tmp_path / "results"
-    rows = bench_loader.main(["--backend", "ffcv", "torch", "--device", "cpu", "--photos", str(PHOTOS),
+    rows = bench_loader.main(["--backend", "ffcv", "torch", "--device", "cpu", "--photos", str(photos_dir),
                               "--num-photos", "16", "--size", "64", "--batch-size", "8", "--warmup", "1",
                               "--windows", "2", "--window-batches", "2", "--threads", "1", "--out", str(out)])
     assert [r["backend"] for r in rows] == ["ffcv", "torch"] and all(r["pairs_per_s"] > 0 for r in rows)

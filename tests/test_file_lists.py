@@ -3,8 +3,8 @@ the training list defines the classes and the test list is read onto them; stray
 the test list, missing classes and annotations of unknown images are errors naming the file and line.
 
 The small fixtures under tests/fixtures/lists are made by tests/fixtures/make_fixtures.py in the real
-formats; the real lists in the project's shared data directory beside the repository are read where present
-(absent on a fresh clone elsewhere: those tests skip).
+formats; the tests of the real ImageNet-LT and iNaturalist lists (their counts, ids and format quirks are the
+facts checked) read them where present and skip without them (tests/helpers/real_data.py).
 
     python -m pytest tests/test_file_lists.py -q
 """
@@ -25,10 +25,11 @@ from mixtail.pipelines.sources.types import DataNotFound, ImageFiles
 from mixtail.pipelines.sources.build import build_dataset, training_classes
 from mixtail.pipelines.sources.file_lists import category_labels, read_file_list, read_inat_json, read_listed_dataset
 
+from helpers.real_data import REAL_LISTS, require
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 IMAGES = FIXTURES / "images"
 LISTS = FIXTURES / "lists"
-REAL_LISTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lists"
 
 
 @pytest.fixture(autouse=True)
@@ -38,10 +39,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def _real(name: str) -> Path:
-    path = REAL_LISTS / name
-    if not path.is_file():
-        pytest.skip(f"real list {path} is absent (the project's shared data beside the repository)")
-    return path
+    return require(REAL_LISTS / name, "the real list's contents (counts, ids, format quirks) are the facts checked")
 
 
 # --------------------------------------------------------------------------------------------------

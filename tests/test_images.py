@@ -1,5 +1,5 @@
 """Tests of pipelines/sources/images.py: every pixel format against known pixel values, the file check on broken
-files (real CIFAR-10 JPEGs cut short, zero-byte, text named .jpg, macOS `._` forks), its cache, the
+files (generated CIFAR-like JPEGs cut short, zero-byte, text named .jpg, macOS `._` forks), its cache, the
 bad-file report, and the squash and canvas decoders; with DALI installed, the same files through DALI's
 CPU decoder (the other backend) agree.
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -24,9 +23,7 @@ from mixtail.pipelines.sources import images
 from mixtail.pipelines.sources.images import (
     BadImage, bad_files_message, canvas_shape, check_image, check_images, decode_images, decode_to_canvas, load_rgb)
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-CIFAR10_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"
-PHOTOS = SHARED_DATA / "photos"
+from helpers.images import cifar_like_jpeg
 
 
 @pytest.fixture(autouse=True)
@@ -35,18 +32,9 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXTAIL_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def real_cifar_jpegs(n: int = 6) -> list[bytes]:
-    """The first n train JPEGs of the real CIFAR-10 archive (the airplane class opens it: no full unpack)."""
-    if not CIFAR10_TAR.is_file():
-        pytest.skip(f"real data file {CIFAR10_TAR} is absent (the project's shared data beside the repository)")
-    out = []
-    with tarfile.open(CIFAR10_TAR, "r:gz") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                out.append(tar.extractfile(member).read())
-                if len(out) == n:
-                    return out
-    pytest.fail(f"{CIFAR10_TAR} holds fewer than {n} JPEGs")
+def cifar_jpegs(n: int = 6) -> list[bytes]:
+    """n generated 32×32 JPEGs (CIFAR's kind of file)."""
+    return [cifar_like_jpeg(0, k) for k in range(n)]
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -187,8 +175,8 @@ def test_unsupported_modes_are_refused_naming_file_and_mode(tmp_path):
 
 
 def broken_files(folder: Path) -> dict[str, str]:
-    """Broken files built from real CIFAR-10 JPEGs, each with the phrase its reason must contain."""
-    jpeg = real_cifar_jpegs(1)[0]
+    """Broken files built from a good JPEG, each with the phrase its reason must contain."""
+    jpeg = cifar_jpegs(1)[0]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (folder / "no_eoi.jpg").write_bytes(jpeg[:-2])
@@ -231,7 +219,7 @@ def test_a_file_that_is_not_an_image_is_described_never_quoted(tmp_path):
 
 
 def test_good_files_pass_with_their_sizes(tmp_path):
-    jpegs = real_cifar_jpegs(4)
+    jpegs = cifar_jpegs(4)
     for i, data in enumerate(jpegs):
         (tmp_path / f"{i}.jpg").write_bytes(data)
     # Bytes appended after the end-of-image marker do not make a JPEG bad (the full decode decides).
@@ -243,15 +231,15 @@ def test_good_files_pass_with_their_sizes(tmp_path):
         assert result.sizes.tolist() == [[32, 32]] * 5
 
 
-def test_check_images_on_real_photos_reports_true_sizes():
-    if not PHOTOS.is_dir():
-        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
-    files = sorted(str(p) for p in PHOTOS.iterdir())[:40]
+def test_check_images_on_photos_reports_true_sizes(photos_dir):
+    """Photo-like JPEGs of every size, encoding and an EXIF rotation (whose true size is the rotated one)."""
+    files = sorted(str(p) for p in photos_dir.iterdir())
     result = check_images(files)
     assert result.bad == ()
     expected = [ImageOps.exif_transpose(Image.open(f)).size[::-1] for f in files]
     assert [tuple(s) for s in result.sizes.tolist()] == expected
     assert len({tuple(s) for s in expected}) > 5  # the photos really vary in size
+    assert any(Image.open(f).size[::-1] != s for f, s in zip(files, expected))  # and one is EXIF-rotated
 
 
 def test_decode_level_catches_corrupt_data_in_a_complete_file(tmp_path):
@@ -271,7 +259,7 @@ def test_decode_level_catches_corrupt_data_in_a_complete_file(tmp_path):
 def test_check_images_collects_every_bad_file_in_order(tmp_path):
     reasons = broken_files(tmp_path)
     good = tmp_path / "good.jpg"
-    good.write_bytes(real_cifar_jpegs(1)[0])
+    good.write_bytes(cifar_jpegs(1)[0])
     names = sorted(reasons) + ["good.jpg"]
     result = check_images([str(tmp_path / n) for n in names], threads=3)
     assert [names[i] for i, _ in result.bad] == sorted(reasons)
@@ -281,7 +269,7 @@ def test_check_images_collects_every_bad_file_in_order(tmp_path):
 
 def test_check_cache_reuses_unchanged_files_only(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "CACHE_MIN_FILES", 1)
-    jpegs = real_cifar_jpegs(3)
+    jpegs = cifar_jpegs(3)
     files = []
     for i, data in enumerate(jpegs):
         (tmp_path / f"{i}.jpg").write_bytes(data)
@@ -353,10 +341,8 @@ def test_canvas_shape_rejects_bad_sides():
         canvas_shape(10, 10, 64, 32)
 
 
-def test_decode_to_canvas_on_real_photos():
-    if not PHOTOS.is_dir():
-        pytest.skip(f"real photos {PHOTOS} are absent (the project's shared data beside the repository)")
-    files = sorted(str(p) for p in PHOTOS.iterdir())[:6]
+def test_decode_to_canvas_on_photos(photos_dir):
+    files = sorted(str(p) for p in photos_dir.iterdir())[:6]
     pixels, sizes = decode_to_canvas(files, short_side=64, max_side=80)
     assert pixels.shape == (6, 80, 80, 3) and pixels.dtype == np.uint8 and sizes.dtype == np.int32
     for i, f in enumerate(files):

@@ -1,5 +1,6 @@
 """trainer/report.py: the Table 4 scores (docs/method.md, "Feature-space scores") on a hand-made case and against loops,
-class vectors from the real GloVe file, confusions, the best evaluated epoch, and the files of a report.
+class vectors (from a generated file laid out as the GloVe class-vector file for both CIFARs), confusions, the
+best evaluated epoch, and the files of a report.
 
     python -m pytest tests/test_report.py -q
 """
@@ -20,9 +21,6 @@ from mixtail.trainer.report import (Confusion, best_eval, class_centres, group_m
                                     load_class_vectors, plot_centres_pca, semantic_similarity_rows, top_confusions,
                                     write_report)
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-GLOVE = SHARED_DATA / "glove" / "class_vectors_glove6B50d.npz"
-CIFAR100_NAMES = SHARED_DATA / "cifar100-meta" / "class_names.txt"
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 # Three centres 3, 4 and 5 apart (a 3-4-5 triangle) and a fourth class with no training image (NaN centre).
@@ -133,32 +131,36 @@ def test_load_class_vectors_synthetic(tmp_path):
         load_class_vectors(tmp_path / "w.npz", ["a"])
 
 
-def _require(path: Path) -> None:
-    if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (the project's shared data beside the repository)")
+@pytest.fixture
+def glove_like(tmp_path) -> tuple[Path, list[str]]:
+    """An .npz in the layout of the GloVe class-vector file for both CIFARs (cifar10_names/_vectors and
+    cifar100_names/_vectors, 50-d float32), with random vectors; the hundred names include the ten, so both
+    sets know every CIFAR-10 name (the tie the loader breaks towards the smaller set). The hundred names."""
+    rng = np.random.default_rng(0)
+    names100 = sorted(CIFAR10_NAMES + [f"class_{k:02d}_name" for k in range(90)])
+    path = tmp_path / "class_vectors.npz"
+    np.savez(path, cifar10_names=np.array(CIFAR10_NAMES), cifar10_vectors=rng.normal(0, 1, (10, 50)).astype(np.float32),
+             cifar100_names=np.array(names100), cifar100_vectors=rng.normal(0, 1, (100, 50)).astype(np.float32))
+    return path, names100
 
 
-@pytest.mark.data
-def test_load_class_vectors_real_glove_cifar10_and_cifar100():
-    _require(GLOVE)
-    _require(CIFAR100_NAMES)
-    with np.load(GLOVE) as npz:
+def test_load_class_vectors_cifar10_and_cifar100_sets(glove_like):
+    path, names100 = glove_like
+    with np.load(path) as npz:
         raw = {k: npz[k] for k in npz.files}
-    ten = load_class_vectors(GLOVE, CIFAR10_NAMES)
+    ten = load_class_vectors(path, CIFAR10_NAMES)
     assert ten.shape == (10, 50) and ten.dtype == np.float32
     for k, name in enumerate(CIFAR10_NAMES):
         np.testing.assert_array_equal(ten[k], raw["cifar10_vectors"][list(raw["cifar10_names"]).index(name)])
-    names100 = CIFAR100_NAMES.read_text().split()
-    assert len(names100) == 100
-    hundred = load_class_vectors(GLOVE, names100)
+    hundred = load_class_vectors(path, names100)
     assert hundred.shape == (100, 50)
     for k, name in enumerate(names100):
         np.testing.assert_array_equal(hundred[k], raw["cifar100_vectors"][list(raw["cifar100_names"]).index(name)])
     # Class order follows the run, not the file.
-    np.testing.assert_array_equal(load_class_vectors(GLOVE, CIFAR10_NAMES[::-1]), ten[::-1])
+    np.testing.assert_array_equal(load_class_vectors(path, CIFAR10_NAMES[::-1]), ten[::-1])
     assert np.linalg.norm(hundred, axis=1).min() > 0  # every name has a direction
     with pytest.raises(DataError, match="'spaceship'"):
-        load_class_vectors(GLOVE, CIFAR10_NAMES[:9] + ["spaceship"])
+        load_class_vectors(path, CIFAR10_NAMES[:9] + ["spaceship"])
 
 
 def test_top_confusions_by_hand():

@@ -191,9 +191,10 @@ def test_ddp_two_gloo_processes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.data
 def test_cli_cifar10_lt_from_the_jpeg_tree(cifar10_jpeg_root, tmp_path):
-    """The done-criterion run: CIFAR-10-LT (ρ = 100) built from the CIFAR-10 JPEG archive in
-    the project's shared data directory beside the repository, trained and evaluated through the CLI on the
-    CPU with the paper's ResNet-32 (a few steps)."""
+    """The done-criterion run: CIFAR-10-LT (ρ = 100) built from the real CIFAR-10 JPEG archive, trained and
+    evaluated through the CLI on the CPU with the paper's ResNet-32 (a few steps). Real data, because the
+    checked counts (12,406 training images, 5000..50 per class, 10,000 test images, the shot groups) are the
+    real dataset's; it skips without the archive."""
     out = tmp_path / "c10"
     res = _run_cli("train", "cifar10_lt_r100", "--data.dataset=folder", f"--data.root={cifar10_jpeg_root}",
                    "--train.epochs=1", "--train.max_steps_per_epoch=4", "--train.device=cpu",

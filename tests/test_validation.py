@@ -34,7 +34,6 @@ from mixtail.trainer.train import train
 REPO = Path(__file__).resolve().parent.parent
 LISTS = REPO / "tests" / "fixtures" / "lists"
 IMAGES = REPO / "tests" / "fixtures" / "images"
-CIFAR100_META = REPO.parent / "shared" / "data" / "cifar100-meta" / "cifar100_labels_and_lt_r100_indices.npz"
 CPU = torch.device("cpu")
 
 
@@ -84,10 +83,8 @@ def test_a_class_left_without_training_images_is_refused_by_name():
 
 
 @pytest.mark.data
-def test_cifar100_lt_r100_head_class_gives_from_its_subset():
-    if not CIFAR100_META.is_file():
-        pytest.skip(f"real data file {CIFAR100_META} is absent (the project's shared data beside the repository)")
-    meta = np.load(CIFAR100_META)
+def test_cifar100_lt_r100_head_class_gives_from_its_subset(cifar100_meta):
+    meta = cifar100_meta
     labels, kept = meta["y_train"], meta["lt_r100_train_indices"]
     held = hold_out_validation(labels, kept, 20, 0, [str(k) for k in range(100)])
     assert held.from_subset.tolist() == [20] + [0] * 99  # only class 0 kept all of its 500 images
