@@ -33,6 +33,14 @@ from helpers.images import CIFAR10_CLASSES, write_cifar_like_tree, write_photos
 from helpers.real_data import CIFAR10_JPEG_TAR, CIFAR100_META, require
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch) -> Path:
+    """The image check's cache and bad-file listings in this test's own folder, never in ~/.cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MIXTAIL_CACHE_DIR", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="session")
 def photos_dir(tmp_path_factory) -> Path:
     """16 generated photo-like JPEGs (helpers/images.py's PHOTO_SPECS: 68 to 2400 px, aspect ratios 1:2.4 to

@@ -32,10 +32,8 @@ IMAGES = FIXTURES / "images"
 LISTS = FIXTURES / "lists"
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Check caches and bad-file listings go to this test's folder, never to ~/.cache."""
-    monkeypatch.setenv("MIXTAIL_CACHE_DIR", str(tmp_path / "cache"))
+# Check caches and bad-file listings go to each test's own folder, never to ~/.cache (conftest.py).
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _real(name: str) -> Path:
