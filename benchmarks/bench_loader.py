@@ -55,7 +55,7 @@ BACKENDS = ("dali", "torch", "ffcv")
 _MODULES = {"dali": "mixtail.pipelines.backends.dali_executor", "torch": "mixtail.pipelines.backends.torch_executor",
             "ffcv": "mixtail.pipelines.backends.ffcv_executor"}
 DEFAULT_PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "photos"
-VERIFY_TOL_GREY = 0.02  # grey levels; tests/test_dali_loader.py explains the value
+VERIFY_TOL_GREY = 0.02  # grey levels; tests/helpers/dali_parity.py (TOL_INSIDE) explains the value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,13 +20,9 @@ from mixtail.pipelines.config import AugConfig
 from mixtail.pipelines.ops.augment import box_mask
 from mixtail.pipelines.ops.mixing import paste, render_views, sample_mix_params
 from mixtail.pipelines.plan import pack_train_plan, plan_layout
-from mixtail.pipelines.config import MixConfig as _MixConfig
+from helpers.configs import mixing_from_the_start as MixConfig  # every batch mixed, from epoch 0
 
 
-def MixConfig(**overrides) -> _MixConfig:  # noqa: N802 - stands in for the dataclass
-    """These tests exercise mixing itself: every batch is mixed from epoch 0 unless a test says otherwise
-    (the defaults mix half the batches, from epoch 4: tests/test_config.py pins them)."""
-    return _MixConfig(**{"mix_prob": 1.0, "start_epoch": 0, **overrides})
 
 
 

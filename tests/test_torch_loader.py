@@ -23,14 +23,10 @@ from mixtail.pipelines.ops import mixing
 from mixtail.pipelines.sampling import batch_mixed, foreground_weights, sample_order
 from mixtail.pipelines.loader import Loader
 from mixtail.pipelines.config import AugConfig, DataConfig
-from mixtail.pipelines.config import MixConfig as _MixConfig
+from helpers.configs import mixing_from_the_start as MixConfig  # every batch mixed, from epoch 0
 from mixtail.trainer.config import load_config
 
 
-def MixConfig(**overrides) -> _MixConfig:  # noqa: N802 - stands in for the dataclass
-    """These tests exercise mixing itself: every batch is mixed from epoch 0 unless a test says otherwise
-    (the defaults mix half the batches, from epoch 4: tests/test_config.py pins them)."""
-    return _MixConfig(**{"mix_prob": 1.0, "start_epoch": 0, **overrides})
 
 
 SIZE = 16
