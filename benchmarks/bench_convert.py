@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mixtail.benchmarks.common import argument_parser, environment, format_table, out_dir_argument, positive_int, write_json
+from mixtail.benchmarks.common import (REAL_DATA, REAL_DATA_HELP, argument_parser, environment, format_table,
+                                      out_dir_argument, positive_int, write_json)
 from mixtail.errors import UsageError
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-DEFAULT_PHOTOS = SHARED / "photos"
-DEFAULT_CIFAR = SHARED / "cifar10" / "cifar10-jpeg.tar.gz"
+DEFAULT_PHOTOS = REAL_DATA / "photos"
+DEFAULT_CIFAR = REAL_DATA / "cifar10" / "cifar10-jpeg.tar.gz"
 MODES = {"ffcv": ("raw", "jpg", "smart", "proportion"), "dali": ("raw", "jpg", "smart")}
 
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     p = argument_parser("mixtail bench convert", __doc__)
     p.add_argument("--source", action="append", default=[], help="a source to convert (repeatable; default: the "
-                   "photos and a CIFAR-10 subset from ../shared/data)")
+                   f"photos and a CIFAR-10 subset from {REAL_DATA_HELP})")
     p.add_argument("--image-root", default="", help="for a --source list or .json")
     p.add_argument("--targets", default="ffcv,dali")
     p.add_argument("--modes", default="", help="write modes, comma-separated (default: each target's all)")

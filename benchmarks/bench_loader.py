@@ -43,8 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixtail.benchmarks.common import (argument_parser, cuda_device_or_error, environment, format_table, nonnegative_int,
-                                       out_dir_argument, positive_float, positive_int, synchronize, write_json)
+from mixtail.benchmarks.common import (REAL_DATA, REAL_DATA_HELP, argument_parser, cuda_device_or_error, environment,
+                                       format_table, nonnegative_int, out_dir_argument, positive_float, positive_int,
+                                       synchronize, write_json)
 from mixtail.errors import UsageError
 from mixtail.pipelines.sources.types import ImageArrays, ImageFiles
 from mixtail.pipelines.sources.images import decode_images
@@ -54,7 +55,7 @@ from mixtail.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, Mix
 BACKENDS = ("dali", "torch", "ffcv")
 _MODULES = {"dali": "mixtail.pipelines.backends.dali_executor", "torch": "mixtail.pipelines.backends.torch_executor",
             "ffcv": "mixtail.pipelines.backends.ffcv_executor"}
-DEFAULT_PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "photos"
+DEFAULT_PHOTOS = REAL_DATA / "photos"
 VERIFY_TOL_GREY = 0.02  # grey levels; tests/helpers/dali_parity.py (TOL_INSIDE) explains the value
 
 
@@ -67,7 +68,7 @@ def photo_dataset(photos: Path, num_photos: int, num_classes: int, imbalance_rat
     """The photos with fake long-tailed labels (see the module docstring)."""
     files = sorted(str(p) for p in Path(photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
-        raise UsageError(f"no JPEG/PNG photos in {photos} (give --photos; the repo's are ../shared/data/photos)")
+        raise UsageError(f"no JPEG/PNG photos in {photos} (give --photos FOLDER)")
     if num_photos:
         files = files[:num_photos]
     num_classes = min(num_classes, len(files))
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argument_parser("mixtail bench loader", __doc__)
     p.add_argument("--backend", nargs="+", default=["dali", "torch"], choices=BACKENDS)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of JPEGs (default ../shared/data/photos)")
+    p.add_argument("--photos", default=str(DEFAULT_PHOTOS),
+                   help=f"folder of JPEGs (default: photos/ in {REAL_DATA_HELP})")
     p.add_argument("--num-photos", type=nonnegative_int, default=0, help="use the first N photos (0: all)")
     p.add_argument("--classes", type=positive_int, default=50, help="fake long-tailed classes over the photos")
     p.add_argument("--imbalance-ratio", type=positive_float, default=10.0)

@@ -37,6 +37,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # folder, which for an installed wheel is inside site-packages.
 DEFAULT_OUT_DIR = "benchmarks-results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Real data for measurements (photos, CIFAR-10 as JPEGs), never part of the repository: the folder that
+# $MIXTAIL_SHARED_DATA names, else `shared/data` beside the checkout, where this project's machines keep it. The
+# tests' real-data checks read it from here too (tests/helpers/real_data.py).
+REAL_DATA = Path(os.environ.get("MIXTAIL_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+REAL_DATA_HELP = "$MIXTAIL_SHARED_DATA, else shared/data beside the checkout"
 _L2_FLUSH_BYTES = 256 * 2**20  # H100: 50 MB of L2; B200: 126 MB
 _flush_buffers: dict[torch.device, torch.Tensor] = {}
 

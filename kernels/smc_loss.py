@@ -2,7 +2,7 @@
 
 Same math and signature as `mixtail.kernels.reference.smc_loss` (the paper's Eq. 4); see that module for
 the definitions of ℓ_ij, F_i, Bg_i and X_i. Extra memory is O(N·D), against about 20 B per pair for
-the reference (5.4 GB at N = 16,384 on an H100, ENV.md).
+the reference (5.4 GB at N = 16,384, measured on an H100).
 
 Forward, one program per block of anchors, one pass over tiles of s = z_a·zᵀ/τ (BLOCK_M × BLOCK_N):
     - the row's log-sum-exp over j ≠ i with an online max (FlashAttention's running (m, l));
@@ -22,7 +22,7 @@ and, as z appears on both sides of z·zᵀ, dz = (G + Gᵀ)·z/τ in two kernels
 Precision: dots accumulate in fp32 (fp64 for fp64 inputs). bf16/fp16 features feed the tensor cores
 directly on the GPU; fp32 features use 3xTF32 tensor-core dots (fp32-level error) unless
 `torch.set_float32_matmul_precision` allows plain TF32, as it does for PyTorch's own matmuls. Under the
-interpreter every operand is upcast (ENV.md: a bf16 `tl.dot` is silently wrong there). Labels and λ get
+interpreter every operand is upcast (measured: a bf16 `tl.dot` is silently wrong there). Labels and λ get
 no gradient.
 
 The kernels are exposed as torch.library custom ops (`mixtail::smc_fwd`, `mixtail::smc_bwd`, with fake
@@ -85,7 +85,7 @@ def _shape_kind(dtype: torch.dtype) -> str:
 
 
 def _configs() -> list[triton.Config]:
-    """Every shape for the GPU autotuner; exactly one under the interpreter (ENV.md: two or more fail)."""
+    """Every shape for the GPU autotuner; exactly one under the interpreter (measured: two or more fail)."""
     if INTERPRET:
         # 32 keeps the tests' small odd N spanning several tiles, which exercises the loop and tail masks.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]

@@ -17,7 +17,7 @@ import os
 import torch
 
 # Triton picks its CPU interpreter when a module defining @triton.jit kernels is imported, so this must
-# run before any test imports mixtail.kernels (ENV.md). A CUDA machine compiles the kernels instead.
+# run before any test imports mixtail.kernels. A CUDA machine compiles the kernels instead.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -58,3 +58,24 @@ def test_readme_is_a_front_door_and_every_relative_link_resolves():
             if "://" not in target and not (page.parent / target).exists():
                 missing.append(f"{page.relative_to(REPO_ROOT)} -> {target}")
     assert missing == []
+
+
+# A reader of the repository can open neither an issue tracker's number nor a file beside the checkout, so code,
+# docs, configs and scripts state the reason instead of citing one.
+UNOPENABLE = re.compile(r"\.\./shared|\bSPEC(\.md)?\b|\b(ENV|STYLE)\.md\b|\b(?i:issues?) #?\d+")
+# The tests that check for these strings must name them.
+CHECKS_FOR_THEM = {"tests/test_docs.py", "tests/test_config_reference.py"}
+
+
+def test_no_file_cites_an_issue_number_or_a_file_outside_the_repository():
+    hits = []
+    for path in sorted(REPO_ROOT.rglob("*")):
+        rel = path.relative_to(REPO_ROOT)
+        if (path.suffix not in (".py", ".md", ".yaml", ".toml", ".sh") and rel.as_posix() != ".ci/run") \
+                or not path.is_file() or rel.parts[0].startswith((".venv", ".git", "runs")) \
+                or rel.as_posix() in CHECKS_FOR_THEM:
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if UNOPENABLE.search(line):
+                hits.append(f"{rel}:{n}: {line.strip()[:100]}")
+    assert hits == [], "\n".join(hits)

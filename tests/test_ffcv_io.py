@@ -2,7 +2,7 @@
 repeats, two readers at once, resizing at write and at read time, and the write-then-rename guarantee.
 
 Everything runs in this one process, because each new process pays numba's compile of FFCV's pipeline
-(ENV.md); each `BetonReader` still compiles its own decoders, about a second each.
+(seconds, measured); each `BetonReader` still compiles its own decoders, about a second each.
 
     python -m pytest tests/test_ffcv_io.py -q
 """

@@ -2,9 +2,9 @@
 in a DALI pipeline, on the GPU (`mixed` decode, GPU ops) or, with no CUDA device, on the CPU.
 
 It executes batch plans (pipelines/plan.py) like every backend, so it builds the same batch as the torch
-reference (mixing.render_views) from the same plan, up to interpolation. DALI has no weighted reader (DALI
-issues 1356, 3047 and 3811 point to external_source fed by your own sampler, which is what this is): the
-loader's plan stream feeds one batch-mode `fn.external_source` callback, which turns each plan into the
+reference (mixing.render_views) from the same plan, up to interpolation. DALI has no weighted reader (its
+maintainers point to external_source fed by your own sampler, github.com/NVIDIA/DALI/issues/1356, which is
+what this is): the loader's plan stream feeds one batch-mode `fn.external_source` callback, which turns each plan into the
 graph's per-sample inputs (`plan_inputs`, the one place they are defined). Paths are read by
 `fn.io.file.read` in DALI's own C++ threads, so JPEG bytes never pass through Python. The plans themselves
 are built ahead on the loader's side thread, and DALI's pipeline runs `prefetch` iterations further ahead;
@@ -22,7 +22,7 @@ Per pair and view, on the device (the paper's Eq. 3; docs/method.md, "Augmentati
 
 The crop window is cut out first and then resized, as the reference does (augment.sampling_grid clamps to the
 window: crop-then-resize, never blending pixels outside the window); fn.resize's own ROI would clamp at the
-image border instead. fn.multi_paste does not scale (ENV.md), hence the explicit resize before it.
+image border instead. fn.multi_paste does not scale (it copies a region at its own size), hence the explicit resize before it.
 Windows are relative to each image (plan.py), so a file is cropped on its own size and aspect ratio;
 test images get the plan's centre window (resize the shorter side, centre-crop; docs/method.md, "The test-time view").
 

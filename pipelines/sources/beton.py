@@ -23,7 +23,7 @@ of every epoch is given explicitly (`BetonReader.epoch(order)`), repeats allowed
 
     mixtail data info PATH.beton   # print the sample count, modes, sizes and classes
 
-FFCV 1.0.2 facts this module is built on (ENV.md "FFCV on the CPU", and its source):
+FFCV 1.0.2 facts this module is built on (measured with FFCV 1.0.2 on the CPU, and read in its source):
 - `Loader(order=...)` accepts an `OrderOption` or an *instance* of a `TraversalOrder` subclass, which it
   calls with itself; `sample_order(epoch)` then gives every epoch's order (`_PlannedOrder`).
 - `Loader.__len__` and the per-epoch truncation `order[:len(self) * batch_size]` both use the order the
@@ -154,7 +154,7 @@ def write_beton(path: str | os.PathLike, samples: Iterable[tuple[np.ndarray, int
       raw         uint8 pixels (largest file, fastest to read: a memcpy);
       jpg         JPEG at `jpeg_quality` (lossy);
       smart       JPEG when the raw pixels take more than `smart_threshold` bytes, raw otherwise. FFCV's own
-                  `smart` needs `smart_threshold` too: without it FFCV writes everything raw (ENV.md), so
+                  `smart` needs `smart_threshold` too: without it FFCV writes everything raw (measured), so
                   here it always has a value (DEFAULT_SMART_THRESHOLD, 128×128×3 bytes);
       proportion  JPEG with probability `compress_probability`, raw otherwise. FFCV draws this from numpy's
                   global generator; here the draw comes from `seed`, so a conversion is reproducible.
@@ -413,7 +413,7 @@ def _keep_torch_threads():
 class _PlannedOrder(TraversalOrder):
     """The order FFCV traverses: whatever `BetonReader.epoch` set last, for any epoch number.
 
-    FFCV 1.0.2's Loader takes an instance of a TraversalOrder subclass and calls it with itself (ENV.md:
+    FFCV 1.0.2's Loader takes an instance of a TraversalOrder subclass and calls it with itself (measured:
     the class itself is `not a supported order type`, a plain instance is `not callable`).
     `distributed` is never set: the batch plan shards by rank before the indices reach here.
     """
@@ -446,7 +446,7 @@ class BetonReader:
     `epoch(order)` yields `BetonBatch`es of `batch_size` for the .beton positions in `order` (0..N−1,
     repeats allowed), in exactly that order; the last batch is partial when len(order) is not a multiple
     of batch_size (FFCV's drop_last is off). One reader serves one stream; several readers may be
-    iterated at once (numba's tbb or omp threading layer; `workqueue` aborts, ENV.md). Constructing one
+    iterated at once (numba's tbb or omp threading layer; `workqueue` aborts, measured). Constructing one
     compiles its decoders with numba on the first batch (seconds): make one per stream and reuse it.
 
     num_threads: FFCV's `num_workers`, the numba threads decoding a batch (FFCV sets numba's and torch's

@@ -8,13 +8,14 @@ Where a file is absent, `require` skips the test, naming the file and why the te
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-SHARED_DATA = Path(os.environ.get("MIXTAIL_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+from mixtail.benchmarks.common import REAL_DATA
+
+# The one definition, shared with the benchmarks: $MIXTAIL_SHARED_DATA, else shared/data beside the checkout.
+SHARED_DATA = REAL_DATA
 CIFAR10_JPEG_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"
 CIFAR100_META = SHARED_DATA / "cifar100-meta" / "cifar100_labels_and_lt_r100_indices.npz"
 REAL_LISTS = SHARED_DATA / "lists"
