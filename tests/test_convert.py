@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import io
 import json
 import multiprocessing
 import os
