@@ -40,7 +40,6 @@ from typing import get_args
 import numpy as np
 
 from mixtail.pipelines.config import AugOrder, MixOp
-
 from mixtail.pipelines.ops.augment import AugParams, colour_matrices, sample_aug_params
 from mixtail.pipelines.ops.autoaugment import PolicyParams, cutout_boxes, sample_policy_params, without_colour
 from mixtail.pipelines.ops.mixing import MixParams, sample_mix_params, shared_mix_params
@@ -297,9 +296,8 @@ class Planner:
             if w.shape != (self.num_samples,):
                 raise ValueError(f"fg_weights has shape {w.shape}, expected ({self.num_samples},)")
             self.fg_weights = w
-            self.colour_possible = colour_possible(aug)
             self.layout = plan_layout(train=True, aug_order=mix.aug_order, num_views=num_views,
-                                      colour=self.colour_possible, policy=aug.policy, mix_op=mix.mix_op)
+                                      colour=colour_possible(aug), policy=aug.policy, mix_op=mix.mix_op)
         else:
             self.layout = plan_layout(train=False)
         self._orders: _EpochOrders | None = None

@@ -30,7 +30,7 @@ from mixtail.pipelines.sources.cifar import cifar_dataset
 from mixtail.pipelines.sources.images import decode_images
 from mixtail.pipelines.sources.subsets import long_tailed_counts, long_tailed_indices, shot_groups
 
-from helpers.images import cifar_like_jpeg
+from helpers.images import CIFAR10_CLASSES, cifar_like_jpeg
 from helpers.real_data import REAL_LISTS, require
 
 
@@ -320,8 +320,7 @@ def test_build_dataset_folder_long_tailed(tmp_path):
 @pytest.fixture(scope="module")
 def cifar_jpegs() -> dict[str, list[bytes]]:
     """8 generated 32×32 JPEGs for each of three classes (the tests need files of CIFAR's kind, not its content)."""
-    return {c: [cifar_like_jpeg(label, k) for k in range(8)] for label, c in enumerate(("airplane", "automobile",
-                                                                                         "bird"))}
+    return {c: [cifar_like_jpeg(label, k) for k in range(8)] for label, c in enumerate(CIFAR10_CLASSES[:3])}
 
 
 def jpeg_tree(root: Path, cifar_jpegs, train: dict[str, int], test: dict[str, int]) -> Path:

@@ -284,7 +284,8 @@ def make_plan(size: int, mp, fg_aug: list, bg_aug: list, aug_order: str = "befor
     else:
         augs = {**{f"fg{v}": fg_aug[v] for v in range(views)}, **{f"bg{v}": bg_aug[v] for v in range(views)}}
     full = (np.full(n, float(size)), np.full(n, float(size)))
-    return pack_train_plan(plan_layout(train=True, aug_order=aug_order, num_views=views, mix_op=mix_op), epoch=0, batch=0,
+    layout = plan_layout(train=True, aug_order=aug_order, num_views=views, mix_op=mix_op)
+    return pack_train_plan(layout, epoch=0, batch=0,
                            fg_index=np.arange(n), bg_index=np.arange(n), labels=np.zeros(n, np.int64), mix=mp,
                            augs=augs, sizes={p: full for p in augs})
 

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.images import CIFAR10_CLASSES as CIFAR10_NAMES
 from mixtail.errors import DataError
 from mixtail.trainer.evaluate import accuracy_summary
 from mixtail.trainer.report import (Confusion, best_eval, class_centres, group_means, inter_class_scores,
                                     load_class_vectors, plot_centres_pca, semantic_similarity_rows, top_confusions,
                                     write_report)
-
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 # Three centres 3, 4 and 5 apart (a 3-4-5 triangle) and a fourth class with no training image (NaN centre).
 # Many: class 0; Medium: class 1; Few: classes 2 and 3.

@@ -4,8 +4,8 @@ in a DALI pipeline, on the GPU (`mixed` decode, GPU ops) or, with no CUDA device
 It executes batch plans (pipelines/plan.py) like every backend, so it builds the same batch as the torch
 reference (mixing.render_views) from the same plan, up to interpolation. DALI has no weighted reader (its
 maintainers point to external_source fed by your own sampler, github.com/NVIDIA/DALI/issues/1356, which is
-what this is): the loader's plan stream feeds one batch-mode `fn.external_source` callback, which turns each plan into the
-graph's per-sample inputs (`plan_inputs`, the one place they are defined). Paths are read by
+what this is): the loader's plan stream feeds one batch-mode `fn.external_source` callback, which turns
+each plan into the graph's per-sample inputs (`plan_inputs`, the one place they are defined). Paths are read by
 `fn.io.file.read` in DALI's own C++ threads, so JPEG bytes never pass through Python. The plans themselves
 are built ahead on the loader's side thread, and DALI's pipeline runs `prefetch` iterations further ahead;
 the labels and λ of each batch come from the plan it was fed (a FIFO), not through the pipeline.
@@ -22,7 +22,8 @@ Per pair and view, on the device (the paper's Eq. 3; docs/method.md, "Augmentati
 
 The crop window is cut out first and then resized, as the reference does (augment.sampling_grid clamps to the
 window: crop-then-resize, never blending pixels outside the window); fn.resize's own ROI would clamp at the
-image border instead. fn.multi_paste does not scale (it copies a region at its own size), hence the explicit resize before it.
+image border instead. fn.multi_paste does not scale (it copies a region at its own size), hence the explicit
+resize before it.
 Windows are relative to each image (plan.py), so a file is cropped on its own size and aspect ratio;
 test images get the plan's centre window (resize the shorter side, centre-crop; docs/method.md, "The test-time view").
 
@@ -397,11 +398,12 @@ class DaliExecutor:
     def _feed(self):
         """The external_source callback: the next plan of the stream, as the graph's inputs."""
         plan = next(self._stream)
-        if plan.layout != self.planner.layout:  # the graph was built for the planner's layout, and only reads that
-            raise ValueError(f"a plan of epoch {plan.epoch}, batch {plan.batch} has another layout (aug_order "
-                             f"{plan.layout.aug_order}, mix_op {plan.layout.mix_op}, {plan.layout.num_views} views) "
-                             f"than the planner this DALI graph was built for (aug_order {self.planner.layout.aug_order},"
-                             f" mix_op {self.planner.layout.mix_op}, {self.planner.layout.num_views} views)")
+        built = self.planner.layout  # the graph was built for it, and reads nothing else
+        if plan.layout is not built and plan.layout != built:  # a planner's plans share its layout object
+            def shown(layout) -> str:
+                return f"aug_order {layout.aug_order}, mix_op {layout.mix_op}, {layout.num_views} views"
+            raise ValueError(f"a plan of epoch {plan.epoch}, batch {plan.batch} has another layout "
+                             f"({shown(plan.layout)}) than the planner this DALI graph was built for ({shown(built)})")
         self._fed.append(plan)
         values = plan_inputs(self.spec, plan, self.sources)
         return tuple(values[name] for name, _, _ in self.names_types)

@@ -227,6 +227,7 @@ class FfcvExecutor:
             return Batch(normalize_views([x], self.mean, self.std, self.channels_last), y, y,
                          torch.ones(len(y), device=self.target), plan=plan.host)
         fg_hw = self._hw(plan["fg_index"].long()) if plan.mixed else None
-        views = render_views(fg, bg, plan, out_size=self.image_size, fg_hw=fg_hw, bg_hw=self._hw(plan["bg_index"].long()))
+        views = render_views(fg, bg, plan, out_size=self.image_size, fg_hw=fg_hw,
+                             bg_hw=self._hw(plan["bg_index"].long()))
         images = normalize_views(views, self.mean, self.std, self.channels_last)
         return Batch(images, plan["y_f"].long(), plan["y_b"].long(), plan["lam"].float(), plan=plan.host)

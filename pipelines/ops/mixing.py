@@ -216,8 +216,9 @@ def render_plan(plan, images: torch.Tensor, *, out_size: int, sizes: torch.Tenso
     images: (N, 3, H, W) uint8 canvases (or floats in [0, 1]) on any device, indexed by the plan's sample
     indices; sizes: (N, 2) valid (height, width) of each image on its canvas, or None when every image fills
     it. The plan's layout says how its components combine (mix.aug_order, mix.mix_op, data.num_views as the
-    planner drew them), so nothing here can render it another way. Returns one float (B, 3, out_size, out_size) tensor in [0, 1] per view (a test plan: its one view),
-    unnormalized: the torch backend's batch before `normalize_views`, and what to look at when checking a plan.
+    planner drew them), so nothing here can render it another way. Returns one float (B, 3, out_size,
+    out_size) tensor in [0, 1] per view (a test plan: its one view), unnormalized: the torch backend's batch
+    before `normalize_views`, and what to look at when checking a plan.
 
     >>> import numpy as np, torch, mixtail
     >>> cfg = mixtail.load_config("demo")
